@@ -1,0 +1,299 @@
+"""The TOML configuration file, loaded and checked once, before anything listens.
+
+The vendor's format is kept as it is ([server] host/port/base_url/status_port, [license]
+server_url/key, [fips] mode), so an existing license-proxy.toml works unchanged; every other key
+has a default. A mistake is reported as a single ConfigError line naming the file and the key,
+because a proxy that starts half-configured fails later, far from the cause. ``${VAR}`` is
+expanded here because the original does not, and deployments had to run ``sed`` over the file.
+
+Each key is one row of ``_KEYS``: adding a key is a Config field, a row and, if needed, a parser.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+
+import attrs
+from hyperlink import DecodedURL, URLParseError
+
+
+class ConfigError(Exception):
+    """The configuration can't be used; str(err) is one line naming the file and the key."""
+
+
+@attrs.frozen
+class Config:
+    host: str = "0.0.0.0"  # [server] host
+    port: int = 8443  # [server] port: the licensing listener
+    base_url: str = "/"  # [server] base_url, always starts and ends with "/"
+    status_port: int = 8080  # [server] status_port: plain HTTP
+    tls: bool = True  # [server] tls: false serves plain HTTP on the licensing listener
+    tls_cert: str | None = None  # [server] tls_cert: PEM path
+    tls_key: str | None = None  # [server] tls_key: PEM path
+    fips: bool = False  # [fips] mode
+    server_urls: tuple[str, ...] = ("https://license.deepgram.com",)  # [license] server_url
+    key: str | None = attrs.field(default=None, repr=False)  # [license] key: a secret
+    ca_file: str | None = None  # [license] ca_file
+    client_cert: str | None = None  # [license] client_cert
+    client_key: str | None = None  # [license] client_key
+    timeout: float = 30.0  # [license] timeout, seconds
+    startup_timeout: float = 30.0  # [license] startup_timeout, seconds
+    trust_duration: float = 86400.0  # [trust] duration, seconds
+    checkin_interval: float = 60.0  # [trust] checkin_interval, seconds
+    cache_path: str = "/var/lib/license-proxy/trust-cache.json"  # [cache] path
+
+    @property
+    def state_dir(self) -> str:
+        """The directory holding the trust cache (mount this, not the file)."""
+        return os.path.dirname(self.cache_path) or "."
+
+
+def load(path: str, environ: Mapping[str, str]) -> Config:
+    """Read, expand and check the config file at ``path``; raise ConfigError on any mistake."""
+    values = {}
+    for section, table in _read_toml(path).items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{path}: top-level key {_toml_key(section)}: keys belong in a section such as"
+                " [server]"
+            )
+        if section not in _SECTIONS:
+            known = ", ".join(sorted(_SECTIONS))
+            raise ConfigError(f"{path}: unknown section [{_toml_key(section)}] (known: {known})")
+        for key, raw in table.items():
+            if (section, key) not in _KEYS:
+                known = ", ".join(k for s, k in _KEYS if s == section)
+                raise ConfigError(
+                    f"{path}: unknown key [{section}] {_toml_key(key)} (known: {known})"
+                )
+            attribute, parse = _KEYS[section, key]
+            try:
+                values[attribute] = parse(_expand(raw, environ))
+            except ValueError as e:
+                raise _error(path, section, key, str(e)) from None
+    config = Config(**values)
+    _check_combinations(path, config)
+    return config
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number, or from a string such as "90s", "15m", "48h", "7d" or "1h30m"."""
+    if isinstance(value, str) and _DURATION.fullmatch(value):
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    else:
+        raise ValueError(
+            'expected a number of seconds or a duration such as "90s", "15m", "48h", "1h30m",'
+            f" got {_show(value)}"
+        )
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"expected a finite duration greater than 0, got {_show(value)}")
+    return seconds
+
+
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+# "$$", "${NAME}", or a "${" that isn't a well-formed reference.
+_REFERENCE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)\}|(\{))")
+
+
+def _read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text: byte {e.object[e.start]:#04x} on line {line}"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {' '.join(str(e).splitlines())}") from None
+
+
+def _expand(value: object, environ: Mapping[str, str]) -> object:
+    """Replace ${VAR} with environ["VAR"] and $$ with $ in every string, also inside lists."""
+    if isinstance(value, list):
+        return [_expand(item, environ) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        dollar, name, malformed = match.groups()
+        if dollar:
+            return "$"
+        if malformed:
+            raise ValueError('"${" must be followed by a variable name and "}", as in ${NAME}')
+        if name not in environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return environ[name]
+
+    return _REFERENCE.sub(replace, value)
+
+
+def _check_combinations(path: str, config: Config) -> None:
+    if not config.tls and (config.tls_cert or config.tls_key):
+        raise _error(
+            path, "server", "tls", "tls = false cannot be combined with tls_cert/tls_key"
+        )
+    for section, cert, key in (
+        ("server", "tls_cert", "tls_key"),
+        ("license", "client_cert", "client_key"),
+    ):
+        for given, missing in ((cert, key), (key, cert)):
+            if getattr(config, given) and not getattr(config, missing):
+                raise _error(path, section, missing, f"missing, required when {given} is set")
+
+
+def _error(path: str, section: str, key: str, reason: str) -> ConfigError:
+    return ConfigError(f"{path}: [{section}] {key}: {reason}")
+
+
+def _toml_key(name: str) -> str:
+    """A key as TOML would spell it: bare if it can be, else quoted (and so on one line)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+
+
+def _kind(value: object) -> str:
+    """What sort of TOML value this is, without showing it."""
+    for type_, name in _KINDS:
+        if isinstance(value, type_):
+            return name
+    return "a date or time"
+
+
+_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
+          (list, "a list"), (dict, "a table"))
+
+
+def _show(value: object) -> str:
+    """A value as TOML would spell it, for an error message; lists and tables by their kind."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (str, int, float)):
+        return repr(value)
+    return _kind(value)
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_show(value)}")
+    return value
+
+
+def _non_empty_string(value: object) -> str:
+    if _string(value) == "":
+        raise ValueError("expected a non-empty string, got ''")
+    return value
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"expected an integer from 1 to 65535, got {_show(value)}")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _base_url(value: object) -> str:
+    if not _string(value).startswith("/"):
+        raise ValueError(f'expected a path starting with "/", got {value!r}')
+    return value if value.endswith("/") else value + "/"
+
+
+_FIPS_MODES = {"enabled": True, "disabled": False}
+
+
+def _fips_mode(value: object) -> bool:
+    if not isinstance(value, str) or value not in _FIPS_MODES:
+        raise ValueError(f'expected "enabled" or "disabled", got {_show(value)}')
+    return _FIPS_MODES[value]
+
+
+def _server_urls(value: object) -> tuple[str, ...]:
+    urls = [value] if isinstance(value, str) else value
+    if not isinstance(urls, list):
+        raise ValueError(f"expected an https:// URL or a list of them, got {_show(value)}")
+    if not urls:
+        raise ValueError("expected an https:// URL or a list of them, got an empty list")
+    return tuple(_https_url(url) for url in urls)
+
+
+def _https_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an https:// URL, got {_show(value)}")
+    try:
+        url = DecodedURL.from_text(value)
+    except URLParseError as e:
+        raise ValueError(f"expected an https:// URL, got {value!r}: {e}") from None
+    if any(url.userinfo):
+        # Don't repeat the URL: it holds a password, or something someone took for one.
+        raise ValueError("expected an https:// URL without a user name or password")
+    if url.scheme != "https" or not url.host:
+        raise ValueError(f"expected an https:// URL with a host, got {value!r}")
+    if not 1 <= url.port <= 65535:
+        raise ValueError(f"expected an https:// URL with a port from 1 to 65535, got {value!r}")
+    if url.fragment:
+        raise ValueError(f"expected an https:// URL without a #fragment, got {value!r}")
+    return value
+
+
+def _secret(value: object) -> str | None:
+    """The license key: never shown, even when it's the wrong type. Empty means unset."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_kind(value)}")
+    return value or None
+
+
+def _readable_file(value: object) -> str | None:
+    """A path that can be opened for reading now, so a typo fails at start, not at first use."""
+    path = _string(value)
+    if path == "":
+        return None
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
+    return path
+
+
+# (section, key) -> (Config attribute, parser). A parser takes the TOML value after ${VAR}
+# expansion and returns the attribute's value, or raises ValueError("expected ..., got ...").
+_KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
+    ("server", "host"): ("host", _non_empty_string),
+    ("server", "port"): ("port", _port),
+    ("server", "base_url"): ("base_url", _base_url),
+    ("server", "status_port"): ("status_port", _port),
+    ("server", "tls"): ("tls", _boolean),
+    ("server", "tls_cert"): ("tls_cert", _readable_file),
+    ("server", "tls_key"): ("tls_key", _readable_file),
+    ("fips", "mode"): ("fips", _fips_mode),
+    ("license", "server_url"): ("server_urls", _server_urls),
+    ("license", "key"): ("key", _secret),
+    ("license", "ca_file"): ("ca_file", _readable_file),
+    ("license", "client_cert"): ("client_cert", _readable_file),
+    ("license", "client_key"): ("client_key", _readable_file),
+    ("license", "timeout"): ("timeout", parse_duration),
+    ("license", "startup_timeout"): ("startup_timeout", parse_duration),
+    ("trust", "duration"): ("trust_duration", parse_duration),
+    ("trust", "checkin_interval"): ("checkin_interval", parse_duration),
+    ("cache", "path"): ("cache_path", _non_empty_string),
+}
+_SECTIONS = frozenset(section for section, _ in _KEYS)
