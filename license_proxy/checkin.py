@@ -1,0 +1,107 @@
+"""
+The proxy's own check-ins with the license server.
+
+At start a new instance must reach the license server (or still be inside the
+trust window of a cache on disk) before it counts as up: that is the vendor's
+rule, and what makes blue-green upgrades safe.  Afterwards it checks in every
+``checkin_interval`` so the state stays true without client traffic.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from attrs import define, field
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from .status import Status, rfc3339
+from .upstream import Answer, Upstream, UpstreamFailure
+
+RETRY_MAX = 5.0
+"""Longest pause between start-up attempts, in seconds."""
+
+MIN_ATTEMPT = 1.0
+"""Shortest deadline of a start-up attempt, so the last one can still succeed."""
+
+_REJECTED = (401, 403)
+
+
+class StartupFailed(Exception):
+    """The instance must not come up; ``str()`` is the line for the operator."""
+
+
+@define
+class CheckIn:
+    _clock: IReactorTime
+    _upstream: Upstream
+    _status: Status
+    _key: Optional[str] = field(repr=False)
+
+    log = Logger()
+
+    async def _exchange(self, timeout: Optional[float] = None) -> Answer:
+        headers = Headers()
+        if self._key:
+            headers.setRawHeaders(b"authorization", [b"Token " + self._key.encode()])
+        return await self._upstream.exchange(b"GET", b"", headers, None, timeout)
+
+    async def startup(self, timeout: float) -> None:
+        """
+        Check in until it works, the trust cache on disk covers us, or
+        ``timeout`` seconds pass (then raise ``StartupFailed``).
+        """
+        deadline = self._clock.seconds() + timeout
+        pause = 0.5
+        while True:
+            try:
+                left = deadline - self._clock.seconds()
+                answer = await self._exchange(max(left, MIN_ATTEMPT))
+            except UpstreamFailure as failure:
+                self._status.failed()
+                if self._status.trusted():
+                    self.log.warn(
+                        "license server unreachable at start ({failure}); "
+                        "serving from the trust cache until {expiration}",
+                        failure=str(failure),
+                        expiration=rfc3339(self._status.trust_expiration),
+                    )
+                    return
+                left = deadline - self._clock.seconds()
+                if left <= 0:
+                    raise StartupFailed(
+                        f"the license server could not be reached within "
+                        f"{timeout:g} s: {failure}"
+                    ) from None
+                pause = min(pause * 2, RETRY_MAX)
+                self.log.info(
+                    "license server not reachable yet ({failure}); retrying in {pause:g} s",
+                    failure=str(failure),
+                    pause=pause,
+                )
+                await deferLater(self._clock, min(pause, left))
+                continue
+            if self._key and answer.status in _REJECTED:
+                raise StartupFailed(
+                    f"the license server rejected the key (HTTP {answer.status})"
+                )
+            self._status.succeeded()
+            self.log.info("checked in with the license server: HTTP {status}", status=answer.status)
+            return
+
+    async def periodic(self) -> None:
+        """One scheduled check-in; never raises, so the schedule goes on."""
+        try:
+            answer = await self._exchange()
+        except UpstreamFailure as failure:
+            self._status.failed()
+            self.log.warn("check-in failed: {failure}", failure=str(failure))
+            return
+        self._status.succeeded()
+        if self._key and answer.status in _REJECTED:
+            self.log.error(
+                "the license server rejected the key (HTTP {status})",
+                status=answer.status,
+            )

@@ -1,0 +1,204 @@
+"""
+The licensing listener: every request under ``base_url`` is relayed to the
+license server; good answers are kept in the trust cache, and when the server
+can't give one, the cached answer to the same request is served while the
+proxy is inside its trust window.
+
+It is not an open proxy: the request target is only ever appended below the
+configured upstream URL, and a target that is not a plain origin-form path
+under ``base_url`` is refused before anything is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import ClassVar, Iterable, Optional
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from .status import Status
+from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
+from .upstream import Answer, Upstream, UpstreamFailure
+
+#: Headers that belong to one connection, never relayed (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Set again by the relay or its client for each message.
+_REQUEST_OWN = frozenset({b"host", b"content-length"})
+_ANSWER_OWN = frozenset({b"content-length"})
+#: Never replayed from the cache to a later client.
+_NOT_CACHED = frozenset({b"set-cookie", b"age", b"date"})
+
+# An origin-form target: RFC 3986 path characters, an optional query.
+_TARGET = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*)?")
+_DOT_SEGMENT = re.compile(rb"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
+
+
+def end_to_end(headers: Headers, own: frozenset) -> list[tuple[bytes, list[bytes]]]:
+    """``headers`` less hop-by-hop ones, those named in ``Connection``, and ``own``."""
+    named = {
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", [])
+        for token in value.split(b",")
+    }
+    drop = HOP_BY_HOP | named | own
+    return [
+        (name, values)
+        for name, values in headers.getAllRawHeaders()
+        if name.lower() not in drop
+    ]
+
+
+@implementer(IResource)
+@define
+class Relay:
+    """The licensing listener's one resource."""
+
+    _clock: IReactorTime
+    _upstream: Upstream
+    _cache: TrustCache
+    _status: Status
+    _base_url: bytes
+    _inflight: set = field(factory=set, init=False)
+
+    isLeaf: ClassVar[bool] = True
+    log: ClassVar[Logger] = Logger()
+
+    def getChildWithDefault(self, name, request):
+        return self
+
+    def putChild(self, path, child):
+        raise NotImplementedError("the relay has no children")
+
+    def render(self, request: IRequest):
+        if not request.uri.startswith(self._base_url):
+            return _error(request, 404, f"not under base_url {self._base_url.decode()}")
+        rest = request.uri[len(self._base_url) :]
+        if not _TARGET.fullmatch(rest) or _DOT_SEGMENT.search(rest.split(b"?")[0]):
+            return _error(request, 400, "malformed request target")
+        gone: list = []
+        request.notifyFinish().addErrback(gone.append)
+        done = Deferred.fromCoroutine(self._relay(request, rest, gone))
+        self._inflight.add(done)
+        done.addBoth(lambda _: self._inflight.discard(done))
+        return NOT_DONE_YET
+
+    def idle(self) -> Deferred:
+        """Fires once the relays now in flight have answered."""
+        return DeferredList(list(self._inflight), consumeErrors=True)
+
+    async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
+        started = self._clock.seconds()
+        method = request.method
+        headers = Headers(dict(end_to_end(request.requestHeaders, _REQUEST_OWN)))
+        has_body = request.requestHeaders.hasHeader(
+            b"content-length"
+        ) or request.requestHeaders.hasHeader(b"transfer-encoding")
+        body = request.content.read() if has_body else None
+        key = self._cache.key(method, rest, _credentials(request.requestHeaders))
+        path = rest.split(b"?")[0].decode("ascii")
+        try:
+            answer = await self._upstream.exchange(method, rest, headers, body)
+        except UpstreamFailure as failure:
+            self._status.failed()
+            entry = self._cache.lookup(key) if self._status.trusted() else None
+            if not gone:
+                self._answer_failure(request, entry, failure)
+            self.log.warn(
+                "relay {method} /{path} failed: {failure}; {outcome}",
+                method=method.decode("ascii"),
+                path=path,
+                failure=str(failure),
+                outcome="served from trust cache" if entry else "answered 502",
+            )
+            return
+        self._status.succeeded()
+        if 200 <= answer.status < 300 and answer.complete:
+            self._cache.store(key, _entry(answer, self._clock.seconds()))
+        if not gone:
+            _write(
+                request,
+                answer.status,
+                end_to_end(answer.headers, _ANSWER_OWN),
+                answer.body,
+            )
+        self.log.info(
+            "relay {method} /{path} -> {status} in {ms:.1f} ms",
+            method=method.decode("ascii"),
+            path=path,
+            status=answer.status,
+            ms=(self._clock.seconds() - started) * 1000,
+        )
+
+    def _answer_failure(
+        self, request: IRequest, entry: Optional[Entry], failure: UpstreamFailure
+    ) -> None:
+        if entry is None:
+            message = f"license server unavailable: {failure.reason}"
+            _write(request, 502, [_JSON], _error_body(message))
+            return
+        age = max(0, int(self._clock.seconds() - entry.stored_at))
+        headers = [(name, [value]) for name, value in entry.headers]
+        headers.append((b"Age", [str(age).encode("ascii")]))
+        _write(request, entry.status, headers, entry.body)
+
+
+def _credentials(headers: Headers) -> Iterable[tuple[bytes, bytes]]:
+    for name in CREDENTIAL_HEADERS:
+        for value in headers.getRawHeaders(name, []):
+            yield name, value
+
+
+def _entry(answer: Answer, stored_at: float) -> Entry:
+    kept = end_to_end(answer.headers, _ANSWER_OWN | _NOT_CACHED)
+    return Entry(
+        status=answer.status,
+        headers=tuple((name, value) for name, values in kept for value in values),
+        body=answer.body,
+        stored_at=stored_at,
+    )
+
+
+def _write(request: IRequest, status: int, headers, body: bytes) -> None:
+    request.setResponseCode(status)
+    response = request.responseHeaders
+    response.removeHeader(b"server")
+    for name, values in headers:
+        response.setRawHeaders(name, values)
+    response.setRawHeaders(b"content-length", [str(len(body)).encode("ascii")])
+    request.write(body)
+    request.finish()
+
+
+_JSON = (b"content-type", [b"application/json"])
+
+
+def _error(request: IRequest, code: int, message: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(_JSON[0], _JSON[1][0])
+    return _error_body(message)
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}, separators=(",", ":")).encode("utf-8")

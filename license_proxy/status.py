@@ -1,0 +1,122 @@
+"""
+The proxy's state, and the status endpoint that reports it.
+
+The state answers one question for operators and probes: would a container
+that checks in now be licensed?  It follows the most recent relay or check-in
+(``Ready`` before any), and is judged against the trust window at the moment
+it is asked, so ``TrustBased`` turns into ``Failed`` when the window closes
+even if nothing happens in between.
+
+The JSON is compact and on one line, with ``state`` first, because existing
+readiness probes grep it: ``'^{.*"state":"\\(Connected\\|TrustBased\\)".*}$'``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Optional
+
+from attrs import define, field
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+
+from .trustcache import TrustCache
+
+READY = "Ready"
+CONNECTED = "Connected"
+TRUST_BASED = "TrustBased"
+FAILED = "Failed"
+
+
+@define
+class Status:
+    """Outcome of the most recent upstream exchange, judged against the trust window."""
+
+    _clock: IReactorTime
+    _cache: TrustCache
+    _duration: float
+    _last_ok: Optional[bool] = field(default=None, init=False)
+    _reported: str = field(default=READY, init=False)
+
+    log = Logger()
+
+    def succeeded(self) -> None:
+        self._last_ok = True
+        self._cache.record_checkin(self._clock.seconds())
+        self._report()
+
+    def failed(self) -> None:
+        self._last_ok = False
+        self._report()
+
+    def _report(self) -> None:
+        """Log each change of state once; leaving ``Connected`` is a warning."""
+        old, new = self._reported, self.state
+        if old == new:
+            return
+        self._reported = new
+        emit = self.log.warn if old == CONNECTED or new == FAILED else self.log.info
+        emit(
+            "state {old} -> {new} (trust expires {expiration})",
+            old=old,
+            new=new,
+            expiration=rfc3339(self.trust_expiration),
+        )
+
+    @property
+    def trust_expiration(self) -> Optional[float]:
+        last = self._cache.last_checkin
+        return None if last is None else last + self._duration
+
+    def trusted(self) -> bool:
+        """May a failed request be answered from the cache now?"""
+        expiration = self.trust_expiration
+        return expiration is not None and self._clock.seconds() < expiration
+
+    @property
+    def state(self) -> str:
+        if self._last_ok is None:
+            return READY
+        if self._last_ok:
+            return CONNECTED
+        return TRUST_BASED if self.trusted() else FAILED
+
+    def as_json(self) -> bytes:
+        report = {
+            "state": self.state,
+            "last_successful_checkin": rfc3339(self._cache.last_checkin),
+            "trust_expiration": rfc3339(self.trust_expiration),
+        }
+        return json.dumps(report, separators=(",", ":")).encode("ascii")
+
+
+def rfc3339(when: Optional[float]) -> Optional[str]:
+    """UTC, microseconds, ``Z``: what the vendor's status endpoint prints."""
+    if when is None:
+        return None
+    moment = datetime.fromtimestamp(when, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class _StatusPage(Resource):
+    isLeaf = True
+
+    def __init__(self, status: Status) -> None:
+        super().__init__()
+        self._status = status
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return self._status.as_json() + b"\n"
+
+
+def status_resource(status: Status) -> Resource:
+    """The status listener's tree: ``/v1/status`` and nothing else."""
+    root = Resource()
+    v1 = Resource()
+    root.putChild(b"v1", v1)
+    v1.putChild(b"status", _StatusPage(status))
+    return root

@@ -1,0 +1,130 @@
+"""
+TLS material for both sides of the proxy, read from the files the config
+names: the licensing listener's certificate (or one generated on first start
+and kept in the state directory, so it stays the same across restarts), and
+what the upstream client trusts and presents.
+
+Every problem with a file is a ``ConfigError`` naming the key, so a bad
+certificate stops the proxy with one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import datetime, timezone
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    KeyPair,
+    PrivateCertificate,
+    TLSVersion,
+    trustRootFromCertificates,
+)
+
+from . import certs
+from .config import Config, ConfigError
+from .upstream import UpstreamTLS
+
+GENERATED_CERT = "tls.crt"
+GENERATED_KEY = "tls.key"
+
+
+def _read(path: str, key: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+
+
+def _certificates(path: str, key: str) -> list[x509.Certificate]:
+    try:
+        found = x509.load_pem_x509_certificates(_read(path, key))
+    except ValueError:
+        found = []
+    if not found:
+        raise ConfigError(f"{key}: no PEM certificate in {path}")
+    return found
+
+
+def _private_key(path: str, key: str) -> crypto.PKey:
+    try:
+        loaded = serialization.load_pem_private_key(_read(path, key), password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: no usable unencrypted PEM private key in {path} ({e})") from None
+    return crypto.PKey.from_cryptography_key(loaded)
+
+
+def _generated_pair(config: Config, now: float) -> tuple[str, str]:
+    """The self-signed pair in the state directory, made on first start."""
+    cert_path = os.path.join(config.state_dir, GENERATED_CERT)
+    key_path = os.path.join(config.state_dir, GENERATED_KEY)
+    if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+        hosts = [socket.gethostname(), "localhost", "127.0.0.1", "::1"]
+        pair = certs.self_signed(hosts, now=datetime.fromtimestamp(now, timezone.utc))
+        try:
+            os.makedirs(config.state_dir, exist_ok=True)
+            pair.write(cert_path, key_path)
+        except OSError as e:
+            raise ConfigError(
+                f"[cache] path: cannot write a certificate to the state directory "
+                f"{config.state_dir}: {e.strerror}"
+            ) from None
+    return cert_path, key_path
+
+
+def listener_options(config: Config, now: float) -> CertificateOptions:
+    """TLS 1.2 or newer for the licensing listener."""
+    if config.tls_cert:
+        cert_path, cert_key = config.tls_cert, "[server] tls_cert"
+        key_path, key_key = config.tls_key, "[server] tls_key"
+    else:
+        cert_path, key_path = _generated_pair(config, now)
+        cert_key = key_key = "[cache] path (generated certificate)"
+    chain = [crypto.X509.from_cryptography(c) for c in _certificates(cert_path, cert_key)]
+    key = _private_key(key_path, key_key)
+    _check_pair(chain[0], key, key_key, key_path, cert_path)
+    return CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+
+
+def _check_pair(cert: crypto.X509, key: crypto.PKey, key_key: str, key_path: str, cert_path: str) -> None:
+    context = SSL.Context(SSL.TLS_METHOD)
+    try:
+        context.use_certificate(cert)
+        context.use_privatekey(key)
+        context.check_privatekey()
+    except SSL.Error:
+        raise ConfigError(
+            f"{key_key}: {key_path} does not match the certificate {cert_path}"
+        ) from None
+
+
+def upstream_tls(config: Config) -> UpstreamTLS:
+    """Trust roots (``ca_file`` or the system's) and the optional client certificate."""
+    trust_root = None
+    if config.ca_file:
+        trust_root = trustRootFromCertificates(
+            [
+                Certificate(crypto.X509.from_cryptography(c))
+                for c in _certificates(config.ca_file, "[license] ca_file")
+            ]
+        )
+    client = None
+    if config.client_cert:
+        cert = crypto.X509.from_cryptography(
+            _certificates(config.client_cert, "[license] client_cert")[0]
+        )
+        key = _private_key(config.client_key, "[license] client_key")
+        _check_pair(cert, key, "[license] client_key", config.client_key, config.client_cert)
+        client = PrivateCertificate.fromCertificateAndKeyPair(Certificate(cert), KeyPair(key))
+    return UpstreamTLS(trust_root, client)

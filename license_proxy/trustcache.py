@@ -1,0 +1,258 @@
+"""
+The trust cache: the last good answer to each licensing request, and the
+time of the last successful check-in, kept in one JSON file that survives
+restarts.
+
+Why a file and not memory alone: a restarted proxy must still know how long it
+may keep the fleet licensed, and with what answers, while the license server is
+away.  Writes are coalesced (at most one every ``FLUSH_DELAY`` seconds, and only
+when something changed) so a steady stream of check-ins is not a steady stream
+of fsyncs; each write is atomic and durable (temporary file, fsync, rename,
+fsync of the directory), so a crash leaves the old file or the new one.
+
+Requests are keyed by an HMAC over method, path, query and credentials, with a
+random salt kept in the file: credentials never reach the disk in clear, and
+one licensee's answer is never returned to another.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from typing import Iterable, Optional
+
+from attrs import define, field, frozen
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+FLUSH_DELAY = 2.0
+"""Seconds a change may wait before it is written: the bound on how far the
+file lags behind memory."""
+
+FORMAT = 1
+
+#: Request headers that identify a licensee; part of the cache key.
+CREDENTIAL_HEADERS = (b"authorization", b"cookie", b"x-api-key")
+
+
+@frozen
+class Entry:
+    """One cached answer, as the upstream gave it."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    stored_at: float
+
+    def to_json(self) -> dict:
+        return {
+            "status": self.status,
+            "headers": [[_b64(n), _b64(v)] for n, v in self.headers],
+            "body": _b64(self.body),
+            "stored_at": self.stored_at,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Entry:
+        return cls(
+            status=int(obj["status"]),
+            headers=tuple((_unb64(n), _unb64(v)) for n, v in obj["headers"]),
+            body=_unb64(obj["body"]),
+            stored_at=float(obj["stored_at"]),
+        )
+
+    def same_answer(self, other: Entry) -> bool:
+        return (self.status, self.headers, self.body) == (
+            other.status,
+            other.headers,
+            other.body,
+        )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+class CorruptCache(Exception):
+    """The cache file exists but cannot be used."""
+
+
+@define
+class TrustCache:
+    """Cached answers and the last successful check-in, mirrored to ``path``."""
+
+    _clock: IReactorTime
+    _path: str
+    _salt: bytes = field(factory=lambda: secrets.token_bytes(16))
+    last_checkin: Optional[float] = None
+    _entries: dict[str, Entry] = field(factory=dict)
+    _pending: Optional[IDelayedCall] = field(default=None, init=False)
+    _dirty: bool = field(default=False, init=False)
+    _write_failing: bool = field(default=False, init=False)
+
+    log = Logger()
+
+    @classmethod
+    def load(cls, clock: IReactorTime, path: str) -> TrustCache:
+        """
+        Read ``path``.  A missing file starts an empty cache; an unusable one
+        is logged once, moved aside (so nobody loses it) and replaced.
+        """
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return cls(clock, path)
+        except OSError as e:
+            cls.log.error(
+                "trust cache {path} cannot be read ({reason}); starting without it",
+                path=path,
+                reason=e.strerror,
+            )
+            return cls(clock, path)
+        try:
+            return cls._parse(clock, path, raw)
+        except CorruptCache as e:
+            aside = f"{path}.corrupt-{int(clock.seconds())}"
+            try:
+                os.replace(path, aside)
+                where = f"moved aside to {aside}"
+            except OSError as move:
+                where = f"could not be moved aside: {move.strerror}"
+            cls.log.error(
+                "trust cache {path} is corrupt ({reason}); {where}; starting without it",
+                path=path,
+                reason=str(e),
+                where=where,
+            )
+            return cls(clock, path)
+
+    @classmethod
+    def _parse(cls, clock: IReactorTime, path: str, raw: bytes) -> TrustCache:
+        try:
+            obj = json.loads(raw)
+            if obj.get("format") != FORMAT:
+                raise CorruptCache(f"unknown format {obj.get('format')!r}")
+            checkin = obj["last_successful_checkin"]
+            return cls(
+                clock,
+                path,
+                salt=bytes.fromhex(obj["salt"]),
+                last_checkin=None if checkin is None else float(checkin),
+                entries={k: Entry.from_json(v) for k, v in obj["entries"].items()},
+            )
+        except CorruptCache:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptCache(f"{type(e).__name__}: {e}") from None
+
+    def key(
+        self,
+        method: bytes,
+        target: bytes,
+        credentials: Iterable[tuple[bytes, bytes]],
+    ) -> str:
+        """
+        The cache key of a request: method, path and query (``target``), and
+        the credential headers.  The body is not part of it: the licensing
+        protocol is not public, and a body that carries a timestamp or a usage
+        counter would never match again.
+        """
+        mac = hmac.new(self._salt, digestmod=hashlib.sha256)
+        for part in (method, target):
+            mac.update(len(part).to_bytes(4, "big") + part)
+        for name, value in sorted(credentials):
+            mac.update(len(name).to_bytes(4, "big") + name)
+            mac.update(len(value).to_bytes(4, "big") + value)
+        return mac.hexdigest()
+
+    def lookup(self, key: str) -> Optional[Entry]:
+        return self._entries.get(key)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def store(self, key: str, entry: Entry) -> None:
+        """Keep ``entry``; the file learns of it only if the answer changed."""
+        old = self._entries.get(key)
+        self._entries[key] = entry
+        if old is None or not old.same_answer(entry):
+            self._changed()
+
+    def record_checkin(self, when: float) -> None:
+        self.last_checkin = when
+        self._changed()
+
+    def _changed(self) -> None:
+        self._dirty = True
+        if self._pending is None:
+            self._pending = self._clock.callLater(FLUSH_DELAY, self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._pending = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write now if anything changed; on failure keep serving from memory."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        if not self._dirty:
+            return
+        try:
+            _write_atomically(self._path, self._serialise())
+        except OSError as e:
+            if not self._write_failing:
+                self.log.error(
+                    "cannot write trust cache {path}: {reason}; serving from memory",
+                    path=self._path,
+                    reason=e.strerror or str(e),
+                )
+            self._write_failing = True
+            self._pending = self._clock.callLater(FLUSH_DELAY, self._scheduled_flush)
+            return
+        if self._write_failing:
+            self.log.info("trust cache {path} is written again", path=self._path)
+        self._write_failing = False
+        self._dirty = False
+
+    def _serialise(self) -> bytes:
+        obj = {
+            "format": FORMAT,
+            "last_successful_checkin": self.last_checkin,
+            "salt": self._salt.hex(),
+            "entries": {k: e.to_json() for k, e in self._entries.items()},
+        }
+        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves old or new, whole."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dirfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)

@@ -1,0 +1,312 @@
+"""
+The client side: one exchange with the license server, over verified TLS,
+under one deadline, with a clear reason when it fails.
+
+treq is the client API.  Three of its defaults would be wrong for a relay that
+serves many licensees, and are undone here: its shared cookie jar (a cookie set
+for one licensee would be sent for the next), its gzip decoding (answers must go
+back as the upstream sent them), and its timeout, which stops at the response
+headers (the deadline here covers connect, headers and body).
+"""
+
+from __future__ import annotations
+
+from http.cookiejar import DefaultCookiePolicy
+from typing import Optional, Sequence
+
+from attrs import define, field, frozen
+from hyperlink import DecodedURL
+from OpenSSL import SSL
+from service_identity import VerificationError
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
+from twisted.internet import error
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    succeed,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
+from zope.interface import implementer
+
+MAX_ANSWER = 16 * 1024 * 1024
+"""Largest answer body accepted; licensing answers are a few kilobytes."""
+
+POOL_IDLE_TIMEOUT = 20.0
+"""Seconds an idle pooled connection is kept: below common keep-alive
+timeouts of servers, so the upstream rarely closes one under us."""
+
+_HIDDEN_ENCODING = b"x-license-proxy-content-encoding"
+
+
+class UpstreamFailure(Exception):
+    """No usable answer: says which upstream and why, in words for a log line."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+@frozen
+class Answer:
+    """What the upstream said; ``complete`` when its end was certain
+    (Content-Length met or the chunked terminator seen), not just a close."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    complete: bool
+
+
+@implementer(IPolicyForHTTPS)
+@define
+class UpstreamTLS:
+    """Verify the upstream by chain and hostname, optionally presenting a
+    client certificate.  The TLS options are built once per host, not per
+    request."""
+
+    _trust_root: object = None  # from trustRootFromCertificates; None: the system's
+    _client_certificate: Optional[PrivateCertificate] = None
+    _creators: dict = field(factory=dict, init=False)
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        try:
+            return self._creators[hostname, port]
+        except KeyError:
+            creator = optionsForClientTLS(
+                hostname.decode("ascii"),
+                trustRoot=self._trust_root,
+                clientCertificate=self._client_certificate,
+            )
+            self._creators[hostname, port] = creator
+            return creator
+
+
+@implementer(IAgent)
+@define
+class _Verbatim:
+    """
+    Sits under treq's ``ContentDecoderAgent`` so it decodes nothing: removes
+    the ``Accept-Encoding: gzip`` it appended and hides the answer's
+    ``Content-Encoding`` from it (``Upstream`` restores the header).
+    """
+
+    _agent: IAgent
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        accepted = headers.getRawHeaders(b"accept-encoding", [])[:-1]
+        if accepted:
+            headers.setRawHeaders(b"accept-encoding", accepted)
+        else:
+            headers.removeHeader(b"accept-encoding")
+        return self._agent.request(method, uri, headers, bodyProducer).addCallback(
+            _hide_encoding
+        )
+
+
+def _hide_encoding(response):
+    encoding = response.headers.getRawHeaders(b"content-encoding")
+    if encoding is not None:
+        response.headers.removeHeader(b"content-encoding")
+        response.headers.setRawHeaders(_HIDDEN_ENCODING, encoding)
+    return response
+
+
+def _restore_encoding(headers: Headers) -> Headers:
+    encoding = headers.getRawHeaders(_HIDDEN_ENCODING)
+    if encoding is not None:
+        headers.removeHeader(_HIDDEN_ENCODING)
+        headers.setRawHeaders(b"content-encoding", encoding)
+    return headers
+
+
+def _no_cookies() -> IndexableCookieJar:
+    """A jar that never keeps a cookie, so none passes between licensees."""
+    return IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
+@implementer(IBodyProducer)
+@frozen
+class _Bytes:
+    """A request body already in memory, written at once (no cooperator,
+    hence no hidden use of the global reactor)."""
+
+    data: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+    def startProducing(self, consumer):
+        consumer.write(self.data)
+        return succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class _BodyReader(Protocol):
+    """Collect an answer body and tell whether its end was certain."""
+
+    def __init__(self) -> None:
+        self.done: Deferred = Deferred(lambda d: self.transport.stopProducing())
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > MAX_ANSWER:
+            self.transport.stopProducing()
+            self._finish(Failure(ValueError(f"answer larger than {MAX_ANSWER} bytes")))
+        else:
+            self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        body = b"".join(self._chunks)
+        if reason.check(ResponseDone):
+            self._finish((body, True))
+        elif reason.check(PotentialDataLoss):
+            self._finish((body, False))
+        else:
+            self._finish(reason)
+
+    def _finish(self, result) -> None:
+        # A cancelled read (the deadline) has already fired ``done``.
+        if not self.done.called:
+            self.done.callback(result)
+
+
+def _read_body(response) -> Deferred:
+    reader = _BodyReader()
+    response.deliverBody(reader)
+    return reader.done
+
+
+@define
+class Upstream:
+    """The license server(s): each URL in turn until one gives a usable answer."""
+
+    _clock: IReactorTime
+    _treq: HTTPClient
+    _urls: Sequence[bytes]
+    _timeout: float
+
+    @classmethod
+    def build(
+        cls,
+        reactor,
+        urls: Sequence[str],
+        timeout: float,
+        tls: UpstreamTLS,
+    ) -> Upstream:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 16
+        pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
+        agent = _Verbatim(Agent(reactor, contextFactory=tls, pool=pool))
+        return cls(
+            reactor,
+            HTTPClient(agent, cookiejar=_no_cookies()),
+            [DecodedURL.from_text(u).to_uri().to_text().encode("ascii") for u in urls],
+            timeout,
+        )
+
+    async def exchange(
+        self,
+        method: bytes,
+        rest: bytes,
+        headers: Headers,
+        body: Optional[bytes],
+        timeout: Optional[float] = None,
+    ) -> Answer:
+        """
+        Send ``method`` to each upstream URL + ``rest`` (path below the URL,
+        and query) until one answers below 500, each attempt under one
+        deadline (``timeout`` may shorten it).  Raises ``UpstreamFailure``
+        with the last reason when none does.
+        """
+        deadline = self._timeout if timeout is None else min(timeout, self._timeout)
+        reason = ""
+        for url in self._urls:
+            attempt = Deferred.fromCoroutine(
+                self._once(method, _join(url, rest), headers.copy(), body)
+            )
+            attempt.addTimeout(deadline, self._clock)
+            try:
+                answer = await attempt
+            except Exception as e:
+                reason = describe(e, deadline)
+            else:
+                if answer.status < 500:
+                    return answer
+                reason = f"answered {answer.status}"
+        raise UpstreamFailure(url.decode("ascii"), reason)
+
+    async def _once(
+        self, method: bytes, target: bytes, headers: Headers, body: Optional[bytes]
+    ) -> Answer:
+        response = await self._treq.request(
+            method.decode("ascii"),
+            target.decode("ascii"),
+            headers=headers,
+            data=None if body is None else _Bytes(body),
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        content, complete = await _read_body(response)
+        return Answer(
+            response.code, _restore_encoding(response.headers), content, complete
+        )
+
+
+def _join(base: bytes, rest: bytes) -> bytes:
+    """The upstream URL with ``rest`` (percent-encoded path and query, as the
+    client sent them) appended below its path: the scheme and host can only
+    ever be the configured ones."""
+    if not rest:
+        return base
+    return base.rstrip(b"/") + b"/" + rest
+
+
+def describe(e: BaseException, timeout: float) -> str:
+    """A failure in words an operator can act on."""
+    if isinstance(e, (TimeoutError, CancelledError)):
+        return f"no complete answer within {timeout:g} s"
+    if isinstance(e, (ResponseFailed, RequestTransmissionFailed)) and e.reasons:
+        return "; ".join(describe(r.value, timeout) for r in e.reasons)
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, error.DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(e, (error.TimeoutError, error.UserError)):
+        return "connect timed out"
+    if isinstance(e, VerificationError):
+        return f"TLS: certificate does not match the host ({e})"
+    if isinstance(e, SSL.Error):
+        reasons = [r[-1] for r in e.args[0] if isinstance(r, tuple)] if e.args else []
+        return "TLS: " + (", ".join(reasons) or "handshake failed")
+    if isinstance(e, error.ConnectionLost):
+        return "connection lost before the answer was complete"
+    if isinstance(e, error.ConnectionDone):
+        return "connection closed before the answer was complete"
+    return f"{type(e).__name__}: {e}"
