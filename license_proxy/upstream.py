@@ -213,23 +213,27 @@ class Upstream:
     _timeout: float
 
     @classmethod
-    def build(
-        cls,
-        reactor,
-        urls: Sequence[str],
-        timeout: float,
-        tls: UpstreamTLS,
+    def using(
+        cls, agent: IAgent, clock: IReactorTime, urls: Sequence[str], timeout: float
     ) -> Upstream:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 16
-        pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
-        agent = _Verbatim(Agent(reactor, contextFactory=tls, pool=pool))
+        """The client over ``agent``, made transparent (see the module's doc)."""
         return cls(
-            reactor,
-            HTTPClient(agent, cookiejar=_no_cookies()),
+            clock,
+            HTTPClient(_Verbatim(agent), cookiejar=_no_cookies()),
             [DecodedURL.from_text(u).to_uri().to_text().encode("ascii") for u in urls],
             timeout,
         )
+
+    @classmethod
+    def build(
+        cls, reactor, urls: Sequence[str], timeout: float, tls: UpstreamTLS
+    ) -> Upstream:
+        """The production client: pooled connections, verified TLS."""
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 16
+        pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
+        agent = Agent(reactor, contextFactory=tls, pool=pool)
+        return cls.using(agent, reactor, urls, timeout)
 
     async def exchange(
         self,

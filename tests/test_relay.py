@@ -1,0 +1,275 @@
+"""
+Unit tests of the relay path: Relay -> Upstream -> TrustCache/Status, with an
+in-memory upstream (treq.testing's RequestTraversalAgent), an in-memory client
+(StubTreq) and an injected clock.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import tempfile
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.task import Cooperator
+from twisted.web.client import FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from license_proxy.relay import Relay
+from license_proxy.status import Status
+from license_proxy.trustcache import TrustCache
+from license_proxy.upstream import Upstream
+
+T0 = 1_800_000_000.0
+TRUST = 3600.0
+
+
+class FakeLicenseServer(Resource):
+    """Records what it is sent; answers as told, or not at all (hang)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list = []
+        self.code = 200
+        self.body = b'{"license":"ok"}'
+        self.headers: dict[bytes, bytes] = {b"content-type": b"application/json"}
+        self.hang = False
+        self.count = 0
+
+    def render(self, request):
+        self.count += 1
+        self.seen.append(
+            (
+                request.method,
+                request.uri,
+                dict(request.requestHeaders.getAllRawHeaders()),
+                request.content.read(),
+            )
+        )
+        if self.hang:
+            return NOT_DONE_YET
+        request.setResponseCode(self.code)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
+        return self.body
+
+
+class RelayHarness:
+    def __init__(self, testcase, urls=("https://license.example",), base=b"/"):
+        tmpdir = tempfile.mkdtemp()
+        testcase.addCleanup(shutil.rmtree, tmpdir)
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.server = FakeLicenseServer()
+        self.agent = RequestTraversalAgent(self.server)
+        self.cache = TrustCache(self.clock, f"{tmpdir}/cache.json")
+        self.status = Status(self.clock, self.cache, TRUST)
+        self.upstream = Upstream.using(self.agent, self.clock, list(urls), 30.0)
+        self.relay = Relay(self.clock, self.upstream, self.cache, self.status, base)
+        self.client = RequestTraversalAgent(self.relay)
+
+    def request(self, method="GET", path="/v1/check", data=None, headers=None):
+        """A client request as sent, without treq's own rewriting."""
+        d = self.client.request(
+            method.encode(),
+            b"https://proxy.local:8443" + path.encode(),
+            Headers({k: [v] for k, v in (headers or {}).items()}),
+            None if data is None else FileBodyProducer(io.BytesIO(data), _now),
+        )
+        self.pump()
+        return d
+
+    def pump(self):
+        for _ in range(4):
+            self.client.flush()
+            self.agent.flush()
+
+    def answer(self, testcase, d):
+        self.pump()
+        response = testcase.successResultOf(d)
+        body = readBody(response)
+        self.pump()
+        return response, testcase.successResultOf(body)
+
+
+_now = Cooperator(scheduler=lambda f: f(), started=True)
+
+
+class RelayTests(SynchronousTestCase):
+    def setUp(self):
+        self.h = RelayHarness(self)
+
+    def test_relays_method_path_query_and_body(self):
+        d = self.h.request(
+            "POST",
+            "/v1/check?instance=a%20b",
+            data=b'{"usage":1}',
+            headers={"Authorization": "Token k1", "Connection": "close, x-hop", "X-Hop": "1"},
+        )
+        response, body = self.h.answer(self, d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, b'{"license":"ok"}')
+        method, uri, headers, sent = self.h.server.seen[0]
+        self.assertEqual((method, uri, sent), (b"POST", b"/v1/check?instance=a%20b", b'{"usage":1}'))
+        self.assertEqual(headers[b"Authorization"], [b"Token k1"])
+        self.assertEqual(headers[b"Host"], [b"license.example"])
+        self.assertNotIn(b"X-Hop", headers)
+        self.assertEqual(self.h.status.state, "Connected")
+        self.assertEqual(self.h.status.trust_expiration, T0 + TRUST)
+
+    def test_outside_base_url_is_404_and_nothing_is_sent(self):
+        h = RelayHarness(self, base=b"/v1/")
+        response, body = h.answer(self, h.request(path="/admin"))
+        self.assertEqual(response.code, 404)
+        self.assertEqual(h.server.seen, [])
+        self.assertEqual(h.status.state, "Ready")
+
+    def test_base_url_is_stripped(self):
+        h = RelayHarness(self, urls=["https://license.example/api/"], base=b"/v1/")
+        response, _ = h.answer(self, h.request(path="/v1/license?x=1"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(h.server.seen[0][1], b"/api/license?x=1")
+
+    def test_dot_segments_and_odd_bytes_are_refused(self):
+        for path in ["/v1/../etc", "/%2e%2E/x", "/a/./b", "/a/%2E"]:
+            response, _ = self.h.answer(self, self.h.request(path=path))
+            self.assertEqual(response.code, 400, path)
+        self.assertEqual(self.h.server.seen, [])
+
+    def test_failure_inside_trust_serves_the_cached_answer_with_age(self):
+        self.h.answer(self, self.h.request(headers={"Authorization": "Token k1"}))
+        self.h.clock.advance(125)
+        self.h.server.code = 503
+        self.h.server.body = b"down"
+        response, body = self.h.answer(self, self.h.request(headers={"Authorization": "Token k1"}))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, b'{"license":"ok"}')
+        self.assertEqual(response.headers.getRawHeaders("age"), ["125"])
+        self.assertEqual(self.h.status.state, "TrustBased")
+
+    def test_cached_answer_is_never_given_to_another_licensee(self):
+        self.h.answer(self, self.h.request(headers={"Authorization": "Token k1"}))
+        self.h.server.code = 500
+        response, body = self.h.answer(self, self.h.request(headers={"Authorization": "Token k2"}))
+        self.assertEqual(response.code, 502)
+        self.assertIn("license server unavailable", json.loads(body)["error"])
+        self.assertEqual(self.h.status.state, "TrustBased")
+
+    def test_failure_outside_trust_is_502_and_failed(self):
+        self.h.answer(self, self.h.request())
+        self.h.clock.advance(TRUST + 1)
+        self.h.server.code = 502
+        response, _ = self.h.answer(self, self.h.request())
+        self.assertEqual(response.code, 502)
+        self.assertEqual(self.h.status.state, "Failed")
+
+    def test_4xx_is_relayed_as_success_and_not_cached(self):
+        self.h.server.code = 404
+        response, _ = self.h.answer(self, self.h.request())
+        self.assertEqual(response.code, 404)
+        self.assertEqual(self.h.status.state, "Connected")
+        self.assertEqual(len(self.h.cache), 0)
+
+    def test_5xx_answer_never_replaces_a_good_entry(self):
+        self.h.answer(self, self.h.request())
+        self.h.server.code = 500
+        self.h.answer(self, self.h.request())
+        self.h.server.code = 200
+        self.h.server.hang = True
+        d = self.h.request()
+        self.h.clock.advance(30)
+        self.h.pump()
+        response, body = self.h.answer(self, d)
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+
+    def test_one_deadline_covers_a_hanging_upstream(self):
+        self.h.server.hang = True
+        d = self.h.request()
+        self.assertNoResult(d)
+        self.h.clock.advance(29.9)
+        self.h.pump()
+        self.assertNoResult(d)
+        self.h.clock.advance(0.2)
+        response, body = self.h.answer(self, d)
+        self.assertEqual(response.code, 502)
+        self.assertIn("no complete answer within 30 s", json.loads(body)["error"])
+
+    def test_next_upstream_is_tried_after_a_failure(self):
+        class Two(Resource):
+            isLeaf = True
+
+            def render(inner, request):
+                if request.getHeader(b"host") == b"first.example":
+                    request.setResponseCode(503)
+                    return b""
+                return b"second"
+
+        h = RelayHarness(self, urls=["https://first.example", "https://second.example"])
+        h.agent = RequestTraversalAgent(Two())
+        h.relay = Relay(
+            h.clock,
+            Upstream.using(h.agent, h.clock, ["https://first.example", "https://second.example"], 30.0),
+            h.cache,
+            h.status,
+            b"/",
+        )
+        h.client = RequestTraversalAgent(h.relay)
+        response, body = h.answer(self, h.request())
+        self.assertEqual((response.code, body), (200, b"second"))
+
+    def test_gzip_answers_and_cookies_pass_unaltered_and_unshared(self):
+        packed = gzip.compress(b'{"license":"ok"}')
+        self.h.server.body = packed
+        self.h.server.headers[b"content-encoding"] = b"gzip"
+        self.h.server.headers[b"set-cookie"] = b"session=one; Path=/"
+        response, body = self.h.answer(self, self.h.request(headers={"Accept-Encoding": "gzip"}))
+        self.assertEqual(body, packed)
+        self.assertEqual(response.headers.getRawHeaders("content-encoding"), ["gzip"])
+        self.assertEqual(response.headers.getRawHeaders("set-cookie"), ["session=one; Path=/"])
+        self.h.answer(self, self.h.request())
+        first, second = self.h.server.seen
+        self.assertEqual(first[2][b"Accept-Encoding"], [b"gzip"])
+        self.assertNotIn(b"Accept-Encoding", second[2])
+        self.assertNotIn(b"Cookie", second[2])
+
+
+class StatusTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.cache = TrustCache(self.clock, "/nonexistent/never-flushed.json")
+        self.status = Status(self.clock, self.cache, TRUST)
+
+    def test_ready_json_has_nulls(self):
+        self.assertEqual(
+            self.status.as_json(),
+            b'{"state":"Ready","last_successful_checkin":null,"trust_expiration":null}',
+        )
+
+    def test_connected_json_is_compact_rfc3339(self):
+        self.clock.advance(0.123456)
+        self.status.succeeded()
+        self.assertEqual(
+            self.status.as_json(),
+            b'{"state":"Connected","last_successful_checkin":"2027-01-15T08:00:00.123456Z",'
+            b'"trust_expiration":"2027-01-15T09:00:00.123456Z"}',
+        )
+
+    def test_trust_based_turns_failed_when_the_window_closes(self):
+        self.status.succeeded()
+        self.status.failed()
+        self.assertEqual(self.status.state, "TrustBased")
+        self.clock.advance(TRUST)
+        self.assertEqual(self.status.state, "Failed")
+
+    def test_failure_before_any_success_is_failed(self):
+        self.status.failed()
+        self.assertEqual(self.status.state, "Failed")
