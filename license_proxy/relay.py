@@ -104,9 +104,11 @@ class Relay:
         done.addBoth(lambda _: self._inflight.discard(done))
         return NOT_DONE_YET
 
-    def idle(self) -> Deferred:
-        """Fires once the relays now in flight have answered."""
-        return DeferredList(list(self._inflight), consumeErrors=True)
+    async def idle(self) -> None:
+        """Returns once no relay is in flight (keep-alive clients may start
+        new ones while earlier ones finish)."""
+        while self._inflight:
+            await DeferredList(list(self._inflight), consumeErrors=True)
 
     async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
         started = self._clock.seconds()

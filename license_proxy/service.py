@@ -11,10 +11,11 @@ from typing import Callable
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
@@ -29,6 +30,9 @@ from .upstream import Upstream
 IDLE_TIMEOUT = 60
 """Seconds an idle client connection is kept open."""
 
+CLOSE_TIMEOUT = 5
+"""Seconds a stop waits for clients to take their last answers."""
+
 
 class _QuietSite(Site):
     """A ``Site`` without the access log: the relay logs each outcome itself,
@@ -40,16 +44,47 @@ class _QuietSite(Site):
         pass
 
 
+class _Connections(WrappingFactory):
+    """
+    Keeps the listener's open connections, so that a stop can close them
+    gracefully: each finishes writing its last answer before the reactor
+    goes down and cuts whatever is left.
+    """
+
+    noisy = False
+
+    def __init__(self, wrapped) -> None:
+        super().__init__(wrapped)
+        self._waiting: list[Deferred] = []
+
+    def unregisterProtocol(self, p) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def close(self) -> Deferred:
+        """Close every connection once written out; fires when all are gone."""
+        if not self.protocols:
+            return succeed(None)
+        gone: Deferred = Deferred()
+        self._waiting.append(gone)
+        for protocol in list(self.protocols):
+            protocol.loseConnection()
+        return gone
+
+
 class _Lifecycle(Service):
     """Start-up check-in, then the periodic one; on stop, drain and flush."""
-
-    log = Logger()
 
     def __init__(
         self,
         checkin: CheckIn,
         relay: Relay,
         cache: TrustCache,
+        upstream: Upstream,
+        connections: _Connections,
         config: Config,
         clock,
         fatal: Callable[[str], None],
@@ -57,8 +92,11 @@ class _Lifecycle(Service):
         self._checkin = checkin
         self._relay = relay
         self._cache = cache
+        self._upstream = upstream
+        self._connections = connections
         self._startup_timeout = config.startup_timeout
         self._interval = config.checkin_interval
+        self._clock = clock
         self._fatal = fatal
         self._loop = LoopingCall(lambda: Deferred.fromCoroutine(checkin.periodic()))
         self._loop.clock = clock
@@ -84,9 +122,18 @@ class _Lifecycle(Service):
             self._starting.cancel()
         if self._loop.running:
             self._loop.stop()
-        idle = self._relay.idle()
-        idle.addCallback(lambda _: self._cache.flush())
-        return idle
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self._relay.idle()
+        self._cache.flush()
+        closing = self._connections.close()
+        closing.addTimeout(CLOSE_TIMEOUT, self._clock)
+        try:
+            await closing
+        except TimeoutError:
+            pass
+        await self._upstream.close()
 
 
 def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> MultiService:
@@ -105,11 +152,14 @@ def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> Multi
     top = MultiService()
     # Added first, so it stops last: the listeners stop accepting before it
     # waits for the requests in flight.
-    _Lifecycle(checkin, relay, cache, config, reactor, fatal).setServiceParent(top)
-    licensing = _QuietSite(relay, timeout=IDLE_TIMEOUT)
+    connections = _Connections(_QuietSite(relay, timeout=IDLE_TIMEOUT))
+    _Lifecycle(
+        checkin, relay, cache, upstream, connections, config, reactor, fatal
+    ).setServiceParent(top)
+    licensing = connections
     if config.tls:
         licensing = TLSMemoryBIOFactory(
-            listener_options(config, reactor.seconds()), False, licensing
+            listener_options(config, reactor.seconds()), False, connections
         )
     strports.service(
         _tcp(config.host, config.port), licensing, reactor=reactor

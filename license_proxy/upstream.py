@@ -128,6 +128,8 @@ def _hide_encoding(response):
 
 
 def _restore_encoding(headers: Headers) -> Headers:
+    # ContentDecoderAgent leaves an empty Content-Encoding when there was none.
+    headers.removeHeader(b"content-encoding")
     encoding = headers.getRawHeaders(_HIDDEN_ENCODING)
     if encoding is not None:
         headers.removeHeader(_HIDDEN_ENCODING)
@@ -211,10 +213,16 @@ class Upstream:
     _treq: HTTPClient
     _urls: Sequence[bytes]
     _timeout: float
+    _pool: Optional[HTTPConnectionPool] = None
 
     @classmethod
     def using(
-        cls, agent: IAgent, clock: IReactorTime, urls: Sequence[str], timeout: float
+        cls,
+        agent: IAgent,
+        clock: IReactorTime,
+        urls: Sequence[str],
+        timeout: float,
+        pool: Optional[HTTPConnectionPool] = None,
     ) -> Upstream:
         """The client over ``agent``, made transparent (see the module's doc)."""
         return cls(
@@ -222,6 +230,7 @@ class Upstream:
             HTTPClient(_Verbatim(agent), cookiejar=_no_cookies()),
             [DecodedURL.from_text(u).to_uri().to_text().encode("ascii") for u in urls],
             timeout,
+            pool,
         )
 
     @classmethod
@@ -233,7 +242,13 @@ class Upstream:
         pool.maxPersistentPerHost = 16
         pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
         agent = Agent(reactor, contextFactory=tls, pool=pool)
-        return cls.using(agent, reactor, urls, timeout)
+        return cls.using(agent, reactor, urls, timeout, pool)
+
+    def close(self) -> Deferred:
+        """Close idle pooled connections cleanly (at shutdown)."""
+        if self._pool is None:
+            return succeed(None)
+        return self._pool.closeCachedConnections()
 
     async def exchange(
         self,

@@ -118,6 +118,11 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(body, b'{"license":"ok"}')
         method, uri, headers, sent = self.h.server.seen[0]
+        # Nothing added on the way: no Server, no empty Content-Encoding.
+        self.assertEqual(
+            sorted(name for name, _ in response.headers.getAllRawHeaders()),
+            [b"Content-Type", b"Date", b"Server"],  # the upstream's own Server
+        )
         self.assertEqual((method, uri, sent), (b"POST", b"/v1/check?instance=a%20b", b'{"usage":1}'))
         self.assertEqual(headers[b"Authorization"], [b"Token k1"])
         self.assertEqual(headers[b"Host"], [b"license.example"])
