@@ -155,6 +155,8 @@ def _check_combinations(path: str, config: Config) -> None:
         for given, missing in ((cert, key), (key, cert)):
             if getattr(config, given) and not getattr(config, missing):
                 raise _error(path, section, missing, f"missing, required when {given} is set")
+    if config.status_port == config.port:
+        raise _error(path, "server", "status_port", f"must differ from port ({config.port})")
 
 
 def _error(path: str, section: str, key: str, reason: str) -> ConfigError:

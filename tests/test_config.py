@@ -628,3 +628,11 @@ def test_error_names_the_file_as_given(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         load("lp.toml", {})
     assert str(info.value) == "lp.toml: [server] port: expected an integer from 1 to 65535, got 0"
+
+
+def test_status_port_must_differ_from_port(tmp_path):
+    path = tmp_path / "lp.toml"
+    path.write_text("[server]\nport = 9000\nstatus_port = 9000\n")
+    with pytest.raises(ConfigError) as e:
+        load(str(path), {})
+    assert str(e.value) == f"{path}: [server] status_port: must differ from port (9000)"

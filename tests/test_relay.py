@@ -230,6 +230,14 @@ class RelayTests(SynchronousTestCase):
         response, body = h.answer(self, h.request())
         self.assertEqual((response.code, body), (200, b"second"))
 
+    def test_redirects_are_relayed_not_followed(self):
+        self.h.server.code = 302
+        self.h.server.headers[b"location"] = b"https://elsewhere.example/x"
+        response, _ = self.h.answer(self, self.h.request())
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.headers.getRawHeaders("location"), ["https://elsewhere.example/x"])
+        self.assertEqual(self.h.server.count, 1)
+
     def test_gzip_answers_and_cookies_pass_unaltered_and_unshared(self):
         packed = gzip.compress(b'{"license":"ok"}')
         self.h.server.body = packed
