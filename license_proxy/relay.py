@@ -100,9 +100,16 @@ class Relay:
         gone: list = []
         request.notifyFinish().addErrback(gone.append)
         done = Deferred.fromCoroutine(self._relay(request, rest, gone))
+        done.addErrback(self._crashed, request, gone)
         self._inflight.add(done)
         done.addBoth(lambda _: self._inflight.discard(done))
         return NOT_DONE_YET
+
+    def _crashed(self, failure, request: IRequest, gone: list) -> None:
+        """A bug must not leave the client hanging: log it, answer 500."""
+        self.log.failure("relay crashed", failure)
+        if not gone and not request.finished:
+            _write(request, 500, [_JSON], _error_body("internal error"))
 
     async def idle(self) -> None:
         """Returns once no relay is in flight (keep-alive clients may start

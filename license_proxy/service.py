@@ -7,6 +7,7 @@ trust cache.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from twisted.application import strports
@@ -20,7 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 from .checkin import CheckIn, StartupFailed
-from .config import Config
+from .config import Config, ConfigError
 from .relay import Relay
 from .status import Status, status_resource
 from .tls import listener_options, upstream_tls
@@ -141,6 +142,12 @@ def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> Multi
     Everything the proxy runs.  ``fatal(line)`` is called when the instance
     must not stay up (the start-up rule failed).
     """
+    try:
+        os.makedirs(config.state_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"[cache] path: cannot create the state directory {config.state_dir}: {e.strerror}"
+        ) from None
     cache = TrustCache.load(reactor, config.cache_path)
     status = Status(reactor, cache, config.trust_duration)
     upstream = Upstream.build(

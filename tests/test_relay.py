@@ -230,6 +230,18 @@ class RelayTests(SynchronousTestCase):
         response, body = h.answer(self, h.request())
         self.assertEqual((response.code, body), (200, b"second"))
 
+    def test_a_bug_answers_500_instead_of_hanging(self):
+        class BrokenCache(TrustCache):
+            def store(self, key, entry):
+                raise ZeroDivisionError("a bug")
+
+        h = self.h
+        h.relay = Relay(h.clock, h.upstream, BrokenCache(h.clock, "/nonexistent"), h.status, b"/")
+        h.client = RequestTraversalAgent(h.relay)
+        response, body = h.answer(self, h.request())
+        self.assertEqual((response.code, json.loads(body)), (500, {"error": "internal error"}))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     def test_redirects_are_relayed_not_followed(self):
         self.h.server.code = 302
         self.h.server.headers[b"location"] = b"https://elsewhere.example/x"
