@@ -21,6 +21,7 @@ from twisted.web.server import Site
 
 from .checkin import CheckIn, StartupFailed
 from .config import Config
+from .metrics import MetricsPage, RelayMetrics, registry_for
 from .relay import Relay
 from .status import Status, status_resource
 from .tls import listener_options, upstream_tls
@@ -146,7 +147,15 @@ def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> Multi
     upstream = Upstream.build(
         reactor, config.server_urls, config.timeout, upstream_tls(config)
     )
-    relay = Relay(reactor, upstream, cache, status, config.base_url.encode("ascii"))
+    registry = registry_for(reactor, status, cache)
+    relay = Relay(
+        reactor,
+        upstream,
+        cache,
+        status,
+        config.base_url.encode("ascii"),
+        RelayMetrics.on(registry),
+    )
     checkin = CheckIn(reactor, upstream, status, config.key)
 
     top = MultiService()
@@ -166,7 +175,7 @@ def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> Multi
     ).setServiceParent(top)
     strports.service(
         _tcp(config.host, config.status_port),
-        _QuietSite(status_resource(status), timeout=IDLE_TIMEOUT),
+        _QuietSite(status_resource(status, MetricsPage(registry)), timeout=IDLE_TIMEOUT),
         reactor=reactor,
     ).setServiceParent(top)
     return top

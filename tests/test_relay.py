@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from license_proxy.metrics import RelayMetrics, registry_for
 from license_proxy.relay import Relay
 from license_proxy.status import Status
 from license_proxy.trustcache import TrustCache
@@ -73,7 +74,10 @@ class RelayHarness:
         self.cache = TrustCache(self.clock, f"{tmpdir}/cache.json")
         self.status = Status(self.clock, self.cache, TRUST)
         self.upstream = Upstream.using(self.agent, self.clock, list(urls), 30.0)
-        self.relay = Relay(self.clock, self.upstream, self.cache, self.status, base)
+        self.registry = registry_for(self.clock, self.status, self.cache)
+        self.relay = Relay(
+            self.clock, self.upstream, self.cache, self.status, base, RelayMetrics.on(self.registry)
+        )
         self.client = RequestTraversalAgent(self.relay)
 
     def request(self, method="GET", path="/v1/check", data=None, headers=None):
@@ -264,7 +268,8 @@ class StatusTests(SynchronousTestCase):
     def test_ready_json_has_nulls(self):
         self.assertEqual(
             self.status.as_json(),
-            b'{"state":"Ready","last_successful_checkin":null,"trust_expiration":null}',
+            b'{"state":"Ready","last_successful_checkin":null,"trust_expiration":null,'
+            b'"state_since":"2027-01-15T08:00:00.000000Z"}',
         )
 
     def test_connected_json_is_compact_rfc3339(self):
@@ -273,7 +278,8 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(
             self.status.as_json(),
             b'{"state":"Connected","last_successful_checkin":"2027-01-15T08:00:00.123456Z",'
-            b'"trust_expiration":"2027-01-15T09:00:00.123456Z"}',
+            b'"trust_expiration":"2027-01-15T09:00:00.123456Z",'
+            b'"state_since":"2027-01-15T08:00:00.123456Z"}',
         )
 
     def test_trust_based_turns_failed_when_the_window_closes(self):
@@ -282,6 +288,20 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(self.status.state, "TrustBased")
         self.clock.advance(TRUST)
         self.assertEqual(self.status.state, "Failed")
+
+    def test_state_since_is_when_the_state_began(self):
+        self.status.succeeded()
+        self.clock.advance(10)
+        self.status.succeeded()
+        self.assertEqual(self.status.state_since, T0)
+        self.status.failed()
+        self.assertEqual(self.status.state_since, T0 + 10)
+        # Failed began when the window closed, before anyone noticed...
+        self.clock.advance(TRUST + 50)
+        self.assertEqual(self.status.state_since, T0 + 10 + TRUST)
+        # ...and stays so once a later failure reports it.
+        self.status.failed()
+        self.assertEqual(self.status.state_since, T0 + 10 + TRUST)
 
     def test_failure_before_any_success_is_failed(self):
         self.status.failed()
