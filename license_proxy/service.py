@@ -7,6 +7,7 @@ trust cache.
 
 from __future__ import annotations
 
+import signal
 from typing import Callable
 
 from twisted.application import strports
@@ -25,6 +26,7 @@ from .metrics import MetricsPage, RelayMetrics, registry_for
 from .relay import Relay
 from .status import Status, status_resource
 from .tls import listener_options, upstream_tls
+from .tlsreload import CertificateReload, ListenerTLS, OnSignal
 from .trustcache import TrustCache
 from .upstream import Upstream
 
@@ -144,8 +146,9 @@ def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> Multi
     """
     cache = TrustCache.load(reactor, config.cache_path)
     status = Status(reactor, cache, config.trust_duration)
+    upstream_certificates = upstream_tls(config)
     upstream = Upstream.build(
-        reactor, config.server_urls, config.timeout, upstream_tls(config)
+        reactor, config.server_urls, config.timeout, upstream_certificates
     )
     registry = registry_for(reactor, status, cache)
     relay = Relay(
@@ -166,10 +169,12 @@ def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> Multi
         checkin, relay, cache, upstream, connections, config, reactor, fatal
     ).setServiceParent(top)
     licensing = connections
+    listener_tls = None
     if config.tls:
-        licensing = TLSMemoryBIOFactory(
-            listener_options(config, reactor.seconds()), False, connections
-        )
+        listener_tls = ListenerTLS(listener_options(config, reactor.seconds()))
+        licensing = TLSMemoryBIOFactory(listener_tls, False, connections)
+    reload = CertificateReload(reactor, config, listener_tls, upstream_certificates)
+    OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     strports.service(
         _tcp(config.host, config.port), licensing, reactor=reactor
     ).setServiceParent(top)
