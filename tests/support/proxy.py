@@ -53,8 +53,9 @@ class ProxyProcess:
     ``scheme`` ("https", or "http" when the config sets ``[server] tls = false``) and
     ``ca_file`` (None: do not verify the proxy's certificate, which it self-signs by default)
     decide how ``request()`` talks to the licensing listener; tests may also set them as
-    attributes.  ``options`` are added to the plugin's command line.  ``env`` is added to the test's environment (a value of None removes a
-    variable); proxy variables of the test's own environment are not inherited.
+    attributes.  ``options`` are added to the plugin's command line.  ``env`` is added to
+    the test's environment (a value of None removes a variable); proxy variables of the
+    test's own environment are not inherited.
     """
 
     def __init__(
