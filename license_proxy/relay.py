@@ -16,7 +16,6 @@ import re
 from typing import ClassVar, Iterable, Optional
 
 from attrs import define, field
-from prometheus_client import CollectorRegistry
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -89,7 +88,7 @@ class Relay:
     _cache: TrustCache
     _status: Status
     _base_url: bytes
-    _metrics: RelayMetrics = field(factory=lambda: RelayMetrics.on(CollectorRegistry()))
+    _metrics: RelayMetrics
     _inflight: set = field(factory=set, init=False)
 
     isLeaf: ClassVar[bool] = True

@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 
+from prometheus_client import CollectorRegistry
 from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Cooperator
 from twisted.web.client import FileBodyProducer, readBody
@@ -229,6 +230,7 @@ class RelayTests(SynchronousTestCase):
             h.cache,
             h.status,
             b"/",
+            RelayMetrics.on(CollectorRegistry()),
         )
         h.client = RequestTraversalAgent(h.relay)
         response, body = h.answer(self, h.request())
