@@ -15,7 +15,7 @@ from importlib import metadata
 from attrs import define
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
@@ -122,6 +122,10 @@ def _version() -> str:
         return "unknown"
 
 
+# The classic text format, which every Prometheus server since 2.0 reads.
+_TEXT_FORMAT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
 class MetricsPage(Resource):
     """``GET /metrics``: the registry in Prometheus text format."""
 
@@ -132,7 +136,6 @@ class MetricsPage(Resource):
         self._registry = registry
 
     def render_GET(self, request) -> bytes:
-        # The classic text format: what every Prometheus server since 2.0 reads.
-        request.setHeader(b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode("ascii"))
+        request.setHeader(b"content-type", _TEXT_FORMAT)
         request.setHeader(b"cache-control", b"no-store")
         return generate_latest(self._registry)
