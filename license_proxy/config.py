@@ -46,6 +46,7 @@ class Config:
     trust_duration: float = 86400.0  # [trust] duration, seconds
     checkin_interval: float = 60.0  # [trust] checkin_interval, seconds
     cache_path: str = "/var/lib/license-proxy/trust-cache.json"  # [cache] path
+    log_format: str = "text"  # [log] format: "text" or "json" (one object per line)
 
     @property
     def state_dir(self) -> str:
@@ -228,6 +229,12 @@ def _fips_mode(value: object) -> bool:
     return _FIPS_MODES[value]
 
 
+def _log_format(value: object) -> str:
+    if value not in ("text", "json"):
+        raise ValueError(f'expected "text" or "json", got {_show(value)}')
+    return value
+
+
 def _server_urls(value: object) -> tuple[str, ...]:
     urls = [value] if isinstance(value, str) else value
     if not isinstance(urls, list):
@@ -297,5 +304,6 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
     ("trust", "duration"): ("trust_duration", parse_duration),
     ("trust", "checkin_interval"): ("checkin_interval", parse_duration),
     ("cache", "path"): ("cache_path", _non_empty_string),
+    ("log", "format"): ("log_format", _log_format),
 }
 _SECTIONS = frozenset(section for section, _ in _KEYS)

@@ -25,6 +25,14 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from .metrics import (
+    REJECTED,
+    SERVED_FROM_TRUST,
+    UNAVAILABLE,
+    UPSTREAM_4XX,
+    UPSTREAM_OK,
+    RelayMetrics,
+)
 from .status import Status
 from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -80,6 +88,7 @@ class Relay:
     _cache: TrustCache
     _status: Status
     _base_url: bytes
+    _metrics: RelayMetrics
     _inflight: set = field(factory=set, init=False)
 
     isLeaf: ClassVar[bool] = True
@@ -93,10 +102,10 @@ class Relay:
 
     def render(self, request: IRequest):
         if not request.uri.startswith(self._base_url):
-            return _error(request, 404, f"not under base_url {self._base_url.decode()}")
+            return self._reject(request, 404, f"not under base_url {self._base_url.decode()}")
         rest = request.uri[len(self._base_url) :]
         if not _TARGET.fullmatch(rest) or _DOT_SEGMENT.search(rest.split(b"?")[0]):
-            return _error(request, 400, "malformed request target")
+            return self._reject(request, 400, "malformed request target")
         gone: list = []
         request.notifyFinish().addErrback(gone.append)
         done = Deferred.fromCoroutine(self._relay(request, rest, gone))
@@ -110,6 +119,12 @@ class Relay:
         self.log.failure("relay crashed", failure)
         if not gone and not request.finished:
             _write(request, 500, [_JSON], _error_body("internal error"))
+
+    def _reject(self, request: IRequest, code: int, reason: str) -> bytes:
+        # The target is not logged: it may be anything, query strings included.
+        self._metrics.outcomes.labels(REJECTED).inc()
+        self.log.info("refused a request: {reason} ({code})", reason=reason, code=code)
+        return _error(request, code, reason)
 
     async def idle(self) -> None:
         """Returns once no relay is in flight (keep-alive clients may start
@@ -130,20 +145,29 @@ class Relay:
         try:
             answer = await self._upstream.exchange(method, rest, headers, body)
         except UpstreamFailure as failure:
+            latency = self._clock.seconds() - started
             self._status.failed()
-            entry = self._cache.lookup(key) if self._status.trusted() else None
+            trusted = self._status.trusted()
+            entry = self._cache.lookup(key) if trusted else None
             if not gone:
                 self._answer_failure(request, entry, failure)
+            outcome = SERVED_FROM_TRUST if entry else UNAVAILABLE
+            self._count(outcome, latency)
             self.log.warn(
-                "relay {method} /{path} failed: {failure}; {outcome}",
+                "relay {method} /{path} failed after {ms:.1f} ms: {failure}; "
+                "{outcome} (cache: {cache})",
                 method=method.decode("ascii"),
                 path=path,
                 failure=str(failure),
-                outcome="served from trust cache" if entry else "answered 502",
+                outcome=outcome,
+                cache="hit" if entry else "miss" if trusted else "outside trust window",
+                ms=latency * 1000,
             )
             return
+        latency = self._clock.seconds() - started
         self._status.succeeded()
-        if 200 <= answer.status < 300 and answer.complete:
+        cacheable = 200 <= answer.status < 300 and answer.complete
+        if cacheable:
             self._cache.store(key, _entry(answer, self._clock.seconds()))
         if not gone:
             _write(
@@ -152,13 +176,21 @@ class Relay:
                 end_to_end(answer.headers, _ANSWER_OWN),
                 answer.body,
             )
+        outcome = UPSTREAM_4XX if 400 <= answer.status < 500 else UPSTREAM_OK
+        self._count(outcome, latency)
         self.log.info(
-            "relay {method} /{path} -> {status} in {ms:.1f} ms",
+            "relay {method} /{path} -> {status} in {ms:.1f} ms; {outcome} (cache: {cache})",
             method=method.decode("ascii"),
             path=path,
             status=answer.status,
-            ms=(self._clock.seconds() - started) * 1000,
+            outcome=outcome,
+            cache="stored" if cacheable else "not stored",
+            ms=latency * 1000,
         )
+
+    def _count(self, outcome: str, latency: float) -> None:
+        self._metrics.outcomes.labels(outcome).inc()
+        self._metrics.latency.observe(latency)
 
     def _answer_failure(
         self, request: IRequest, entry: Optional[Entry], failure: UpstreamFailure

@@ -8,6 +8,7 @@ trust cache.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Callable
 
 from twisted.application import strports
@@ -15,16 +16,17 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 from .checkin import CheckIn, StartupFailed
 from .config import Config, ConfigError
+from .metrics import MetricsPage, RelayMetrics, registry_for
 from .relay import Relay
 from .status import Status, status_resource
 from .tls import listener_options, upstream_tls
+from .tlsreload import CertificateReload, ListenerTLS, OnSignal
 from .trustcache import TrustCache
 from .upstream import Upstream
 
@@ -150,10 +152,19 @@ def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> Multi
         ) from None
     cache = TrustCache.load(reactor, config.cache_path)
     status = Status(reactor, cache, config.trust_duration)
+    upstream_certificates = upstream_tls(config)
     upstream = Upstream.build(
-        reactor, config.server_urls, config.timeout, upstream_tls(config)
+        reactor, config.server_urls, config.timeout, upstream_certificates
     )
-    relay = Relay(reactor, upstream, cache, status, config.base_url.encode("ascii"))
+    registry = registry_for(reactor, status, cache)
+    relay = Relay(
+        reactor,
+        upstream,
+        cache,
+        status,
+        config.base_url.encode("ascii"),
+        RelayMetrics.on(registry),
+    )
     checkin = CheckIn(reactor, upstream, status, config.key)
 
     top = MultiService()
@@ -164,16 +175,18 @@ def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> Multi
         checkin, relay, cache, upstream, connections, config, reactor, fatal
     ).setServiceParent(top)
     licensing = connections
+    listener_tls = None
     if config.tls:
-        licensing = TLSMemoryBIOFactory(
-            listener_options(config, reactor.seconds()), False, connections
-        )
+        listener_tls = ListenerTLS(listener_options(config, reactor.seconds()))
+        licensing = TLSMemoryBIOFactory(listener_tls, False, connections)
+    reload = CertificateReload(reactor, config, listener_tls, upstream_certificates)
+    OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     strports.service(
         _tcp(config.host, config.port), licensing, reactor=reactor
     ).setServiceParent(top)
     strports.service(
         _tcp(config.host, config.status_port),
-        _QuietSite(status_resource(status), timeout=IDLE_TIMEOUT),
+        _QuietSite(status_resource(status, MetricsPage(registry)), timeout=IDLE_TIMEOUT),
         reactor=reactor,
     ).setServiceParent(top)
     return top

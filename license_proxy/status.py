@@ -9,6 +9,7 @@ even if nothing happens in between.
 
 The JSON is compact and on one line, with ``state`` first, because existing
 readiness probes grep it: ``'^{.*"state":"\\(Connected\\|TrustBased\\)".*}$'``.
+Fields added since the vendor's three come after them (``state_since``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ class Status:
     _duration: float
     _last_ok: Optional[bool] = field(default=None, init=False)
     _reported: str = field(default=READY, init=False)
+    _since: float = field(init=False)
 
     log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._since = self._clock.seconds()
 
     def succeeded(self) -> None:
         self._last_ok = True
@@ -57,6 +62,9 @@ class Status:
         if old == new:
             return
         self._reported = new
+        # TrustBased turns Failed when the window closes, not when someone notices.
+        closed = old == TRUST_BASED and new == FAILED
+        self._since = self.trust_expiration if closed else self._clock.seconds()
         emit = self.log.warn if old == CONNECTED or new == FAILED else self.log.info
         emit(
             "state {old} -> {new} (trust expires {expiration})",
@@ -83,11 +91,25 @@ class Status:
             return CONNECTED
         return TRUST_BASED if self.trusted() else FAILED
 
+    @property
+    def state_since(self) -> float:
+        """When the current state began."""
+        if self.state != self._reported:
+            # The trust window closed since the last relay or check-in.
+            return self.trust_expiration
+        return self._since
+
+    @property
+    def ready(self) -> bool:
+        """Are containers being licensed?  What readiness probes ask."""
+        return self.state in (CONNECTED, TRUST_BASED)
+
     def as_json(self) -> bytes:
         report = {
             "state": self.state,
             "last_successful_checkin": rfc3339(self._cache.last_checkin),
             "trust_expiration": rfc3339(self.trust_expiration),
+            "state_since": rfc3339(self.state_since),
         }
         return json.dumps(report, separators=(",", ":")).encode("ascii")
 
@@ -100,6 +122,12 @@ def rfc3339(when: Optional[float]) -> Optional[str]:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _json(request, body: bytes) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return body + b"\n"
+
+
 class _StatusPage(Resource):
     isLeaf = True
 
@@ -108,15 +136,35 @@ class _StatusPage(Resource):
         self._status = status
 
     def render_GET(self, request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return self._status.as_json() + b"\n"
+        return _json(request, self._status.as_json())
 
 
-def status_resource(status: Status) -> Resource:
-    """The status listener's tree: ``/v1/status`` and nothing else."""
+class _ReadyPage(_StatusPage):
+    """200 while containers are licensed (``Connected``, ``TrustBased``), else 503."""
+
+    def render_GET(self, request) -> bytes:
+        if not self._status.ready:
+            request.setResponseCode(503)
+        return super().render_GET(request)
+
+
+class _HealthPage(Resource):
+    """The process answers: for liveness probes, whatever the state."""
+
+    isLeaf = True
+
+    def render_GET(self, request) -> bytes:
+        return _json(request, b'{"alive":true}')
+
+
+def status_resource(status: Status, metrics: Resource) -> Resource:
+    """The status listener's tree: ``/v1/status``, ``/v1/ready``,
+    ``/v1/health`` and ``/metrics``."""
     root = Resource()
     v1 = Resource()
     root.putChild(b"v1", v1)
+    root.putChild(b"metrics", metrics)
     v1.putChild(b"status", _StatusPage(status))
+    v1.putChild(b"ready", _ReadyPage(status))
+    v1.putChild(b"health", _HealthPage())
     return root

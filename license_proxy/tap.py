@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import sys
 
+import attrs
 from OpenSSL import SSL
-from twisted.logger import Logger
+from twisted.application.service import MultiService
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from . import config as configuration
+from .logformat import FORMATS, JSON, json_observer
 from .service import make_service
 
 DEFAULT_CONFIG = "/etc/license-proxy/license-proxy.toml"
@@ -24,13 +27,19 @@ log = Logger()
 class Options(usage.Options):
     optParameters = [
         ["config", "c", DEFAULT_CONFIG, "Path of the TOML configuration file."],
+        ["log-format", None, None, "text or json (one object per line); overrides [log] format."],
     ]
 
     def postOptions(self) -> None:
+        given = self["log-format"]
+        if given is not None and given not in FORMATS:
+            raise usage.UsageError(f"--log-format: expected text or json, got {given!r}")
         try:
             self.loaded = configuration.load(self["config"], os.environ)
         except configuration.ConfigError as e:
             _config_exit(e)
+        if given is not None:
+            self.loaded = attrs.evolve(self.loaded, log_format=given)
 
 
 def _config_exit(error: Exception) -> None:
@@ -68,7 +77,26 @@ def makeService(options: Options):
             "TLS uses the system's {openssl}, not a FIPS-validated module",
             openssl=SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode(),
         )
+    if config.log_format == JSON:
+        return _LoggingTo(json_observer(), service)
     return service
+
+
+class _LoggingTo(MultiService):
+    """
+    Gives twistd the log observer: twistd takes an ``ILogObserver`` component
+    of its application (what a ``.tac`` file sets), and the service a plugin
+    makes becomes that application's child.  ``twistd --logger`` still wins.
+    """
+
+    def __init__(self, observer, service) -> None:
+        super().__init__()
+        self._observer = observer
+        service.setServiceParent(self)
+
+    def setServiceParent(self, parent) -> None:
+        parent.setComponent(ILogObserver, self._observer)
+        super().setServiceParent(parent)
 
 
 def _fatal(reactor, line: str) -> None:

@@ -97,6 +97,7 @@ class TrustCache:
     _pending: Optional[IDelayedCall] = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
     _write_failing: bool = field(default=False, init=False)
+    write_failures: int = field(default=0, init=False)
 
     log = Logger()
 
@@ -210,6 +211,7 @@ class TrustCache:
         try:
             _write_atomically(self._path, self._serialise())
         except OSError as e:
+            self.write_failures += 1
             if not self._write_failing:
                 self.log.error(
                     "cannot write trust cache {path}: {reason}; serving from memory",

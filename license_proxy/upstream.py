@@ -96,6 +96,12 @@ class UpstreamTLS:
             self._creators[hostname, port] = creator
             return creator
 
+    def replace_with(self, fresh: UpstreamTLS) -> None:
+        """Use ``fresh``'s roots and certificate for new connections from now on."""
+        self._trust_root = fresh._trust_root
+        self._client_certificate = fresh._client_certificate
+        self._creators.clear()
+
 
 @implementer(IAgent)
 @define

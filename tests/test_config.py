@@ -553,7 +553,7 @@ def test_unknown_key(tmp_path):
 
 def test_unknown_section(tmp_path):
     assert error(tmp_path, "[foo]\nbar = 1\n") == (
-        "unknown section [foo] (known: cache, fips, license, server, trust)"
+        "unknown section [foo] (known: cache, fips, license, log, server, trust)"
     )
 
 
@@ -628,6 +628,16 @@ def test_error_names_the_file_as_given(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         load("lp.toml", {})
     assert str(info.value) == "lp.toml: [server] port: expected an integer from 1 to 65535, got 0"
+
+
+@pytest.mark.parametrize("given", ["text", "json"])
+def test_log_format(tmp_path, given):
+    assert load_text(tmp_path, f'[log]\nformat = "{given}"\n').log_format == given
+
+
+def test_bad_log_format(tmp_path):
+    with pytest.raises(ConfigError, match=r'\[log\] format: expected "text" or "json", got \'yaml\''):
+        load_text(tmp_path, '[log]\nformat = "yaml"\n')
 
 
 def test_status_port_must_differ_from_port(tmp_path):

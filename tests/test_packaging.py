@@ -42,3 +42,8 @@ def test_wheel_ships_the_plugin_and_twistd_lists_it(tmp_path):
         cwd=tmp_path,
     )
     assert "--config" in usage.stdout, usage.stdout + usage.stderr
+    assert "--log-format" in usage.stdout, usage.stdout + usage.stderr
+    status = subprocess.run(
+        [str(venv / "bin" / "license-proxy-status"), "--help"], capture_output=True, text=True
+    )
+    assert "--warn-after" in status.stdout, status.stdout + status.stderr

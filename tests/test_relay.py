@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from license_proxy.metrics import RelayMetrics, registry_for
 from license_proxy.relay import Relay
 from license_proxy.status import Status
 from license_proxy.trustcache import TrustCache
@@ -69,11 +70,20 @@ class RelayHarness:
         self.clock = Clock()
         self.clock.advance(T0)
         self.server = FakeLicenseServer()
-        self.agent = RequestTraversalAgent(self.server)
         self.cache = TrustCache(self.clock, f"{tmpdir}/cache.json")
         self.status = Status(self.clock, self.cache, TRUST)
-        self.upstream = Upstream.using(self.agent, self.clock, list(urls), 30.0)
-        self.relay = Relay(self.clock, self.upstream, self.cache, self.status, base)
+        self.registry = registry_for(self.clock, self.status, self.cache)
+        self.metrics = RelayMetrics.on(self.registry)
+        self.urls, self.base = list(urls), base
+        self.use(self.server, self.cache)
+
+    def use(self, server, cache):
+        """(Re)build the relay over ``server`` (the upstream's resource) and ``cache``."""
+        self.agent = RequestTraversalAgent(server)
+        self.upstream = Upstream.using(self.agent, self.clock, self.urls, 30.0)
+        self.relay = Relay(
+            self.clock, self.upstream, cache, self.status, self.base, self.metrics
+        )
         self.client = RequestTraversalAgent(self.relay)
 
     def request(self, method="GET", path="/v1/check", data=None, headers=None):
@@ -218,15 +228,7 @@ class RelayTests(SynchronousTestCase):
                 return b"second"
 
         h = RelayHarness(self, urls=["https://first.example", "https://second.example"])
-        h.agent = RequestTraversalAgent(Two())
-        h.relay = Relay(
-            h.clock,
-            Upstream.using(h.agent, h.clock, ["https://first.example", "https://second.example"], 30.0),
-            h.cache,
-            h.status,
-            b"/",
-        )
-        h.client = RequestTraversalAgent(h.relay)
+        h.use(Two(), h.cache)
         response, body = h.answer(self, h.request())
         self.assertEqual((response.code, body), (200, b"second"))
 
@@ -236,8 +238,7 @@ class RelayTests(SynchronousTestCase):
                 raise ZeroDivisionError("a bug")
 
         h = self.h
-        h.relay = Relay(h.clock, h.upstream, BrokenCache(h.clock, "/nonexistent"), h.status, b"/")
-        h.client = RequestTraversalAgent(h.relay)
+        h.use(h.server, BrokenCache(h.clock, "/nonexistent"))
         response, body = h.answer(self, h.request())
         self.assertEqual((response.code, json.loads(body)), (500, {"error": "internal error"}))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
@@ -276,7 +277,8 @@ class StatusTests(SynchronousTestCase):
     def test_ready_json_has_nulls(self):
         self.assertEqual(
             self.status.as_json(),
-            b'{"state":"Ready","last_successful_checkin":null,"trust_expiration":null}',
+            b'{"state":"Ready","last_successful_checkin":null,"trust_expiration":null,'
+            b'"state_since":"2027-01-15T08:00:00.000000Z"}',
         )
 
     def test_connected_json_is_compact_rfc3339(self):
@@ -285,7 +287,8 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(
             self.status.as_json(),
             b'{"state":"Connected","last_successful_checkin":"2027-01-15T08:00:00.123456Z",'
-            b'"trust_expiration":"2027-01-15T09:00:00.123456Z"}',
+            b'"trust_expiration":"2027-01-15T09:00:00.123456Z",'
+            b'"state_since":"2027-01-15T08:00:00.123456Z"}',
         )
 
     def test_trust_based_turns_failed_when_the_window_closes(self):
@@ -294,6 +297,20 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(self.status.state, "TrustBased")
         self.clock.advance(TRUST)
         self.assertEqual(self.status.state, "Failed")
+
+    def test_state_since_is_when_the_state_began(self):
+        self.status.succeeded()
+        self.clock.advance(10)
+        self.status.succeeded()
+        self.assertEqual(self.status.state_since, T0)
+        self.status.failed()
+        self.assertEqual(self.status.state_since, T0 + 10)
+        # Failed began when the window closed, before anyone noticed...
+        self.clock.advance(TRUST + 50)
+        self.assertEqual(self.status.state_since, T0 + 10 + TRUST)
+        # ...and stays so once a later failure reports it.
+        self.status.failed()
+        self.assertEqual(self.status.state_since, T0 + 10 + TRUST)
 
     def test_failure_before_any_success_is_failed(self):
         self.status.failed()

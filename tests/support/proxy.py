@@ -53,8 +53,9 @@ class ProxyProcess:
     ``scheme`` ("https", or "http" when the config sets ``[server] tls = false``) and
     ``ca_file`` (None: do not verify the proxy's certificate, which it self-signs by default)
     decide how ``request()`` talks to the licensing listener; tests may also set them as
-    attributes.  ``env`` is added to the test's environment (a value of None removes a
-    variable); proxy variables of the test's own environment are not inherited.
+    attributes.  ``options`` are added to the plugin's command line.  ``env`` is added to
+    the test's environment (a value of None removes a variable); proxy variables of the
+    test's own environment are not inherited.
     """
 
     def __init__(
@@ -65,12 +66,14 @@ class ProxyProcess:
         *,
         scheme: str | None = None,
         ca_file: str | os.PathLike[str] | None = None,
+        options: tuple[str, ...] = (),
     ) -> None:
         self.tmp_path = Path(tmp_path)
         self.config_text = config_text
         self.config_path = self.tmp_path / "license-proxy.toml"
         self.log_path = self.tmp_path / "proxy.log"
         self.env = dict(env or {})
+        self.options = tuple(options)
         try:
             server = tomllib.loads(config_text).get("server", {})
         except tomllib.TOMLDecodeError:
@@ -101,7 +104,7 @@ class ProxyProcess:
                 env.pop(key, None)
             else:
                 env[key] = value
-        args = [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path)]
+        args = [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
         with open(self.log_path, "ab", buffering=0) as log:
             self.process = subprocess.Popen(
                 args, cwd=self.tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
