@@ -21,6 +21,7 @@ from twisted.web.server import Site
 
 from .checkin import CheckIn, StartupFailed
 from .config import Config
+from .egress import Settings
 from .relay import Relay
 from .status import Status, status_resource
 from .tls import listener_options, upstream_tls
@@ -136,15 +137,18 @@ class _Lifecycle(Service):
         await self._upstream.close()
 
 
-def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> MultiService:
+def make_service(
+    config: Config, reactor, fatal: Callable[[str], None], egress: Settings
+) -> MultiService:
     """
     Everything the proxy runs.  ``fatal(line)`` is called when the instance
-    must not stay up (the start-up rule failed).
+    must not stay up (the start-up rule failed); ``egress`` chooses the route
+    to the license server.
     """
     cache = TrustCache.load(reactor, config.cache_path)
     status = Status(reactor, cache, config.trust_duration)
     upstream = Upstream.build(
-        reactor, config.server_urls, config.timeout, upstream_tls(config)
+        reactor, config.server_urls, config.timeout, upstream_tls(config), egress
     )
     relay = Relay(reactor, upstream, cache, status, config.base_url.encode("ascii"))
     checkin = CheckIn(reactor, upstream, status, config.key)
