@@ -210,21 +210,21 @@ class _Socks5(_Handshake):
         self._step = self._reply
 
     def _reply(self) -> bool:
-        if len(self._buffer) < 5:
+        if len(self._buffer) < 2:
             return False
-        version, reply, _, kind, first = self._buffer[:5]
+        version, reply = self._buffer[:2]
         if version != 5:
             self._fail("answered with something other than SOCKS5")
-            return True
-        if reply != 0:
+        elif reply != 0:
             why = _SOCKS_REPLIES.get(reply, f"reply {reply}")
             self._fail(f"SOCKS5 connect to {self._target} failed: {why}")
-            return True
-        size = 4 + {_IPV4: 4, _IPV6: 16, _NAME: 1 + first}.get(kind, 0) + 2
-        if kind not in (_IPV4, _IPV6, _NAME):
-            self._fail(f"SOCKS5 reply with unknown address type {kind}")
-        elif self._take(size) is not None:
-            self._open(self._buffer)
+        elif len(self._buffer) >= 5:
+            kind, first = self._buffer[3:5]
+            if kind not in (_IPV4, _IPV6, _NAME):
+                self._fail(f"SOCKS5 reply with unknown address type {kind}")
+            # version, reply, reserved, address type, bound address, bound port
+            elif self._take(4 + {_IPV4: 4, _IPV6: 16, _NAME: 1 + first}[kind] + 2):
+                self._open(self._buffer)
         return False
 
 
