@@ -34,13 +34,17 @@ def test_connect_through_squid_from_https_proxy(tmp_path, pki, upstream):
     with Squid() as squid:
         with start(tmp_path, pki, upstream, env={"HTTPS_PROXY": squid.url()}) as proxy:
             proxy.wait_state("Connected")
-            relay_ok(proxy, upstream)
+            for n in range(3):
+                relay_ok(proxy, upstream, f"/v1/through/{n}")
             assert (
                 f"egress to {upstream.url}: through proxy {squid.url()} (from HTTPS_PROXY)"
                 in proxy.log_text()
             )
-        # squid logs a tunnel when it closes: the stopped proxy closed its pooled ones.
-        squid.wait_log(f"CONNECT localhost:{upstream.port} - HIER_DIRECT")
+        # squid logs a tunnel when it closes: the stopped proxy closed its pooled one,
+        # which carried the check-in and all three relays.
+        tunnel = f"CONNECT localhost:{upstream.port} - HIER_DIRECT"
+        assert squid.wait_log(tunnel).count(tunnel) == 1
+        assert (upstream.connections, len(upstream.requests)) == (1, 4)
 
 
 def test_connect_with_basic_auth_from_the_config(tmp_path, pki, upstream):
