@@ -23,6 +23,7 @@ from attrs import field, frozen
 from hyperlink import URL
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -216,6 +217,8 @@ class Egress:
     _settings: Settings
 
     def endpointForURI(self, uri) -> IStreamClientEndpoint:
+        if uri.scheme != b"https":
+            raise SchemeNotSupported(f"only https:// license servers, not {uri.scheme!r}")
         host = uri.host.decode("ascii")
         route = self._settings.route(host, uri.port)
         upstream_tls = self._tls.creatorForNetloc(uri.host, uri.port)

@@ -56,7 +56,7 @@ class _Handshake(Protocol):
     ``done`` fires with that protocol once the tunnel is open.
     """
 
-    kind = "handshake"
+    kind: str  # "CONNECT" or "SOCKS5", in failure reasons
 
     def __init__(self, factory, greeting: bytes) -> None:
         self._factory = factory
