@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 import attrs
 from hyperlink import DecodedURL, URLParseError
 
+from .egress import Proxy
+
 
 class ConfigError(Exception):
     """The configuration can't be used; str(err) is one line naming the file and the key."""
@@ -43,6 +45,8 @@ class Config:
     client_key: str | None = None  # [license] client_key
     timeout: float = 30.0  # [license] timeout, seconds
     startup_timeout: float = 30.0  # [license] startup_timeout, seconds
+    proxy: str = attrs.field(default="", repr=False)  # [license] proxy: may hold a password
+    no_proxy: str = ""  # [license] no_proxy
     trust_duration: float = 86400.0  # [trust] duration, seconds
     checkin_interval: float = 60.0  # [trust] checkin_interval, seconds
     cache_path: str = "/var/lib/license-proxy/trust-cache.json"  # [cache] path
@@ -283,6 +287,13 @@ def _readable_file(value: object) -> str | None:
     return path
 
 
+def _proxy_url(value: object) -> str:
+    """A forward proxy URL; "" leaves the choice to the environment."""
+    if _string(value):
+        Proxy.parse(value)
+    return value
+
+
 # (section, key) -> (Config attribute, parser). A parser takes the TOML value after ${VAR}
 # expansion and returns the attribute's value, or raises ValueError("expected ..., got ...").
 _KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
@@ -301,6 +312,8 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
     ("license", "client_key"): ("client_key", _readable_file),
     ("license", "timeout"): ("timeout", parse_duration),
     ("license", "startup_timeout"): ("startup_timeout", parse_duration),
+    ("license", "proxy"): ("proxy", _proxy_url),
+    ("license", "no_proxy"): ("no_proxy", _string),
     ("trust", "duration"): ("trust_duration", parse_duration),
     ("trust", "checkin_interval"): ("checkin_interval", parse_duration),
     ("cache", "path"): ("cache_path", _non_empty_string),

@@ -22,6 +22,7 @@ from twisted.web.server import Site
 
 from .checkin import CheckIn, StartupFailed
 from .config import Config, ConfigError
+from .egress import Settings
 from .metrics import MetricsPage, RelayMetrics, registry_for
 from .relay import Relay
 from .status import Status, status_resource
@@ -139,10 +140,13 @@ class _Lifecycle(Service):
         await self._upstream.close()
 
 
-def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> MultiService:
+def make_service(
+    config: Config, reactor, fatal: Callable[[str], None], egress: Settings
+) -> MultiService:
     """
     Everything the proxy runs.  ``fatal(line)`` is called when the instance
-    must not stay up (the start-up rule failed).
+    must not stay up (the start-up rule failed); ``egress`` chooses the route
+    to the license server.
     """
     try:
         os.makedirs(config.state_dir, exist_ok=True)
@@ -154,7 +158,7 @@ def make_service(config: Config, reactor, fatal: Callable[[str], None]) -> Multi
     status = Status(reactor, cache, config.trust_duration)
     upstream_certificates = upstream_tls(config)
     upstream = Upstream.build(
-        reactor, config.server_urls, config.timeout, upstream_certificates
+        reactor, config.server_urls, config.timeout, upstream_certificates, egress
     )
     registry = registry_for(reactor, status, cache)
     relay = Relay(

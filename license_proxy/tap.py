@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from . import config as configuration
 from .logformat import FORMATS, JSON, json_observer
+from .egress import Settings
 from .service import make_service
 
 DEFAULT_CONFIG = "/etc/license-proxy/license-proxy.toml"
@@ -53,8 +54,13 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     config = options.loaded
+    egress = Settings(config.proxy, config.no_proxy, dict(os.environ))
     try:
-        service = make_service(config, reactor, lambda line: _fatal(reactor, line))
+        routes = egress.routes(config.server_urls)
+    except ValueError as e:
+        _config_exit(f"environment variable {e}")
+    try:
+        service = make_service(config, reactor, lambda line: _fatal(reactor, line), egress)
     except configuration.ConfigError as e:
         _config_exit(e)
     scheme = "https" if config.tls else "http"
@@ -71,6 +77,8 @@ def makeService(options: Options):
         duration=config.trust_duration,
         cache=config.cache_path,
     )
+    for url, route in routes:
+        log.info("egress to {url}: {route}", url=url, route=str(route))
     if config.fips:
         log.warn(
             "[fips] mode = enabled is accepted for compatibility but changes nothing: "

@@ -43,6 +43,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
+from .egress import Egress, Settings
+from .tunnel import ProxyError
+
 MAX_ANSWER = 16 * 1024 * 1024
 """Largest answer body accepted; licensing answers are a few kilobytes."""
 
@@ -101,6 +104,11 @@ class UpstreamTLS:
         self._trust_root = fresh._trust_root
         self._client_certificate = fresh._client_certificate
         self._creators.clear()
+
+    def creatorForProxy(self, hostname: str):
+        """TLS to an https:// forward proxy: verified with the same roots, no
+        client certificate (that is for the license server only)."""
+        return optionsForClientTLS(hostname, trustRoot=self._trust_root)
 
 
 @implementer(IAgent)
@@ -241,13 +249,19 @@ class Upstream:
 
     @classmethod
     def build(
-        cls, reactor, urls: Sequence[str], timeout: float, tls: UpstreamTLS
+        cls,
+        reactor,
+        urls: Sequence[str],
+        timeout: float,
+        tls: UpstreamTLS,
+        egress: Settings,
     ) -> Upstream:
-        """The production client: pooled connections, verified TLS."""
+        """The production client: pooled connections, verified TLS, direct
+        or through the forward proxy ``egress`` chooses."""
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
         pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
-        agent = Agent(reactor, contextFactory=tls, pool=pool)
+        agent = Agent.usingEndpointFactory(reactor, Egress(reactor, tls, egress), pool=pool)
         return cls.using(agent, reactor, urls, timeout, pool)
 
     def close(self) -> Deferred:
@@ -319,6 +333,9 @@ def describe(e: BaseException, timeout: float) -> str:
         return f"no complete answer within {timeout:g} s"
     if isinstance(e, (ResponseFailed, RequestTransmissionFailed)) and e.reasons:
         return "; ".join(describe(r.value, timeout) for r in e.reasons)
+    if isinstance(e, ProxyError):
+        reason = e.reason if isinstance(e.reason, str) else describe(e.reason, timeout)
+        return f"proxy {e.proxy}: {reason}"
     if isinstance(e, error.ConnectionRefusedError):
         return "connection refused"
     if isinstance(e, error.DNSLookupError):
