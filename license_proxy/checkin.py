@@ -60,8 +60,9 @@ class CheckIn:
                 left = deadline - self._clock.seconds()
                 answer = await self._exchange(max(left, MIN_ATTEMPT))
             except UpstreamFailure as failure:
-                self._status.failed()
+                # Still Ready while retrying: a slow start is not yet a failure.
                 if self._status.trusted():
+                    self._status.failed()
                     self.log.warn(
                         "license server unreachable at start ({failure}); "
                         "serving from the trust cache until {expiration}",

@@ -223,8 +223,10 @@ class Egress:
         route = self._settings.route(host, uri.port)
         upstream_tls = self._tls.creatorForNetloc(uri.host, uri.port)
         if route.proxy is None:
-            return wrapClientTLS(upstream_tls, HostnameEndpoint(self._reactor, host, uri.port))
-        return wrapClientTLS(upstream_tls, self._tunnel(route.proxy, host, uri.port))
+            to_upstream = HostnameEndpoint(self._reactor, host, uri.port)
+        else:
+            to_upstream = self._tunnel(route.proxy, host, uri.port)
+        return _Quiet(wrapClientTLS(upstream_tls, to_upstream))
 
     def _tunnel(self, proxy: Proxy, host: str, port: int) -> TunnelEndpoint:
         to_proxy = HostnameEndpoint(self._reactor, proxy.host, proxy.port)
@@ -241,3 +243,16 @@ class Egress:
                 resolve=resolver(self._reactor) if proxy.scheme == "socks5" else None,
             )
         return TunnelEndpoint(to_proxy, proxy.name, handshake)
+
+
+@implementer(IStreamClientEndpoint)
+@frozen
+class _Quiet:
+    """Connects without the "Starting factory" / "Stopping factory" lines the
+    connection pool's factories log for every upstream connection."""
+
+    _endpoint: IStreamClientEndpoint
+
+    def connect(self, factory):
+        factory.noisy = False
+        return self._endpoint.connect(factory)

@@ -141,7 +141,7 @@ class Relay:
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         body = request.content.read() if has_body else None
         key = self._cache.key(method, rest, _credentials(request.requestHeaders))
-        path = rest.split(b"?")[0].decode("ascii")
+        path = request.path.decode("ascii")  # the query may carry secrets: not logged
         try:
             answer = await self._upstream.exchange(method, rest, headers, body)
         except UpstreamFailure as failure:
@@ -154,7 +154,7 @@ class Relay:
             outcome = SERVED_FROM_TRUST if entry else UNAVAILABLE
             self._count(outcome, latency)
             self.log.warn(
-                "relay {method} /{path} failed after {ms:.1f} ms: {failure}; "
+                "relay {method} {path} failed after {ms:.1f} ms: {failure}; "
                 "{outcome} (cache: {cache})",
                 method=method.decode("ascii"),
                 path=path,
@@ -179,7 +179,7 @@ class Relay:
         outcome = UPSTREAM_4XX if 400 <= answer.status < 500 else UPSTREAM_OK
         self._count(outcome, latency)
         self.log.info(
-            "relay {method} /{path} -> {status} in {ms:.1f} ms; {outcome} (cache: {cache})",
+            "relay {method} {path} -> {status} in {ms:.1f} ms; {outcome} (cache: {cache})",
             method=method.decode("ascii"),
             path=path,
             status=answer.status,

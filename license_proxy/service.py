@@ -182,7 +182,7 @@ def make_service(
     listener_tls = None
     if config.tls:
         listener_tls = ListenerTLS(listener_options(config, reactor.seconds()))
-        licensing = TLSMemoryBIOFactory(listener_tls, False, connections)
+        licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
     reload = CertificateReload(reactor, config, listener_tls, upstream_certificates)
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     strports.service(

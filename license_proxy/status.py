@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from attrs import define, field
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
@@ -41,6 +41,7 @@ class Status:
     _last_ok: Optional[bool] = field(default=None, init=False)
     _reported: str = field(default=READY, init=False)
     _since: float = field(init=False)
+    _window_closes: Optional[IDelayedCall] = field(default=None, init=False)
 
     log = Logger()
 
@@ -65,6 +66,13 @@ class Status:
         # TrustBased turns Failed when the window closes, not when someone notices.
         closed = old == TRUST_BASED and new == FAILED
         self._since = self.trust_expiration if closed else self._clock.seconds()
+        if self._window_closes is not None and self._window_closes.active():
+            self._window_closes.cancel()
+        if new == TRUST_BASED:
+            # Log the move to Failed when it happens, not at the next event.
+            self._window_closes = self._clock.callLater(
+                self.trust_expiration - self._clock.seconds(), self._report
+            )
         emit = self.log.warn if old == CONNECTED or new == FAILED else self.log.info
         emit(
             "state {old} -> {new} (trust expires {expiration})",

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL, crypto
+from OpenSSL import crypto
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -52,12 +52,21 @@ def _certificates(path: str, key: str) -> list[x509.Certificate]:
     return found
 
 
-def _private_key(path: str, key: str) -> crypto.PKey:
+def _matching_key(cert: x509.Certificate, path: str, key: str, cert_path: str):
+    """The private key at ``path``, which must belong to ``cert``."""
     try:
         loaded = serialization.load_pem_private_key(_read(path, key), password=None)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{key}: no usable unencrypted PEM private key in {path} ({e})") from None
-    return crypto.PKey.from_cryptography_key(loaded)
+    if _public(loaded.public_key()) != _public(cert.public_key()):
+        raise ConfigError(f"{key}: {path} does not match the certificate {cert_path}")
+    return loaded
+
+
+def _public(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _generated_pair(config: Config, now: float) -> tuple[str, str]:
@@ -86,27 +95,14 @@ def listener_options(config: Config, now: float) -> CertificateOptions:
     else:
         cert_path, key_path = _generated_pair(config, now)
         cert_key = key_key = "[cache] path (generated certificate)"
-    chain = [crypto.X509.from_cryptography(c) for c in _certificates(cert_path, cert_key)]
-    key = _private_key(key_path, key_key)
-    _check_pair(chain[0], key, key_key, key_path, cert_path)
+    chain = _certificates(cert_path, cert_key)
+    key = _matching_key(chain[0], key_path, key_key, cert_path)
     return CertificateOptions(
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
-
-
-def _check_pair(cert: crypto.X509, key: crypto.PKey, key_key: str, key_path: str, cert_path: str) -> None:
-    context = SSL.Context(SSL.TLS_METHOD)
-    try:
-        context.use_certificate(cert)
-        context.use_privatekey(key)
-        context.check_privatekey()
-    except SSL.Error:
-        raise ConfigError(
-            f"{key_key}: {key_path} does not match the certificate {cert_path}"
-        ) from None
 
 
 def upstream_tls(config: Config) -> UpstreamTLS:
@@ -121,10 +117,10 @@ def upstream_tls(config: Config) -> UpstreamTLS:
         )
     client = None
     if config.client_cert:
-        cert = crypto.X509.from_cryptography(
-            _certificates(config.client_cert, "[license] client_cert")[0]
+        cert = _certificates(config.client_cert, "[license] client_cert")[0]
+        key = _matching_key(cert, config.client_key, "[license] client_key", config.client_cert)
+        client = PrivateCertificate.fromCertificateAndKeyPair(
+            Certificate(crypto.X509.from_cryptography(cert)),
+            KeyPair(crypto.PKey.from_cryptography_key(key)),
         )
-        key = _private_key(config.client_key, "[license] client_key")
-        _check_pair(cert, key, "[license] client_key", config.client_key, config.client_cert)
-        client = PrivateCertificate.fromCertificateAndKeyPair(Certificate(cert), KeyPair(key))
     return UpstreamTLS(trust_root, client)

@@ -140,7 +140,7 @@ def test_json_logs_one_object_per_line_and_no_secret(tmp_path, pki, upstream):
     assert all({"time", "level", "namespace", "message"} <= set(line) for line in lines)
     (changed,) = [line for line in lines if line.get("new") == "Connected"]
     assert (changed["old"], changed["level"]) == ("Ready", "info")
-    ok, failed = [line for line in lines if line.get("path") == "v1/check"]
+    ok, failed = [line for line in lines if line.get("path") == "/v1/check"]
     assert failed["method"] == "POST"
     assert (ok["method"], ok["status"], ok["outcome"], ok["cache"]) == ("POST", 200, "upstream_ok", "stored")
     assert isinstance(ok["ms"], float) and ok["level"] == "info"

@@ -14,6 +14,7 @@ import tempfile
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Cooperator
+from twisted.logger import capturedLogs
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.internet.task import Clock
@@ -24,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 from license_proxy.metrics import RelayMetrics, registry_for
 from license_proxy.relay import Relay
 from license_proxy.status import Status
-from license_proxy.trustcache import TrustCache
+from license_proxy.trustcache import FLUSH_DELAY, TrustCache
 from license_proxy.upstream import Upstream
 
 T0 = 1_800_000_000.0
@@ -271,7 +272,9 @@ class StatusTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(T0)
-        self.cache = TrustCache(self.clock, "/nonexistent/never-flushed.json")
+        tmpdir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmpdir)
+        self.cache = TrustCache(self.clock, f"{tmpdir}/cache.json")
         self.status = Status(self.clock, self.cache, TRUST)
 
     def test_ready_json_has_nulls(self):
@@ -295,8 +298,15 @@ class StatusTests(SynchronousTestCase):
         self.status.succeeded()
         self.status.failed()
         self.assertEqual(self.status.state, "TrustBased")
-        self.clock.advance(TRUST)
+        self.clock.advance(FLUSH_DELAY)
+        with capturedLogs() as events:
+            self.clock.advance(TRUST - FLUSH_DELAY - 1)
+            self.assertEqual(events, [])
+            self.clock.advance(1)
         self.assertEqual(self.status.state, "Failed")
+        # Logged as it happens, with nothing else going on.
+        self.assertEqual([(e["old"], e["new"]) for e in events], [("TrustBased", "Failed")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_state_since_is_when_the_state_began(self):
         self.status.succeeded()
