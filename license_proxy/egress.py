@@ -232,6 +232,7 @@ class Egress:
         to_proxy = HostnameEndpoint(self._reactor, proxy.host, proxy.port)
         if proxy.scheme == "https":
             to_proxy = wrapClientTLS(self._tls.creatorForProxy(proxy.host), to_proxy)
+        to_proxy = _Quiet(to_proxy)
         if proxy.scheme in ("http", "https"):
             handshake = ConnectTunnel(host, port, proxy.basic_credentials())
         else:
@@ -248,8 +249,8 @@ class Egress:
 @implementer(IStreamClientEndpoint)
 @frozen
 class _Quiet:
-    """Connects without the "Starting factory" / "Stopping factory" lines the
-    connection pool's factories log for every upstream connection."""
+    """Connects without the "Starting factory" / "Stopping factory" lines
+    that factories log for every upstream (or forward proxy) connection."""
 
     _endpoint: IStreamClientEndpoint
 
