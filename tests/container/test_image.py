@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "localhost/license-proxy-stand-in-python:bookworm"
@@ -94,6 +94,8 @@ def image(tmp_path_factory) -> dict:
     make_base(workdir)
     base_done = time.monotonic()
     # pip inside the build reaches the package registry as pip does here: same CA bundle.
+    # The image of an earlier run, so that rebuilding does not leave it behind untagged.
+    run("buildah", "rmi", IMAGE, check=False)
     pip_conf = workdir / "pip.conf"
     pip_conf.write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
     run(
@@ -221,6 +223,12 @@ def test_runs_licenses_passes_probes_and_stops_on_sigterm(image, tmp_path):
             status = in_container(["curl", "--silent", "http://localhost:8080/v1/status"]).stdout
             assert json.loads(status)["state"] == "Connected", status
             assert in_container(["sh", "-c", VENDOR_PROBE]).returncode == 0
+            # The probes of etc/kubernetes/deployment.yaml, run as the kubelet would.
+            (container,) = yaml.safe_load(
+                (REPO / "etc/kubernetes/deployment.yaml").read_text()
+            )["spec"]["template"]["spec"]["containers"]
+            assert in_container(container["readinessProbe"]["exec"]["command"]).returncode == 0
+            assert container["livenessProbe"]["tcpSocket"]["port"] == "status"
             licensed = in_container(["curl", "--silent", "--show-error", "--insecure", "https://localhost:8443/v1/x"])
             assert licensed.returncode == 0, licensed.stderr
             assert json.loads(licensed.stdout)["license"] == "valid", licensed
