@@ -179,6 +179,7 @@ def test_swap_blue_for_green_without_a_failed_check_in(tmp_path, pki, upstream, 
         if green.process is not None:
             green.terminate()
         haproxy.stop()
+    print(f"{client.ok} check-ins through HAProxy, {len(client.failures)} failed")
     assert client.failures == [], f"{len(client.failures)} failed of {client.ok + len(client.failures)}"
     assert client.ok > 70 and relays(blue) > 0
     assert "Traceback" not in blue.log_text() + green.log_text()
