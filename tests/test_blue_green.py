@@ -81,7 +81,11 @@ class HAProxy:
 
     def stop(self):
         self.process.terminate()
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         self.log.close()
 
 
@@ -175,10 +179,12 @@ def test_swap_blue_for_green_without_a_failed_check_in(tmp_path, pki, upstream, 
         assert haproxy.server_status("blue") == "MAINT"
         assert haproxy.server_status("green").startswith("UP")
     finally:
-        client.finish()
-        if green.process is not None:
-            green.terminate()
-        haproxy.stop()
+        try:
+            client.finish()
+            if green.process is not None:
+                green.terminate()
+        finally:
+            haproxy.stop()
     print(f"{client.ok} check-ins through HAProxy, {len(client.failures)} failed")
     assert client.failures == [], f"{len(client.failures)} failed of {client.ok + len(client.failures)}"
     assert client.ok > 70 and relays(blue) > 0
@@ -207,6 +213,8 @@ def test_green_that_cannot_reach_the_license_server_is_never_switched_to(tmp_pat
         assert haproxy.server_status("green") == "MAINT"
         assert blue.running
     finally:
-        client.finish()
-        haproxy.stop()
+        try:
+            client.finish()
+        finally:
+            haproxy.stop()
     assert client.failures == []
