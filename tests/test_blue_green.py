@@ -63,11 +63,15 @@ class HAProxy:
         self.process = subprocess.Popen(
             ["haproxy", "-db", "-f", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + 10
-        while not (self.socket.exists() and self.server_status("blue").startswith("UP")):
-            assert self.process.poll() is None, (tmp_path / "haproxy.log").read_text()
-            assert time.monotonic() < deadline, "HAProxy: no stats socket, or blue not UP"
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + 10
+            while not (self.socket.exists() and self.server_status("blue").startswith("UP")):
+                assert self.process.poll() is None, (tmp_path / "haproxy.log").read_text()
+                assert time.monotonic() < deadline, "HAProxy: no stats socket, or blue not UP"
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
 
     def server_status(self, name: str) -> str:
         out = subprocess.run(
