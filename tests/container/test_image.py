@@ -29,7 +29,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "localhost/license-proxy-stand-in-python:bookworm"
-IMAGE = "localhost/license-proxy:test"
+# Per run: two runs on one machine (shared image storage) must not meet.
+IMAGE = f"localhost/license-proxy:test-{os.getpid()}"
 UID = 10001
 # The readiness probe of the vendor's Helm chart, character for character.
 VENDOR_PROBE = (
@@ -86,7 +87,7 @@ def make_base(workdir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> dict:
+def image(tmp_path_factory):
     """Builds the image; its Docker-format config (Cmd, User, Healthcheck, ...)."""
     require_tools()
     workdir = tmp_path_factory.mktemp("image")
@@ -94,8 +95,6 @@ def image(tmp_path_factory) -> dict:
     make_base(workdir)
     base_done = time.monotonic()
     # pip inside the build reaches the package registry as pip does here: same CA bundle.
-    # The image of an earlier run, so that rebuilding does not leave it behind untagged.
-    run("buildah", "rmi", IMAGE, check=False)
     pip_conf = workdir / "pip.conf"
     pip_conf.write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
     run(
@@ -108,7 +107,8 @@ def image(tmp_path_factory) -> dict:
     )
     print(f"\nbase image {base_done - started:.0f} s, build {time.monotonic() - base_done:.0f} s")
     inspected = json.loads(run("buildah", "inspect", "--type", "image", IMAGE).stdout)
-    return inspected["Docker"]["config"]
+    yield inspected["Docker"]["config"]
+    run("buildah", "rmi", IMAGE, check=False)  # 300+ MB: not left behind
 
 
 def test_image_metadata(image):
@@ -144,19 +144,31 @@ class Namespace:
         return args + [ctr, "--"] + list(command)
 
 
-def processes_of(uid: int, needle: str) -> list[int]:
-    """Pids of processes of ``uid`` whose command line contains ``needle``."""
-    found = []
+def descendants(pid: int) -> list[int]:
+    """Pids of every process below ``pid`` (what ``buildah run`` started in the container)."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
         try:
-            if entry.stat().st_uid == uid and needle in (entry / "cmdline").read_bytes().decode(
-                "utf-8", "replace"
-            ).replace("\0", " ") and "buildah" not in (entry / "comm").read_text():
-                found.append(int(entry.name))
+            if entry.name.isdigit():
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
         except OSError:
             pass
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def twistd_below(pid: int) -> list[int]:
+    """The Python process running twistd (not buildah's helper around it)."""
+    found = []
+    for p in descendants(pid):
+        argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        if argv[0].endswith(b"python3") and argv[1].endswith(b"/twistd"):
+            found.append(p)
     return found
 
 
@@ -233,7 +245,7 @@ def test_runs_licenses_passes_probes_and_stops_on_sigterm(image, tmp_path):
             assert licensed.returncode == 0, licensed.stderr
             assert json.loads(licensed.stdout)["license"] == "valid", licensed
 
-            (pid,) = processes_of(UID, "twistd --nodaemon --pidfile= license-proxy")
+            (pid,) = twistd_below(procs[1].pid)
             assert Path(f"/proc/{pid}").stat().st_uid == UID  # not root
             try:
                 wait_for("the trust cache", lambda: (state / "trust-cache.json").exists(), 10)
@@ -256,8 +268,13 @@ def test_runs_licenses_passes_probes_and_stops_on_sigterm(image, tmp_path):
             cache = json.loads((state / "trust-cache.json").read_text())
             assert cache["last_successful_checkin"] is not None
     finally:
-        for pid in processes_of(UID, "license-proxy"):
-            os.kill(pid, 15)
+        for proc in procs:  # only what this test started, inside its containers
+            for pid in descendants(proc.pid):
+                try:
+                    if Path(f"/proc/{pid}").stat().st_uid == UID:
+                        os.kill(pid, 15)
+                except OSError:
+                    pass
         for proc in procs:
             try:
                 proc.wait(15)
