@@ -102,6 +102,10 @@ def listener_options(config: Config, now: float) -> CertificateOptions:
         certificate=chain[0],
         extraCertChain=chain[1:],
         raiseMinimumTo=TLSVersion.TLSv1_2,
+        # Twisted always installs an ALPN callback; with no protocol to offer it answers
+        # b"", which OpenSSL turns into an "internal error" alert for every client that
+        # sends ALPN (curl, Go, Rust clients).  We speak HTTP/1.1 only.
+        acceptableProtocols=[b"http/1.1"],
     )
 
 
