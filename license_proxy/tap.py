@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from . import config as configuration
+from . import runtime
 from .service import make_service
 
 DEFAULT_CONFIG = "/etc/license-proxy/license-proxy.toml"
@@ -48,6 +49,7 @@ def makeService(options: Options):
         service = make_service(config, reactor, lambda line: _fatal(reactor, line))
     except configuration.ConfigError as e:
         _config_exit(e)
+    reactor.callWhenRunning(runtime.settle)
     scheme = "https" if config.tls else "http"
     log.info(
         "license-proxy: licensing on {scheme}://{host}:{port}{base}, status on "
