@@ -102,24 +102,35 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def cpu_ticks(pids: list[int]) -> int:
-    """utime + stime of ``pids``, in clock ticks."""
-    total = 0
+def cpu_ticks(pids: list[int]) -> dict[int, int]:
+    """utime + stime of each of ``pids`` still there, in clock ticks."""
+    ticks = {}
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # nginx's cache loader exits after its first minute
+            continue
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def cpu_used(before: dict[int, int], after: dict[int, int]) -> int:
+    """Ticks used between two readings by the processes alive at the second."""
+    return sum(t - before.get(pid, 0) for pid, t in after.items())
 
 
 def memory_kib(pids: list[int], field: str) -> int:
     """A /proc/PID/status field (VmHWM, VmRSS), summed over ``pids``."""
     total = 0
     for pid in pids:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    total += int(line.split()[1])
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            continue
     return total
 
 
@@ -469,7 +480,6 @@ class Bench:
         self.ours = Ours(self.root / "ours", free_port(), free_port(), self.up_port,
                          self.relay_cert, self.relay_key, self.ca)
         self.runs: list[dict] = []
-        self.hwm: dict[str, int] = {}
 
     # contenders: name -> (url of the licensing listener, pids)
     def contender(self, name: str):
@@ -532,14 +542,17 @@ class Bench:
         ) and all(v == "full handshakes" for t in proof["tls"].values() for v in t.values())
         return proof
 
-    def measure(self, workload: dict, name: str, round_no: int) -> dict:
-        if workload["id"] == "4":
-            url, pids = (f"http://127.0.0.1:{self.ours.status_port}/v1/status", self.ours.pids()) \
-                if name == "ours" else \
-                (f"http://127.0.0.1:{self.nginx_status_port}/status", self.nginx.pids())
-        else:
+    def target(self, workload: dict, name: str) -> tuple[str, list[int]]:
+        """The URL a workload requests from a contender, and the contender's processes now."""
+        if workload["id"] != "4":
             base, pids = self.contender(name)
-            url = base + PATH
+            return base + PATH, pids
+        if name == "ours":
+            return f"http://127.0.0.1:{self.ours.status_port}/v1/status", self.ours.pids()
+        return f"http://127.0.0.1:{self.nginx_status_port}/status", self.nginx.pids()
+
+    def measure(self, workload: dict, name: str, round_no: int) -> dict:
+        url, pids = self.target(workload, name)
         counting = workload.get("relayed") and name != "direct"
         before_up = self.counter.read() if counting else 0
         before = cpu_ticks(pids)
@@ -547,7 +560,8 @@ class Bench:
                          seconds=workload.get("seconds", self.args.seconds),
                          method=workload.get("method", "GET"), body=workload.get("body"),
                          close=workload.get("close", False), rate=workload.get("rate"))
-        ticks = cpu_ticks(pids) - before
+        pids = self.target(workload, name)[1]
+        ticks = cpu_used(before, cpu_ticks(pids))
         requests = result["requests"]
         errors = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
         run = {
@@ -566,7 +580,6 @@ class Bench:
             run["relayed_all"] = run["upstream_requests"] >= requests
             if not run["relayed_all"]:
                 run["errors"] += requests - run["upstream_requests"]
-        self.hwm[name] = max(self.hwm.get(name, 0), run["hwm_kib"])
         self.runs.append(run)
         print(f"  round {round_no} {workload['id']:>2} {name:<6} {run['rps']:8.0f} req/s  "
               f"p50 {run['p50_ms']:6.2f} ms  p99 {run['p99_ms']:6.2f} ms  "
@@ -685,8 +698,8 @@ def versions(nginx_bin: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10, help="per workload and contender")
-    parser.add_argument("--paced-seconds", type=float, default=20,
+    parser.add_argument("--seconds", type=float, default=5, help="per workload and contender")
+    parser.add_argument("--paced-seconds", type=float, default=10,
                         help="per paced run (0: --seconds)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rate", type=float, default=200)
