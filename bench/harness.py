@@ -450,6 +450,8 @@ def run_wrk(url: str, *, connections: int, seconds: float, method: str = "GET",
 
 
 class Bench:
+    """The three contenders, the upstream they share, and every run measured."""
+
     def __init__(self, args) -> None:
         self.args = args
         self.root = Path(tempfile.mkdtemp(prefix="license-proxy-bench-"))
@@ -481,8 +483,8 @@ class Bench:
                          self.relay_cert, self.relay_key, self.ca)
         self.runs: list[dict] = []
 
-    # contenders: name -> (url of the licensing listener, pids)
-    def contender(self, name: str):
+    def contender(self, name: str) -> tuple[str, list[int]]:
+        """A contender's licensing URL (no path) and its processes now."""
         if name == "ours":
             return f"https://127.0.0.1:{self.ours.port}", self.ours.pids()
         if name == "nginx":
@@ -617,7 +619,7 @@ def workloads(args) -> list[dict]:
          "contenders": ["ours", "nginx", "direct"]},
         {"id": "4", "title": "GET /v1/status (nginx: stub_status, its nearest counterpart)",
          "connections": c, "contenders": ["ours", "nginx"]},
-        {"id": "5", "title": f"relay, keep-alive GET paced at {args.rate} req/s",
+        {"id": "5", "title": f"relay, keep-alive GET paced at {args.rate:g} req/s",
          "connections": 4, "rate": args.rate, "relayed": True,
          "seconds": args.paced_seconds or args.seconds,
          "contenders": ["ours", "nginx", "direct"]},
@@ -769,7 +771,7 @@ def main(argv=None) -> int:
                   f"{m['rss_kib'] / 1024:.1f} MiB, peak {m['hwm_kib'] / 1024:.1f} MiB"
                   + (f", trust cache entries {m['trust_cache_entries']}"
                      if "trust_cache_entries" in m else ""))
-    errors = sum(r["errors"] for r in rows)
+    errors = sum(r["errors"] for r in rows) + sum(m["errors"] for m in memory.values())
     result = {"meta": meta, "proof": proof, "summary": rows, "memory": memory,
               "runs": bench.runs, "table": text, "errors": errors}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
