@@ -174,7 +174,11 @@ def make_service(
     top = MultiService()
     # Added first, so it stops last: the listeners stop accepting before it
     # waits for the requests in flight.
-    connections = _Connections(_QuietSite(relay, timeout=IDLE_TIMEOUT))
+    # Bodies are relayed as they are: never parsed as forms (a multipart body twisted.web
+    # cannot parse would otherwise get its 400 instead of the license server's answer).
+    connections = _Connections(
+        _QuietSite(relay, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
+    )
     _Lifecycle(
         checkin, relay, cache, upstream, connections, config, reactor, fatal
     ).setServiceParent(top)

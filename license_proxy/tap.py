@@ -16,8 +16,9 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from . import config as configuration
-from .logformat import FORMATS, JSON, json_observer
+from . import runtime
 from .egress import Settings
+from .logformat import FORMATS, JSON, json_observer
 from .service import make_service
 
 DEFAULT_CONFIG = "/etc/license-proxy/license-proxy.toml"
@@ -63,6 +64,7 @@ def makeService(options: Options):
         service = make_service(config, reactor, lambda line: _fatal(reactor, line), egress)
     except configuration.ConfigError as e:
         _config_exit(e)
+    reactor.callWhenRunning(runtime.settle)
     scheme = "https" if config.tls else "http"
     log.info(
         "license-proxy: licensing on {scheme}://{host}:{port}{base}, status on "

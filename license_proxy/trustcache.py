@@ -94,6 +94,10 @@ class TrustCache:
     _salt: bytes = field(factory=lambda: secrets.token_bytes(16))
     last_checkin: Optional[float] = None
     _entries: dict[str, Entry] = field(factory=dict)
+    # Each entry as it was last written ('"key":{...}'), so that a write re-encodes only the
+    # entries stored since the last one: with thousands of entries, a new check-in time alone
+    # must not cost a full json.dumps (hundreds of ms, and three copies of the file in memory).
+    _written: dict[str, bytes] = field(factory=dict, init=False)
     _pending: Optional[IDelayedCall] = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
     _write_failing: bool = field(default=False, init=False)
@@ -185,6 +189,7 @@ class TrustCache:
         """Keep ``entry``; the file learns of it only if the answer changed."""
         old = self._entries.get(key)
         self._entries[key] = entry
+        self._written.pop(key, None)  # its stored_at moved, if nothing else
         if old is None or not old.same_answer(entry):
             self._changed()
 
@@ -226,24 +231,37 @@ class TrustCache:
         self._write_failing = False
         self._dirty = False
 
-    def _serialise(self) -> bytes:
-        obj = {
+    def _serialise(self) -> list[bytes]:
+        """The file's JSON, in pieces: entries unchanged since the last write are reused."""
+        head = {
             "format": FORMAT,
             "last_successful_checkin": self.last_checkin,
             "salt": self._salt.hex(),
-            "entries": {k: e.to_json() for k, e in self._entries.items()},
         }
-        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+        pieces = [json.dumps(head, separators=(",", ":"))[:-1].encode("ascii"), b',"entries":{']
+        written = self._written
+        for key, entry in self._entries.items():
+            piece = written.get(key)
+            if piece is None:
+                piece = written[key] = (
+                    json.dumps(key) + ":" + json.dumps(entry.to_json(), separators=(",", ":"))
+                ).encode("ascii")
+            pieces.append(piece)
+            pieces.append(b",")
+        if self._entries:
+            pieces.pop()
+        pieces.append(b"}}")
+        return pieces
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves old or new, whole."""
+def _write_atomically(path: str, data: list[bytes]) -> None:
+    """Replace ``path`` with ``data`` (pieces) so that a crash leaves old or new, whole."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.writelines(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -77,6 +77,19 @@ def test_connected_at_start_and_relays(proxy, upstream):
     assert seen.header("Host") == f"localhost:{upstream.port}"
 
 
+def test_a_form_body_is_relayed_as_it_is_never_parsed(proxy, upstream):
+    # twisted.web parses POSTed forms by default, and answers 400 itself to a multipart body
+    # it cannot parse: the relay must pass any body on, whatever its Content-Type says.
+    proxy.wait_state("Connected")
+    body = b"not --really multipart"
+    code, _, _ = proxy.request(
+        "POST", "/v1/form", body=body, headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
+    assert code == 200
+    (seen,) = relayed(upstream, "/v1/form")
+    assert seen.body == body
+
+
 def test_states_follow_an_outage_and_trust_expiry(tmp_path, pki, upstream):
     text = config(tmp_path, pki, upstream.url, trust='duration = "4s"\ncheckin_interval = "1s"')
     with ProxyProcess(tmp_path, text) as proxy:
