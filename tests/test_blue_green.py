@@ -17,6 +17,7 @@ import time
 import pytest
 
 from tests.support.proxy import REPO_ROOT, ProxyProcess, free_port
+from tests.support.processes import stop
 
 SCRIPT = REPO_ROOT / "bin" / "blue-green"
 
@@ -83,12 +84,7 @@ class HAProxy:
         return out.stdout.strip()
 
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
         self.log.close()
 
 

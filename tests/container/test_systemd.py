@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.proxy import free_port
+from tests.support.processes import stop
 
 REPO = Path(__file__).resolve().parents[2]
 CACHED_ROOT = Path("/var/tmp/license-proxy-tests/bookworm-systemd")
@@ -87,13 +88,7 @@ class Machine:
         return run("nsenter", "-t", str(self.pid1), "-a", "sh", "-c", command, check=check, timeout=60)
 
     def stop(self):
-        if self.nspawn.poll() is None:
-            self.nspawn.terminate()  # nspawn asks the container's systemd to halt
-            try:
-                self.nspawn.wait(30)
-            except subprocess.TimeoutExpired:
-                self.nspawn.kill()
-                self.nspawn.wait()
+        stop(self.nspawn, timeout=30)  # nspawn asks the container's systemd to halt
         self.log.close()
 
 

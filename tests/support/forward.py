@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.proxy import free_port
+from tests.support.processes import stop
 
 #: A system account for dante's user name/password method (it checks system passwords).
 SOCKS_USER = "lpsockstest"
@@ -96,13 +97,8 @@ class _Daemon:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop(self.process)
 
     def __enter__(self):
         return self.start()
