@@ -31,6 +31,12 @@ from .tunnel import ConnectTunnel, Socks5Tunnel, TunnelEndpoint, netloc, resolve
 
 PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
+ATTEMPT_DELAY = 0.1
+"""Seconds between connection attempts to a host's addresses (RFC 8305's
+minimum; Twisted's default is 0.3).  HostnameEndpoint reports failure only at
+its next tick, so while the license server refuses connections this is also
+how long each relay waits before it answers from the trust cache."""
+
 _DEFAULT_PORTS = {"http": 1080, "https": 443, "socks5": 1080, "socks5h": 1080}  # curl's
 
 
@@ -223,13 +229,17 @@ class Egress:
         route = self._settings.route(host, uri.port)
         upstream_tls = self._tls.creatorForNetloc(uri.host, uri.port)
         if route.proxy is None:
-            to_upstream = HostnameEndpoint(self._reactor, host, uri.port)
+            to_upstream = HostnameEndpoint(
+                self._reactor, host, uri.port, attemptDelay=ATTEMPT_DELAY
+            )
         else:
             to_upstream = self._tunnel(route.proxy, host, uri.port)
         return _Quiet(wrapClientTLS(upstream_tls, to_upstream))
 
     def _tunnel(self, proxy: Proxy, host: str, port: int) -> TunnelEndpoint:
-        to_proxy = HostnameEndpoint(self._reactor, proxy.host, proxy.port)
+        to_proxy = HostnameEndpoint(
+            self._reactor, proxy.host, proxy.port, attemptDelay=ATTEMPT_DELAY
+        )
         if proxy.scheme == "https":
             to_proxy = wrapClientTLS(self._tls.creatorForProxy(proxy.host), to_proxy)
         to_proxy = _Quiet(to_proxy)
