@@ -218,9 +218,14 @@ def _boolean(value: object) -> bool:
     return value
 
 
+_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+
+
 def _base_url(value: object) -> str:
-    if not _string(value).startswith("/"):
-        raise ValueError(f'expected a path starting with "/", got {value!r}')
+    if not _PATH.fullmatch(_string(value)):
+        raise ValueError(
+            f'expected a URL path starting with "/" (ASCII, percent-encoded), got {value!r}'
+        )
     return value if value.endswith("/") else value + "/"
 
 
@@ -264,6 +269,9 @@ def _https_url(value: object) -> str:
         raise ValueError(f"expected an https:// URL with a port from 1 to 65535, got {value!r}")
     if url.fragment:
         raise ValueError(f"expected an https:// URL without a #fragment, got {value!r}")
+    if url.query or "?" in value:
+        # Not repeated: a query string is where tokens hide, and the URL is logged.
+        raise ValueError("expected an https:// URL without a ?query")
     return value
 
 

@@ -28,10 +28,11 @@ from twisted.internet.ssl import CertificateOptions, PrivateCertificate, TLSVers
 from twisted.internet.task import react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from . import certs
+from .service import QuietSite
 from .status import rfc3339
+from .trustcache import write_atomically
 
 __all__ = ["DemoFiles", "prepare", "serve", "main"]
 
@@ -101,7 +102,7 @@ def prepare(directory: str, port: int, now: datetime) -> DemoFiles:
     url = server_url(port)
     if not os.path.exists(files.config):
         log.info("writing the proxy config {path}", path=files.config)
-        _write_atomically(files.config, config_text(files, port).encode("utf-8"))
+        write_atomically(files.config, [config_text(files, port).encode("utf-8")])
     elif _configured_url(files.config) != url:
         log.warn(
             "{path} does not point at {url}; the proxy will not reach this demo server "
@@ -173,15 +174,6 @@ class _License(Resource):
         return json.dumps(answer, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-class _QuietSite(Site):
-    """No access log: ``_License`` logs each request itself, without headers or query."""
-
-    noisy = False
-
-    def log(self, request) -> None:
-        pass
-
-
 async def serve(reactor, files: DemoFiles, port: int) -> None:
     """Serve HTTPS on 127.0.0.1:``port`` until the reactor stops (SIGTERM, Ctrl-C)."""
     other = _running_pid(files.pid_file)
@@ -202,14 +194,14 @@ async def serve(reactor, files: DemoFiles, port: int) -> None:
     )
     endpoint = SSL4ServerEndpoint(reactor, port, tls, interface=HOST)
     try:
-        listening = await endpoint.listen(_QuietSite(_License(reactor)))
+        listening = await endpoint.listen(QuietSite(_License(reactor)))
     except CannotListenError as e:
         log.error(
             "cannot listen on {host}:{port}: {reason}", host=HOST, port=port, reason=e.socketError
         )
         raise SystemExit(1)
     # Written only once listening, and removed on the way out, so it names a live server.
-    _write_atomically(files.pid_file, f"{os.getpid()}\n".encode("ascii"))
+    write_atomically(files.pid_file, [f"{os.getpid()}\n".encode("ascii")])
     reactor.addSystemEventTrigger("before", "shutdown", _stop, listening, files.pid_file)
     log.info(
         "demo license server on {url} (CA {ca}); proxy config {config}; "
@@ -295,14 +287,6 @@ def _configured_url(config_path: str) -> object:
             return tomllib.load(f).get("license", {}).get("server_url")
     except (OSError, tomllib.TOMLDecodeError, AttributeError):
         return None
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """Never leave a half-written config or pid file behind for the next reader."""
-    partial = f"{path}.{os.getpid()}.tmp"
-    with open(partial, "wb") as f:
-        f.write(data)
-    os.replace(partial, path)
 
 
 def _running_pid(pid_file: str) -> int | None:

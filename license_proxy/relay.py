@@ -90,6 +90,7 @@ class Relay:
     _base_url: bytes
     _metrics: RelayMetrics
     _inflight: set = field(factory=set, init=False)
+    _stopping: bool = field(default=False, init=False)
 
     isLeaf: ClassVar[bool] = True
     log: ClassVar[Logger] = Logger()
@@ -101,6 +102,9 @@ class Relay:
         raise NotImplementedError("the relay has no children")
 
     def render(self, request: IRequest):
+        if self._stopping:
+            request.setHeader(b"connection", b"close")
+            return _error(request, 503, "license-proxy is stopping")
         if not request.uri.startswith(self._base_url):
             return self._reject(request, 404, f"not under base_url {self._base_url.decode()}")
         rest = request.uri[len(self._base_url) :]
@@ -126,11 +130,11 @@ class Relay:
         self.log.info("refused a request: {reason} ({code})", reason=reason, code=code)
         return _error(request, code, reason)
 
-    async def idle(self) -> None:
-        """Returns once no relay is in flight (keep-alive clients may start
-        new ones while earlier ones finish)."""
-        while self._inflight:
-            await DeferredList(list(self._inflight), consumeErrors=True)
+    def stop(self) -> Deferred:
+        """Take no new request (keep-alive clients get 503 and ``Connection:
+        close``); fires once those already in flight have answered."""
+        self._stopping = True
+        return DeferredList(list(self._inflight), consumeErrors=True)
 
     async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
         started = self._clock.seconds()
@@ -200,9 +204,11 @@ class Relay:
             _write(request, 502, [_JSON], _error_body(message))
             return
         age = max(0, int(self._clock.seconds() - entry.stored_at))
-        headers = [(name, [value]) for name, value in entry.headers]
-        headers.append((b"Age", [str(age).encode("ascii")]))
-        _write(request, entry.status, headers, entry.body)
+        headers: dict[bytes, list[bytes]] = {}
+        for name, value in entry.headers:
+            headers.setdefault(name, []).append(value)
+        headers[b"Age"] = [str(age).encode("ascii")]
+        _write(request, entry.status, headers.items(), entry.body)
 
 
 def _credentials(headers: Headers) -> Iterable[tuple[bytes, bytes]]:
@@ -223,6 +229,7 @@ def _entry(answer: Answer, stored_at: float) -> Entry:
 
 def _write(request: IRequest, status: int, headers, body: bytes) -> None:
     request.setResponseCode(status)
+    request.defaultContentType = None  # no Content-Type unless the answer had one
     response = request.responseHeaders
     response.removeHeader(b"server")
     for name, values in headers:

@@ -16,6 +16,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
@@ -38,9 +39,9 @@ CLOSE_TIMEOUT = 5
 """Seconds a stop waits for clients to take their last answers."""
 
 
-class _QuietSite(Site):
-    """A ``Site`` without the access log: the relay logs each outcome itself,
-    without query strings, which may carry secrets."""
+class QuietSite(Site):
+    """A ``Site`` without the access log: the relay (and the demo server) log
+    each request themselves, without query strings, which may carry secrets."""
 
     noisy = False
 
@@ -82,6 +83,8 @@ class _Connections(WrappingFactory):
 class _Lifecycle(Service):
     """Start-up check-in, then the periodic one; on stop, drain and flush."""
 
+    log = Logger()
+
     def __init__(
         self,
         checkin: CheckIn,
@@ -105,6 +108,7 @@ class _Lifecycle(Service):
         self._loop = LoopingCall(lambda: Deferred.fromCoroutine(checkin.periodic()))
         self._loop.clock = clock
         self._starting: Deferred | None = None
+        self._looping: Deferred | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -118,7 +122,10 @@ class _Lifecycle(Service):
             return
         except CancelledError:
             return
-        self._loop.start(self._interval, now=False)
+        self._looping = self._loop.start(self._interval, now=False)
+        self._looping.addErrback(
+            lambda failure: self.log.failure("the periodic check-in stopped", failure)
+        )
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -129,7 +136,9 @@ class _Lifecycle(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        await self._relay.idle()
+        await self._relay.stop()
+        if self._looping is not None:
+            await self._looping  # a check-in in flight finishes before the flush
         self._cache.flush()
         closing = self._connections.close()
         closing.addTimeout(CLOSE_TIMEOUT, self._clock)
@@ -177,7 +186,7 @@ def make_service(
     # Bodies are relayed as they are: never parsed as forms (a multipart body twisted.web
     # cannot parse would otherwise get its 400 instead of the license server's answer).
     connections = _Connections(
-        _QuietSite(relay, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
+        QuietSite(relay, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
     )
     _Lifecycle(
         checkin, relay, cache, upstream, connections, config, reactor, fatal
@@ -194,7 +203,7 @@ def make_service(
     ).setServiceParent(top)
     strports.service(
         _tcp(config.host, config.status_port),
-        _QuietSite(status_resource(status, MetricsPage(registry)), timeout=IDLE_TIMEOUT),
+        QuietSite(status_resource(status, MetricsPage(registry)), timeout=IDLE_TIMEOUT),
         reactor=reactor,
     ).setServiceParent(top)
     return top

@@ -52,11 +52,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     url = args.url.rstrip("/") + "/v1/status"
     try:
-        report = fetch(url, args.timeout)
-    except (OSError, ValueError) as e:
+        line, code = judge(fetch(url, args.timeout), time.time(), args.warn_after)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        # Unreachable, or an answer that is not a status: UNKNOWN, never a traceback.
         print(f"UNKNOWN: {url}: {_reason(e)}")
         return CRITICAL
-    line, code = judge(report, time.time(), args.warn_after)
     print(line)
     return code
 

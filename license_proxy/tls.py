@@ -70,14 +70,14 @@ def _public(public_key) -> bytes:
 
 
 def _generated_pair(config: Config, now: float) -> tuple[str, str]:
-    """The self-signed pair in the state directory, made on first start."""
+    """The self-signed pair in the state directory (which ``make_service``
+    creates), made on first start."""
     cert_path = os.path.join(config.state_dir, GENERATED_CERT)
     key_path = os.path.join(config.state_dir, GENERATED_KEY)
     if not (os.path.exists(cert_path) and os.path.exists(key_path)):
         hosts = [socket.gethostname(), "localhost", "127.0.0.1", "::1"]
         pair = certs.self_signed(hosts, now=datetime.fromtimestamp(now, timezone.utc))
         try:
-            os.makedirs(config.state_dir, exist_ok=True)
             pair.write(cert_path, key_path)
         except OSError as e:
             raise ConfigError(

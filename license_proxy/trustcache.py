@@ -214,7 +214,7 @@ class TrustCache:
         if not self._dirty:
             return
         try:
-            _write_atomically(self._path, self._serialise())
+            write_atomically(self._path, self._serialise())
         except OSError as e:
             self.write_failures += 1
             if not self._write_failing:
@@ -254,7 +254,7 @@ class TrustCache:
         return pieces
 
 
-def _write_atomically(path: str, data: list[bytes]) -> None:
+def write_atomically(path: str, data: list[bytes]) -> None:
     """Replace ``path`` with ``data`` (pieces) so that a crash leaves old or new, whole."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp-{os.getpid()}"

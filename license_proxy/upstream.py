@@ -293,6 +293,8 @@ class Upstream:
             attempt.addTimeout(deadline, self._clock)
             try:
                 answer = await attempt
+            except CancelledError:
+                raise  # cancelled from outside (a stop): not a failure to report
             except Exception as e:
                 reason = describe(e, deadline)
             else:

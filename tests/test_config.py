@@ -195,7 +195,7 @@ def test_base_url_is_normalised(tmp_path, given, normalised):
 
 def test_base_url_must_start_with_slash(tmp_path):
     assert error(tmp_path, '[server]\nbase_url = "v1"\n') == (
-        "[server] base_url: expected a path starting with \"/\", got 'v1'"
+        "[server] base_url: expected a URL path starting with \"/\" (ASCII, percent-encoded), got 'v1'"
     )
 
 
@@ -646,3 +646,19 @@ def test_status_port_must_differ_from_port(tmp_path):
     with pytest.raises(ConfigError) as e:
         load(str(path), {})
     assert str(e.value) == f"{path}: [server] status_port: must differ from port (9000)"
+
+
+@pytest.mark.parametrize("base_url", ["/lizenz-prüfung", "/a b", "/v1?x=1"])
+def test_base_url_must_be_an_ascii_path(tmp_path, base_url):
+    path = tmp_path / "lp.toml"
+    path.write_text(f'[server]\nbase_url = "{base_url}"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"\[server\] base_url: expected a URL path"):
+        load(str(path), {})
+
+
+def test_server_url_must_not_carry_a_query(tmp_path):
+    path = tmp_path / "lp.toml"
+    path.write_text('[license]\nserver_url = "https://h.example/api?token=s3cret"\n')
+    with pytest.raises(ConfigError) as e:
+        load(str(path), {})
+    assert "without a ?query" in str(e.value) and "s3cret" not in str(e.value)

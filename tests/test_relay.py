@@ -60,7 +60,8 @@ class FakeLicenseServer(Resource):
             return NOT_DONE_YET
         request.setResponseCode(self.code)
         for name, value in self.headers.items():
-            request.setHeader(name, value)
+            request.responseHeaders.setRawHeaders(name, value if isinstance(value, list) else [value])
+        request.defaultContentType = None
         return self.body
 
 
@@ -170,6 +171,29 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(body, b'{"license":"ok"}')
         self.assertEqual(response.headers.getRawHeaders("age"), ["125"])
         self.assertEqual(self.h.status.state, "TrustBased")
+
+    def test_a_cached_answer_keeps_repeated_headers_and_adds_no_content_type(self):
+        del self.h.server.headers[b"content-type"]
+        self.h.server.headers[b"link"] = [b"<a>", b"<b>"]
+        fresh, _ = self.h.answer(self, self.h.request())
+        self.h.server.code = 503
+        cached, _ = self.h.answer(self, self.h.request())
+        for response in (fresh, cached):
+            self.assertEqual(response.headers.getRawHeaders("link"), ["<a>", "<b>"])
+            self.assertIsNone(response.headers.getRawHeaders("content-type"))
+        self.assertEqual(cached.headers.getRawHeaders("age"), ["0"])
+
+    def test_a_stop_waits_for_requests_in_flight_and_takes_no_new_ones(self):
+        self.h.server.hang = True
+        in_flight = self.h.request()
+        stopped = self.h.relay.stop()
+        self.assertNoResult(stopped)
+        late, body = self.h.answer(self, self.h.request())
+        self.assertEqual((late.code, json.loads(body)), (503, {"error": "license-proxy is stopping"}))
+        self.assertEqual(self.h.server.count, 1)
+        self.h.clock.advance(30)
+        self.assertEqual(self.h.answer(self, in_flight)[0].code, 502)
+        self.successResultOf(stopped)
 
     def test_cached_answer_is_never_given_to_another_licensee(self):
         self.h.answer(self, self.h.request(headers={"Authorization": "Token k1"}))

@@ -45,3 +45,32 @@ def test_a_vendor_proxy_without_state_since_is_judged_by_its_state():
     del vendor["state_since"]
     line, code = judge(vendor, NOW, 60.0)
     assert code == 1 and line.startswith("TrustBased; last check-in")
+
+
+def test_an_answer_that_is_not_a_status_is_unknown_not_a_traceback(capsys):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from license_proxy.statuscmd import main
+
+    class Odd(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"state": "TrustBased", "last_successful_checkin": 5,
+                               "trust_expiration": None, "state_since": 7}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code = main([f"--url=http://127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+    assert code == 2
+    assert capsys.readouterr().out.startswith("UNKNOWN: ")
