@@ -198,9 +198,17 @@ class Settings:
     proxy: str = field(repr=False)
     no_proxy: str
     environ: Mapping[str, str] = field(repr=False)
+    _chosen: dict = field(factory=dict, init=False, repr=False, eq=False)
 
     def route(self, host: str, port: int) -> Route:
-        return choose(self.proxy, self.no_proxy, self.environ, host, port)
+        """Chosen once per host and port: the settings never change while running."""
+        try:
+            return self._chosen[host, port]
+        except KeyError:
+            route = self._chosen[host, port] = choose(
+                self.proxy, self.no_proxy, self.environ, host, port
+            )
+            return route
 
     def routes(self, urls: Sequence[str]) -> list[tuple[str, Route]]:
         """The route to each upstream URL, for the start-up log; ValueError

@@ -108,7 +108,13 @@ class UpstreamTLS:
     def creatorForProxy(self, hostname: str):
         """TLS to an https:// forward proxy: verified with the same roots, no
         client certificate (that is for the license server only)."""
-        return optionsForClientTLS(hostname, trustRoot=self._trust_root)
+        try:
+            return self._creators[hostname]  # a str: upstream entries are (bytes, port)
+        except KeyError:
+            creator = self._creators[hostname] = optionsForClientTLS(
+                hostname, trustRoot=self._trust_root
+            )
+            return creator
 
 
 @implementer(IAgent)
