@@ -22,6 +22,7 @@ import pytest
 
 from license_proxy import config as configuration
 from tests.support.proxy import REPO_ROOT, ProxyProcess, free_port
+from tests.support.client import exchange
 
 
 def _context(cafile) -> ssl.SSLContext:
@@ -99,12 +100,7 @@ class DemoUpstream:
         conn = http.client.HTTPSConnection(
             host, self.port, context=_context(self.ca_file), timeout=5
         )
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response, response.read()
-        finally:
-            conn.close()
+        return exchange(conn, method, path, body, headers)
 
 
 @pytest.fixture

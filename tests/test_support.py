@@ -19,6 +19,7 @@ import pytest
 
 from license_proxy import certs
 from tests.support import proxy
+from tests.support.client import exchange
 from tests.support.proxy import ProxyProcess, free_port
 from tests.support.upstream import Upstream
 
@@ -33,12 +34,7 @@ def client_context(cafile=None, *, cert=None, key=None) -> ssl.SSLContext:
 
 def get(up: Upstream, path="/", *, context, host="localhost", method="GET", body=None, headers=None):
     conn = http.client.HTTPSConnection(host, up.port, context=context, timeout=5)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response, response.read()
-    finally:
-        conn.close()
+    return exchange(conn, method, path, body, headers)
 
 
 # -- certificates ----------------------------------------------------------------------------

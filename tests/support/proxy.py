@@ -22,6 +22,7 @@ import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
+from tests.support.client import exchange
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -226,12 +227,8 @@ class ProxyProcess:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         else:
             raise ValueError(f"unknown scheme {self.scheme!r}")
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.headers, response.read()
-        finally:
-            conn.close()
+        response, answer = exchange(conn, method, path, body, headers)
+        return response.status, response.headers, answer
 
 
 def _url_host(host: str) -> str:
