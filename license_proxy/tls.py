@@ -22,11 +22,10 @@ from twisted.internet.ssl import (
     CertificateOptions,
     KeyPair,
     PrivateCertificate,
-    TLSVersion,
     trustRootFromCertificates,
 )
 
-from . import certs
+from . import certs, ciphers
 from .config import Config, ConfigError
 from .upstream import UpstreamTLS
 
@@ -88,7 +87,7 @@ def _generated_pair(config: Config, now: float) -> tuple[str, str]:
 
 
 def listener_options(config: Config, now: float) -> CertificateOptions:
-    """TLS 1.2 or newer for the licensing listener."""
+    """The licensing listener's certificate, under the policy of ``ciphers``."""
     if config.tls_cert:
         cert_path, cert_key = config.tls_cert, "[server] tls_cert"
         key_path, key_key = config.tls_key, "[server] tls_key"
@@ -101,7 +100,8 @@ def listener_options(config: Config, now: float) -> CertificateOptions:
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:],
-        raiseMinimumTo=TLSVersion.TLSv1_2,
+        raiseMinimumTo=ciphers.MINIMUM_VERSION,
+        acceptableCiphers=ciphers.ACCEPTABLE,
         # Twisted always installs an ALPN callback; with no protocol to offer it answers
         # b"", which OpenSSL turns into an "internal error" alert for every client that
         # sends ALPN (curl, Go, Rust clients).  We speak HTTP/1.1 only.
