@@ -43,6 +43,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
+from . import ciphers
 from .egress import Egress, Settings
 from .tunnel import ProxyError
 
@@ -80,8 +81,8 @@ class Answer:
 @define
 class UpstreamTLS:
     """Verify the upstream by chain and hostname, optionally presenting a
-    client certificate.  The TLS options are built once per host, not per
-    request."""
+    client certificate, offering only what ``ciphers`` allows.  The TLS
+    options are built once per host, not per request."""
 
     _trust_root: object = None  # from trustRootFromCertificates; None: the system's
     _client_certificate: Optional[PrivateCertificate] = None
@@ -95,6 +96,10 @@ class UpstreamTLS:
                 hostname.decode("ascii"),
                 trustRoot=self._trust_root,
                 clientCertificate=self._client_certificate,
+                extraCertificateOptions={
+                    "acceptableCiphers": ciphers.ACCEPTABLE,
+                    "raiseMinimumTo": ciphers.MINIMUM_VERSION,
+                },
             )
             self._creators[hostname, port] = creator
             return creator

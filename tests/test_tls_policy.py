@@ -150,3 +150,38 @@ def test_listener_takes_tls12_and_13_with_forward_secret_aead_suites_only(tmp_pa
             time.sleep(0.05)
         assert accepted_tls12_suites(host, port) == RSA_SUITES
         assert refused_by_server(handshake(host, port, ssl.TLSVersion.TLSv1_1))
+
+
+def _hello_from_proxy(listener: socket.socket, context: ssl.SSLContext):
+    """Accept one connection and handshake: the suites the client offered, or the SSLError."""
+    raw, _ = listener.accept()
+    with raw:
+        raw.settimeout(10)
+        try:
+            with context.wrap_socket(raw, server_side=True) as tls:
+                return {name for name, _, _ in tls.shared_ciphers()}
+        except ssl.SSLError as e:
+            return e
+
+
+def test_proxy_offers_the_license_server_the_same_policy(tmp_path, pki):
+    """A license server that would take anything sees only TLS 1.2+ and forward-secret AEAD
+    suites in the proxy's ClientHello."""
+    anything = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    anything.load_cert_chain(pki.server_cert, pki.server_key)
+    anything.set_ciphers(LOWEST)
+    anything.minimum_version = ssl.TLSVersion.TLSv1
+    old_only = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    old_only.load_cert_chain(pki.server_cert, pki.server_key)
+    old_only.set_ciphers(LOWEST)
+    old_only.minimum_version = ssl.TLSVersion.TLSv1
+    old_only.maximum_version = ssl.TLSVersion.TLSv1_1
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(20)
+        url = f"https://localhost:{listener.getsockname()[1]}"
+        with ProxyProcess(tmp_path, config(tmp_path, pki, url)):
+            offered = _hello_from_proxy(listener, anything)
+            refused = _hello_from_proxy(listener, old_only)  # the check-in's retry
+    tls12 = {s for s in offered if not s.startswith("TLS_")}
+    assert tls12 == ECDSA_SUITES | RSA_SUITES, sorted(tls12)
+    assert isinstance(refused, ssl.SSLError) and refused.reason == "UNSUPPORTED_PROTOCOL", refused
