@@ -137,8 +137,6 @@ def _json(request, body: bytes) -> bytes:
 
 
 class _StatusPage(Resource):
-    isLeaf = True
-
     def __init__(self, status: Status) -> None:
         super().__init__()
         self._status = status
@@ -159,20 +157,43 @@ class _ReadyPage(_StatusPage):
 class _HealthPage(Resource):
     """The process answers: for liveness probes, whatever the state."""
 
-    isLeaf = True
-
     def render_GET(self, request) -> bytes:
         return _json(request, b'{"alive":true}')
 
 
+class _Routes(Resource):
+    """
+    The status listener's only routes: these exact paths (any query), GET and
+    HEAD.  Anything else gets 404 or 405 with a fixed body, never Twisted's
+    error pages, which echo the request's target.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pages: dict[bytes, Resource]) -> None:
+        super().__init__()
+        self._pages = pages
+
+    def render(self, request) -> bytes:
+        page = self._pages.get(request.path)
+        if page is None:
+            request.setResponseCode(404)
+            return _json(request, b'{"error":"not found"}')
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _json(request, b'{"error":"method not allowed"}')
+        return page.render(request)
+
+
 def status_resource(status: Status, metrics: Resource) -> Resource:
-    """The status listener's tree: ``/v1/status``, ``/v1/ready``,
-    ``/v1/health`` and ``/metrics``."""
-    root = Resource()
-    v1 = Resource()
-    root.putChild(b"v1", v1)
-    root.putChild(b"metrics", metrics)
-    v1.putChild(b"status", _StatusPage(status))
-    v1.putChild(b"ready", _ReadyPage(status))
-    v1.putChild(b"health", _HealthPage())
-    return root
+    """The status listener: ``/v1/status``, ``/v1/ready``, ``/v1/health``
+    and ``/metrics``."""
+    return _Routes(
+        {
+            b"/v1/status": _StatusPage(status),
+            b"/v1/ready": _ReadyPage(status),
+            b"/v1/health": _HealthPage(),
+            b"/metrics": metrics,
+        }
+    )
