@@ -1,7 +1,7 @@
 """
 Nobody in, nothing out, over a real ``twistd license-proxy`` that holds secrets: a license
-key, and cached answers to clients that sent Authorization, X-Api-Key and Cookie headers.
-The status listener answers its four pages and nothing else, whatever the path or method;
+key, and cached answers to clients that sent Authorization, X-Api-Key and Cookie headers
+and a token in the query.  The status listener answers its four pages and nothing else, whatever the path or method;
 no answer of it, no 502 body, no log line (text or JSON) and no byte of the trust cache
 holds a secret (nor its base64 or hex), and the status listener never shows a cached body.
 """
@@ -24,6 +24,8 @@ CLIENT = {
     "Cookie": "session=cookie-3a9f1c5e",
 }
 OTHER_CLIENT = {**CLIENT, "Authorization": "Token other-auth-2c7e4b"}
+QUERY_SECRET = "query-token-91ab3d"
+LICENSING = f"/v1/license?token={QUERY_SECRET}"
 CACHED_BODY = b'{"license":"cached-answer-5e1f77"}'
 PAGES = ("/v1/status", "/v1/ready", "/v1/health", "/metrics")
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PROPFIND")
@@ -41,7 +43,7 @@ def forms(secret: bytes) -> list[bytes]:
 
 def leaks(text: bytes, cache_path: str) -> list[bytes]:
     """The secrets (and cache path) found in ``text``."""
-    values = [KEY, cache_path, CACHED_BODY.decode()] + [
+    values = [KEY, QUERY_SECRET, cache_path, CACHED_BODY.decode()] + [
         v for c in (CLIENT, OTHER_CLIENT) for v in c.values()
     ]
     return [f for v in values for f in forms(v.encode()) if f in text]
@@ -57,10 +59,10 @@ def exercised(request, tmp_path, pki, upstream):
         proxy.wait_state("Connected")
         assert upstream.requests[0].header("Authorization") == f"Token {KEY}"
         upstream.respond(body=CACHED_BODY)
-        assert proxy.request("POST", "/v1/license", b"{}", CLIENT)[::2] == (200, CACHED_BODY)
+        assert proxy.request("POST", LICENSING, b"{}", CLIENT)[::2] == (200, CACHED_BODY)
         upstream.mode = "reset"
-        assert proxy.request("POST", "/v1/license", b"{}", CLIENT)[::2] == (200, CACHED_BODY)
-        code, _, unavailable = proxy.request("POST", "/v1/license", b"{}", OTHER_CLIENT)
+        assert proxy.request("POST", LICENSING, b"{}", CLIENT)[::2] == (200, CACHED_BODY)
+        code, _, unavailable = proxy.request("POST", LICENSING, b"{}", OTHER_CLIENT)
         assert code == 502
         proxy.wait_state("TrustBased")
         yield proxy, unavailable
@@ -82,7 +84,7 @@ def test_status_listener_serves_its_four_pages_and_nothing_else(exercised, tmp_p
         "//v1/status", "/V1/STATUS", "/v1/status%00", "/v1/health;x", "/metrics/", "/metrics/x",
         "/%2e%2e/", "/%2e%2e/%2e%2e/etc/passwd", "/../../etc/passwd", "/..%2f..%2fetc%2fpasswd",
         "/trust-cache.json", "/state/trust-cache.json", cache_path, "/tls.key", "/tls.crt",
-        "/license-proxy.toml", "/debug", "/debug/pprof", "/admin", "/.git/config", "/v1/license",
+        "/license-proxy.toml", "/debug", "/debug/pprof", "/admin", "/.git/config", LICENSING,
         "/v1/check?x=1", *PAGES, *(f"{page}?x=1" for page in PAGES),
     ]
     expected, seen = {}, {}
