@@ -6,11 +6,17 @@ window must end it, and a restart resumes from the high-water mark on disk.
 
 from __future__ import annotations
 
+import json
+import time
+
+import pytest
 from twisted.internet.task import Clock
 
 from license_proxy.clock import HighWaterClock
-from license_proxy.status import Status
+from license_proxy.status import Status, rfc3339
 from license_proxy.trustcache import FLUSH_DELAY, TrustCache
+from tests.support.proxy import ProxyProcess, free_port
+from tests.test_e2e import config
 
 T0 = 1_800_000_000.0
 TRUST = 3600.0
@@ -121,3 +127,25 @@ def test_a_restart_resumes_from_the_mark_not_from_a_wall_clock_set_back(tmp_path
     assert status.state == "TrustBased"
     after.elapse(1)
     assert status.state == "Failed"
+
+
+@pytest.mark.parametrize("with_mark", [True, False], ids=["with mark", "old format"])
+def test_a_real_proxy_on_a_cache_from_the_future_fails_when_its_window_closes(
+    tmp_path, pki, with_mark
+):
+    """A cache written a day ahead of the wall clock: trust lasts the window, not a day more."""
+    ahead = time.time() + 86400
+    cache = {"format": 1, "last_successful_checkin": ahead, "salt": "00" * 16, "entries": {}}
+    if with_mark:
+        cache["clock_high_water"] = ahead + 1
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "trust-cache.json").write_text(json.dumps(cache))
+    nobody = f"https://127.0.0.1:{free_port()}"  # the license server is unreachable
+    text = config(tmp_path, pki, nobody, trust='duration = "4s"\ncheckin_interval = "1s"')
+    with ProxyProcess(tmp_path, text) as proxy:
+        started = time.monotonic()
+        proxy.wait_state("TrustBased")
+        status = proxy.wait_state("Failed", timeout=10)
+        assert time.monotonic() - started < 4 + 2
+        assert status["trust_expiration"] == rfc3339(ahead + 4)
+        assert "state TrustBased -> Failed" in proxy.log_text()
