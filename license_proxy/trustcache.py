@@ -49,7 +49,8 @@ RETRY_MAX = 30.0
 """Longest pause, in seconds, between attempts to write while writes fail."""
 
 DEFAULT_MAX_ENTRIES = 10_000
-"""Answers kept at most; about 3 kB of memory each for a 1 kB answer."""
+"""Answers kept at most: about 1.2 kB of memory each for a 300-byte answer, 5 kB
+for a 2 kB one (``bin/measure-cache-entry``), so ~50 MiB at most for 2 kB answers."""
 
 EVICTION_LOG_INTERVAL = 3600.0
 """Seconds between log lines about a full cache."""
