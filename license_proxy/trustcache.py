@@ -33,6 +33,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 from typing import Callable, Iterable, Optional
@@ -215,7 +216,9 @@ class TrustCache:
             )
             # Files written before the mark existed: the times in them were seen too.
             seen = [float(obj.get("clock_high_water") or 0), checkin or 0]
-            seen += [entry.stored_at for _, entry in entries[-1:]]
+            seen += [entry.stored_at for _, entry in entries]
+            if not all(math.isfinite(t) for t in seen):
+                raise CorruptCache("a time that is not a finite number")
         except CorruptCache:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
