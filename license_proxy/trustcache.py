@@ -53,6 +53,11 @@ DEFAULT_MAX_ENTRIES = 10_000
 """Answers kept at most: about 1.2 kB of memory each for a 300-byte answer, 5 kB
 for a 2 kB one (``bin/measure-cache-entry``), so ~50 MiB at most for 2 kB answers."""
 
+MARK_LAG = 60.0
+"""Seconds the file's high-water mark of the clock may fall behind when nothing
+else changes (during an outage): the most a restart with a wall clock set back
+can stretch trust by, bought with one write a minute."""
+
 EVICTION_LOG_INTERVAL = 3600.0
 """Seconds between log lines about a full cache."""
 
@@ -154,6 +159,7 @@ class TrustCache:
     _pending: Optional[IDelayedCall] = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
     _retry: float = field(default=FLUSH_DELAY, init=False)
+    _mark_written: Optional[float] = field(default=None, init=False)
     #: Why the last write failed; None once one succeeds.
     write_error: Optional[str] = field(default=None, init=False)
     write_failures: int = field(default=0, init=False)
@@ -312,8 +318,10 @@ class TrustCache:
         self.flush()
 
     def record_time(self) -> None:
-        """Have the file's high-water mark of the clock brought up to now."""
-        self._changed()
+        """Keep the file's high-water mark of the clock within ``MARK_LAG`` of now."""
+        written = self._mark_written
+        if written is None or self._clock.seconds() - written >= MARK_LAG:
+            self._changed()
 
     @property
     def persisted(self) -> bool:
@@ -327,8 +335,9 @@ class TrustCache:
             self._pending = None
         if not self._dirty:
             return
+        mark = self._clock.seconds()
         try:
-            self._write(self._path, self._serialise())
+            self._write(self._path, self._serialise(mark))
         except OSError as e:
             self._failed(e.strerror or str(e))
             return
@@ -341,6 +350,7 @@ class TrustCache:
         self.write_error = None
         self._retry = FLUSH_DELAY
         self._dirty = False
+        self._mark_written = mark
 
     def _failed(self, reason: str) -> None:
         """Log a new reason once, and try again later, less often each time."""
@@ -355,12 +365,12 @@ class TrustCache:
         self._pending = self._clock.callLater(self._retry, self._scheduled_flush)
         self._retry = min(self._retry * 2, RETRY_MAX)
 
-    def _serialise(self) -> list[bytes]:
+    def _serialise(self, mark: float) -> list[bytes]:
         """The file's JSON, in pieces: entries unchanged since the last write are reused."""
         head = {
             "format": FORMAT,
             "last_successful_checkin": self.last_checkin,
-            "clock_high_water": self._clock.seconds(),
+            "clock_high_water": mark,
             "salt": self._salt.hex(),
         }
         pieces = [json.dumps(head, separators=(",", ":"))[:-1].encode("ascii"), b',"entries":{']

@@ -14,6 +14,7 @@ from twisted.logger import capturedLogs
 from license_proxy.trustcache import (
     EVICTION_LOG_INTERVAL,
     FLUSH_DELAY,
+    MARK_LAG,
     RETRY_MAX,
     Entry,
     TrustCache,
@@ -219,6 +220,23 @@ def test_the_file_keeps_the_clock_high_water_mark(tmp_path, clock):
     clock.advance(FLUSH_DELAY)
     assert json.loads(path.read_bytes())["clock_high_water"] == T0 + FLUSH_DELAY
     assert TrustCache.load(clock, str(path)).high_water == T0 + FLUSH_DELAY
+
+
+def test_the_mark_alone_is_written_at_most_once_a_minute(tmp_path, clock):
+    """During an outage nothing else changes: the mark must still keep up, cheaply."""
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.record_time()
+    clock.advance(FLUSH_DELAY)
+    assert json.loads(path.read_bytes())["clock_high_water"] == T0 + FLUSH_DELAY
+    cache.record_time()
+    clock.advance(MARK_LAG - 1)
+    cache.record_time()
+    assert clock.getDelayedCalls() == []
+    clock.advance(1)
+    cache.record_time()
+    clock.advance(FLUSH_DELAY)
+    assert json.loads(path.read_bytes())["clock_high_water"] == T0 + MARK_LAG + 2 * FLUSH_DELAY
 
 
 def test_a_file_without_the_mark_takes_the_latest_time_in_it(tmp_path, clock):
