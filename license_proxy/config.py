@@ -22,6 +22,7 @@ import attrs
 from hyperlink import DecodedURL, URLParseError
 
 from .egress import Proxy
+from .trustcache import DEFAULT_MAX_ENTRIES
 
 
 class ConfigError(Exception):
@@ -50,6 +51,7 @@ class Config:
     trust_duration: float = 86400.0  # [trust] duration, seconds
     checkin_interval: float = 60.0  # [trust] checkin_interval, seconds
     cache_path: str = "/var/lib/license-proxy/trust-cache.json"  # [cache] path
+    cache_max_entries: int = DEFAULT_MAX_ENTRIES  # [cache] max_entries
     log_format: str = "text"  # [log] format: "text" or "json" (one object per line)
 
     @property
@@ -212,6 +214,12 @@ def _port(value: object) -> int:
     return value
 
 
+def _positive_integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected an integer of at least 1, got {_show(value)}")
+    return value
+
+
 def _boolean(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {_show(value)}")
@@ -325,6 +333,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
     ("trust", "duration"): ("trust_duration", parse_duration),
     ("trust", "checkin_interval"): ("checkin_interval", parse_duration),
     ("cache", "path"): ("cache_path", _non_empty_string),
+    ("cache", "max_entries"): ("cache_max_entries", _positive_integer),
     ("log", "format"): ("log_format", _log_format),
 }
 _SECTIONS = frozenset(section for section, _ in _KEYS)

@@ -103,6 +103,17 @@ class StateCollector:
             "Failed writes of the trust cache file.",
             value=self._cache.write_failures,
         )
+        yield GaugeMetricFamily(
+            "license_proxy_trust_cache_persisted",
+            "1 while the trust cache file can be written, 0 while it cannot"
+            " (answers are then kept in memory only).",
+            value=1 if self._cache.persisted else 0,
+        )
+        yield CounterMetricFamily(
+            "license_proxy_cache_evictions",
+            "Answers dropped from the full trust cache ([cache] max_entries) to make room.",
+            value=self._cache.evictions,
+        )
 
 
 def registry_for(clock: IReactorTime, status: Status, cache: TrustCache) -> CollectorRegistry:

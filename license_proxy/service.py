@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Callable
 
 from twisted.application import strports
@@ -22,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.server import Site
 
 from .checkin import CheckIn, StartupFailed
+from .clock import HighWaterClock
 from .config import Config, ConfigError
 from .egress import Settings
 from .metrics import MetricsPage, RelayMetrics, registry_for
@@ -163,22 +165,25 @@ def make_service(
         raise ConfigError(
             f"[cache] path: cannot create the state directory {config.state_dir}: {e.strerror}"
         ) from None
-    cache = TrustCache.load(reactor, config.cache_path)
-    status = Status(reactor, cache, config.trust_duration)
+    # Trust is measured in time that never runs back, not even across a restart.
+    clock = HighWaterClock(reactor, time.monotonic)
+    cache = TrustCache.load(clock, config.cache_path, config.cache_max_entries)
+    clock.not_before(cache.high_water)
+    status = Status(clock, cache, config.trust_duration)
     upstream_certificates = upstream_tls(config)
     upstream = Upstream.build(
         reactor, config.server_urls, config.timeout, upstream_certificates, egress
     )
-    registry = registry_for(reactor, status, cache)
+    registry = registry_for(clock, status, cache)
     relay = Relay(
-        reactor,
+        clock,
         upstream,
         cache,
         status,
         config.base_url.encode("ascii"),
         RelayMetrics.on(registry),
     )
-    checkin = CheckIn(reactor, upstream, status, config.key)
+    checkin = CheckIn(clock, upstream, status, config.key)
 
     top = MultiService()
     # Added first, so it stops last: the listeners stop accepting before it

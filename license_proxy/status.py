@@ -9,7 +9,14 @@ even if nothing happens in between.
 
 The JSON is compact and on one line, with ``state`` first, because existing
 readiness probes grep it: ``'^{.*"state":"\\(Connected\\|TrustBased\\)".*}$'``.
-Fields added since the vendor's three come after them (``state_since``).
+Fields added since the vendor's three come after them: ``state_since``, and
+``cache_persisted`` with ``cache_error`` (why the trust cache file cannot be
+written, or null).  A cache that cannot be persisted does not change the
+state: the answers are in memory and containers are licensed as before; what
+is at stake is the next restart, which the two fields tell operators about.
+
+All times come from the injected clock, which in the service is a
+``HighWaterClock``: a wall clock set back does not stretch trust.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ class Status:
 
     def failed(self) -> None:
         self._last_ok = False
+        # While trust runs down, the file's high-water mark of the clock must keep up.
+        self._cache.record_time()
         self._report()
 
     def _report(self) -> None:
@@ -118,6 +127,8 @@ class Status:
             "last_successful_checkin": rfc3339(self._cache.last_checkin),
             "trust_expiration": rfc3339(self.trust_expiration),
             "state_since": rfc3339(self.state_since),
+            "cache_persisted": self._cache.persisted,
+            "cache_error": self._cache.write_error,
         }
         return json.dumps(report, separators=(",", ":")).encode("ascii")
 

@@ -10,6 +10,18 @@ when something changed) so a steady stream of check-ins is not a steady stream
 of fsyncs; each write is atomic and durable (temporary file, fsync, rename,
 fsync of the directory), so a crash leaves the old file or the new one.
 
+A disk that cannot be written (read-only, full, failing) does not stop the
+proxy: it keeps serving from memory, retries (backing off to one attempt every
+``RETRY_MAX`` seconds) and says so (``write_error``), until a write succeeds.
+The temporary file of a failed write is removed; the file in place is never
+touched until its replacement is whole on disk.
+
+The file also keeps the high-water mark of the proxy's clock (see ``clock``),
+so that a wall clock set back while the proxy was down cannot stretch trust.
+Its size is bounded (``max_entries``): a client varying its query string adds
+an entry per request, and the answer stored longest ago is the stale one (a
+fleet refreshes its own every minute), so that one makes room.
+
 Requests are keyed by an HMAC over method, path, query and credentials, with a
 random salt kept in the file: credentials never reach the disk in clear, and
 one licensee's answer is never returned to another.
@@ -21,9 +33,10 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,6 +45,21 @@ from twisted.logger import Logger
 FLUSH_DELAY = 2.0
 """Seconds a change may wait before it is written: the bound on how far the
 file lags behind memory."""
+
+RETRY_MAX = 30.0
+"""Longest pause, in seconds, between attempts to write while writes fail."""
+
+DEFAULT_MAX_ENTRIES = 10_000
+"""Answers kept at most: about 1.2 kB of memory each for a 300-byte answer, 5 kB
+for a 2 kB one (``bin/measure-cache-entry``), so ~50 MiB at most for 2 kB answers."""
+
+MARK_LAG = 60.0
+"""Seconds the file's high-water mark of the clock may fall behind when nothing
+else changes (during an outage): the most a restart with a wall clock set back
+can stretch trust by, bought with one write a minute."""
+
+EVICTION_LOG_INTERVAL = 3600.0
+"""Seconds between log lines about a full cache."""
 
 FORMAT = 1
 
@@ -81,6 +109,30 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
+def write_atomically(path: str, data: list[bytes]) -> None:
+    """Replace ``path`` with ``data`` (pieces) so that a crash leaves old or new, whole."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dirfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
 class CorruptCache(Exception):
     """The cache file exists but cannot be used."""
 
@@ -93,20 +145,33 @@ class TrustCache:
     _path: str
     _salt: bytes = field(factory=lambda: secrets.token_bytes(16))
     last_checkin: Optional[float] = None
+    # In the order they were stored: the first is the one stored longest ago.
     _entries: dict[str, Entry] = field(factory=dict)
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    #: The latest time the file shows the clock had reached (None: empty cache).
+    high_water: Optional[float] = None
+    #: How the file is written: ``write_atomically``, or a failing disk in tests.
+    _write: Callable[[str, list[bytes]], None] = write_atomically
     # Each entry as it was last written ('"key":{...}'), so that a write re-encodes only the
     # entries stored since the last one: with thousands of entries, a new check-in time alone
     # must not cost a full json.dumps (hundreds of ms, and three copies of the file in memory).
     _written: dict[str, bytes] = field(factory=dict, init=False)
     _pending: Optional[IDelayedCall] = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
-    _write_failing: bool = field(default=False, init=False)
+    _retry: float = field(default=FLUSH_DELAY, init=False)
+    _mark_written: Optional[float] = field(default=None, init=False)
+    #: Why the last write failed; None once one succeeds.
+    write_error: Optional[str] = field(default=None, init=False)
     write_failures: int = field(default=0, init=False)
+    evictions: int = field(default=0, init=False)
+    _eviction_logged_at: Optional[float] = field(default=None, init=False)
 
     log = Logger()
 
     @classmethod
-    def load(cls, clock: IReactorTime, path: str) -> TrustCache:
+    def load(
+        cls, clock: IReactorTime, path: str, max_entries: int = DEFAULT_MAX_ENTRIES
+    ) -> TrustCache:
         """
         Read ``path``.  A missing file starts an empty cache; an unusable one
         is logged once, moved aside (so nobody loses it) and replaced.
@@ -115,16 +180,16 @@ class TrustCache:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return cls(clock, path)
+            return cls(clock, path, max_entries=max_entries)
         except OSError as e:
             cls.log.error(
                 "trust cache {path} cannot be read ({reason}); starting without it",
                 path=path,
                 reason=e.strerror,
             )
-            return cls(clock, path)
+            return cls(clock, path, max_entries=max_entries)
         try:
-            return cls._parse(clock, path, raw)
+            return cls._parse(clock, path, raw, max_entries)
         except CorruptCache as e:
             aside = f"{path}.corrupt-{int(clock.seconds())}"
             try:
@@ -138,26 +203,50 @@ class TrustCache:
                 reason=str(e),
                 where=where,
             )
-            return cls(clock, path)
+            return cls(clock, path, max_entries=max_entries)
 
     @classmethod
-    def _parse(cls, clock: IReactorTime, path: str, raw: bytes) -> TrustCache:
+    def _parse(
+        cls, clock: IReactorTime, path: str, raw: bytes, max_entries: int
+    ) -> TrustCache:
         try:
             obj = json.loads(raw)
             if obj.get("format") != FORMAT:
                 raise CorruptCache(f"unknown format {obj.get('format')!r}")
+            salt = bytes.fromhex(obj["salt"])
             checkin = obj["last_successful_checkin"]
-            return cls(
-                clock,
-                path,
-                salt=bytes.fromhex(obj["salt"]),
-                last_checkin=None if checkin is None else float(checkin),
-                entries={k: Entry.from_json(v) for k, v in obj["entries"].items()},
+            checkin = None if checkin is None else float(checkin)
+            entries = sorted(
+                ((k, Entry.from_json(v)) for k, v in obj["entries"].items()),
+                key=lambda item: item[1].stored_at,
             )
+            # Files written before the mark existed: the times in them were seen too.
+            seen = [float(obj.get("clock_high_water") or 0), checkin or 0]
+            seen += [entry.stored_at for _, entry in entries]
+            if not all(math.isfinite(t) for t in seen):
+                raise CorruptCache("a time that is not a finite number")
         except CorruptCache:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCache(f"{type(e).__name__}: {e}") from None
+        if len(entries) > max_entries:
+            cls.log.info(
+                "trust cache {path} holds {count} answers, more than [cache] max_entries;"
+                " keeping the {max_entries} stored last",
+                path=path,
+                count=len(entries),
+                max_entries=max_entries,
+            )
+            entries = entries[len(entries) - max_entries :]
+        return cls(
+            clock,
+            path,
+            salt=salt,
+            last_checkin=checkin,
+            entries=dict(entries),
+            max_entries=max_entries,
+            high_water=max(seen) or None,
+        )
 
     def key(
         self,
@@ -186,12 +275,34 @@ class TrustCache:
         return len(self._entries)
 
     def store(self, key: str, entry: Entry) -> None:
-        """Keep ``entry``; the file learns of it only if the answer changed."""
-        old = self._entries.get(key)
+        """
+        Keep ``entry``, last in line for eviction; the file learns of it
+        only if the answer changed.
+        """
+        old = self._entries.pop(key, None)
+        if old is None and len(self._entries) >= self.max_entries:
+            self._evict()
         self._entries[key] = entry
         self._written.pop(key, None)  # its stored_at moved, if nothing else
         if old is None or not old.same_answer(entry):
             self._changed()
+
+    def _evict(self) -> None:
+        """Drop the answer stored longest ago; say so now and then, not each time."""
+        oldest = next(iter(self._entries))
+        del self._entries[oldest]
+        self._written.pop(oldest, None)
+        self.evictions += 1
+        now = self._clock.seconds()
+        last = self._eviction_logged_at
+        if last is None or now - last >= EVICTION_LOG_INTERVAL:
+            self._eviction_logged_at = now
+            self.log.warn(
+                "trust cache is full ({max_entries} answers): each new answer replaces the"
+                " one stored longest ago ({evictions} replaced so far)",
+                max_entries=self.max_entries,
+                evictions=self.evictions,
+            )
 
     def record_checkin(self, when: float) -> None:
         self.last_checkin = when
@@ -206,6 +317,17 @@ class TrustCache:
         self._pending = None
         self.flush()
 
+    def record_time(self) -> None:
+        """Keep the file's high-water mark of the clock within ``MARK_LAG`` of now."""
+        written = self._mark_written
+        if written is None or self._clock.seconds() - written >= MARK_LAG:
+            self._changed()
+
+    @property
+    def persisted(self) -> bool:
+        """Does the file hold what memory holds, give or take ``FLUSH_DELAY``?"""
+        return self.write_error is None
+
     def flush(self) -> None:
         """Write now if anything changed; on failure keep serving from memory."""
         if self._pending is not None:
@@ -213,29 +335,42 @@ class TrustCache:
             self._pending = None
         if not self._dirty:
             return
+        mark = self._clock.seconds()
         try:
-            write_atomically(self._path, self._serialise())
+            self._write(self._path, self._serialise(mark))
         except OSError as e:
-            self.write_failures += 1
-            if not self._write_failing:
-                self.log.error(
-                    "cannot write trust cache {path}: {reason}; serving from memory",
-                    path=self._path,
-                    reason=e.strerror or str(e),
-                )
-            self._write_failing = True
-            self._pending = self._clock.callLater(FLUSH_DELAY, self._scheduled_flush)
+            self._failed(e.strerror or str(e))
             return
-        if self._write_failing:
-            self.log.info("trust cache {path} is written again", path=self._path)
-        self._write_failing = False
+        if self.write_error is not None:
+            self.log.info(
+                "trust cache {path} is written again (it could not be: {reason})",
+                path=self._path,
+                reason=self.write_error,
+            )
+        self.write_error = None
+        self._retry = FLUSH_DELAY
         self._dirty = False
+        self._mark_written = mark
 
-    def _serialise(self) -> list[bytes]:
+    def _failed(self, reason: str) -> None:
+        """Log a new reason once, and try again later, less often each time."""
+        self.write_failures += 1
+        if reason != self.write_error:
+            self.log.error(
+                "cannot write trust cache {path}: {reason}; serving from memory and retrying",
+                path=self._path,
+                reason=reason,
+            )
+        self.write_error = reason
+        self._pending = self._clock.callLater(self._retry, self._scheduled_flush)
+        self._retry = min(self._retry * 2, RETRY_MAX)
+
+    def _serialise(self, mark: float) -> list[bytes]:
         """The file's JSON, in pieces: entries unchanged since the last write are reused."""
         head = {
             "format": FORMAT,
             "last_successful_checkin": self.last_checkin,
+            "clock_high_water": mark,
             "salt": self._salt.hex(),
         }
         pieces = [json.dumps(head, separators=(",", ":"))[:-1].encode("ascii"), b',"entries":{']
@@ -252,27 +387,3 @@ class TrustCache:
             pieces.pop()
         pieces.append(b"}}")
         return pieces
-
-
-def write_atomically(path: str, data: list[bytes]) -> None:
-    """Replace ``path`` with ``data`` (pieces) so that a crash leaves old or new, whole."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.writelines(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dirfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)

@@ -480,6 +480,23 @@ def test_nan_duration_from_toml(tmp_path):
     )
 
 
+# [cache]
+
+
+def test_cache_max_entries(tmp_path):
+    assert Config().cache_max_entries == 10_000
+    assert load_text(tmp_path, "[cache]\nmax_entries = 500\n").cache_max_entries == 500
+
+
+@pytest.mark.parametrize(
+    "value, shown", [("0", "0"), ("-3", "-3"), ('"500"', "'500'"), ("1.5", "1.5"), ("true", "true")]
+)
+def test_bad_cache_max_entries_names_the_key(tmp_path, value, shown):
+    assert error(tmp_path, f"[cache]\nmax_entries = {value}\n") == (
+        f"[cache] max_entries: expected an integer of at least 1, got {shown}"
+    )
+
+
 # ${VAR} expansion
 
 

@@ -62,7 +62,10 @@ def relayed(upstream, path):
 def test_connected_at_start_and_relays(proxy, upstream):
     status = proxy.wait_state("Connected")
     assert PROBE.search(proxy.raw_status), proxy.raw_status
-    assert list(status) == ["state", "last_successful_checkin", "trust_expiration", "state_since"]
+    assert list(status) == [
+        "state", "last_successful_checkin", "trust_expiration", "state_since",
+        "cache_persisted", "cache_error",
+    ]
     assert status["last_successful_checkin"].endswith("Z")
     assert upstream.requests[0].method == "GET" and upstream.requests[0].path == "/"
 

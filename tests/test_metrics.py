@@ -84,13 +84,34 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(m["license_proxy_state_seconds", ()], 100)
         self.assertEqual(m["license_proxy_trust_remaining_seconds", ()], -100)
 
-    def test_cache_write_failures_are_counted(self):
+    def test_cache_write_failures_are_counted_and_shown_until_a_write_succeeds(self):
+        path = self.h.cache._path
+        self.assertEqual(self.scrape()["license_proxy_trust_cache_persisted", ()], 1)
         self.h.cache._path = "/nonexistent-dir/cache.json"
         self.relay()
         self.h.clock.advance(2)
-        self.h.clock.advance(2)
+        self.h.clock.advance(4)
         m = self.scrape()
         self.assertEqual(m["license_proxy_cache_write_failures_total", ()], 2)
+        self.assertEqual(m["license_proxy_trust_cache_persisted", ()], 0)
+        body = self.get(b"/v1/status")[1]
+        self.assertTrue(
+            body.endswith(b',"cache_persisted":false,"cache_error":"No such file or directory"}\n'),
+            body,
+        )
+        self.assertEqual(self.get(b"/v1/ready")[0].code, 200)  # still Connected: in memory
+        self.h.cache._path = path
+        self.h.clock.advance(8)
+        self.assertEqual(self.scrape()["license_proxy_trust_cache_persisted", ()], 1)
+        self.assertIn(b',"cache_persisted":true,"cache_error":null}', self.get(b"/v1/status")[1])
+
+    def test_evictions_are_counted_and_entries_stay_bounded(self):
+        self.h.cache.max_entries = 2
+        for n in range(5):
+            self.relay(f"/v1/check?n={n}")
+        m = self.scrape()
+        self.assertEqual(m["license_proxy_cache_entries", ()], 2)
+        self.assertEqual(m["license_proxy_cache_evictions_total", ()], 3)
 
     def test_ready_and_health(self):
         self.assertEqual(self.get(b"/v1/ready")[0].code, 503)

@@ -305,7 +305,7 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(
             self.status.as_json(),
             b'{"state":"Ready","last_successful_checkin":null,"trust_expiration":null,'
-            b'"state_since":"2027-01-15T08:00:00.000000Z"}',
+            b'"state_since":"2027-01-15T08:00:00.000000Z","cache_persisted":true,"cache_error":null}',
         )
 
     def test_connected_json_is_compact_rfc3339(self):
@@ -315,7 +315,7 @@ class StatusTests(SynchronousTestCase):
             self.status.as_json(),
             b'{"state":"Connected","last_successful_checkin":"2027-01-15T08:00:00.123456Z",'
             b'"trust_expiration":"2027-01-15T09:00:00.123456Z",'
-            b'"state_since":"2027-01-15T08:00:00.123456Z"}',
+            b'"state_since":"2027-01-15T08:00:00.123456Z","cache_persisted":true,"cache_error":null}',
         )
 
     def test_trust_based_turns_failed_when_the_window_closes(self):

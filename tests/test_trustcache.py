@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -10,7 +11,15 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-from license_proxy.trustcache import FLUSH_DELAY, Entry, TrustCache
+from license_proxy.trustcache import (
+    EVICTION_LOG_INTERVAL,
+    FLUSH_DELAY,
+    MARK_LAG,
+    RETRY_MAX,
+    Entry,
+    TrustCache,
+    write_atomically,
+)
 
 T0 = 1_800_000_000.0
 ANSWER = Entry(200, ((b"Content-Type", b"application/json"),), b'{"ok":1}', T0)
@@ -66,7 +75,8 @@ def test_an_identical_answer_does_not_dirty_the_file(tmp_path, clock):
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"[]", b'{"format":99}', b'{"format":1,"salt":"zz","entries":{},"last_successful_checkin":null}', b"\x00" * 10],
+    [b"{not json", b"[]", b'{"format":99}',
+     b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1,"clock_high_water":Infinity}', b'{"format":1,"salt":"zz","entries":{},"last_successful_checkin":null}', b"\x00" * 10],
 )
 def test_a_corrupt_file_is_moved_aside_and_logged(tmp_path, clock, content):
     path = tmp_path / "cache.json"
@@ -81,18 +91,164 @@ def test_a_corrupt_file_is_moved_aside_and_logged(tmp_path, clock, content):
     assert any("is corrupt" in m and "moved aside" in m for m in messages), messages
 
 
-def test_a_failed_write_keeps_serving_from_memory_and_recovers(tmp_path, clock):
-    blocker = tmp_path / "state"
-    blocker.write_text("a file where the state directory should be")
-    cache = TrustCache.load(clock, str(blocker / "cache.json"))
-    cache.store("k", ANSWER)
+class Disk:
+    """The cache's writer: the real one, or while ``error`` is set, an OSError with that errno."""
+
+    def __init__(self):
+        self.error = None
+        self.attempts = 0
+
+    def __call__(self, path, data):
+        self.attempts += 1
+        if self.error is not None:
+            raise OSError(self.error, os.strerror(self.error))
+        write_atomically(path, data)
+
+
+def messages(events):
+    return [e["log_format"].format(**e) for e in events]
+
+
+def test_a_failing_disk_is_reported_retried_and_recovers(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    disk = Disk()
+    cache = TrustCache(clock, str(path), write=disk)
+    cache.store("old", ANSWER)
+    cache.flush()
+    before = path.read_bytes()
+    assert (cache.persisted, cache.write_error) == (True, None)
+
+    disk.error = errno.ENOSPC
     with capturedLogs() as events:
+        cache.store("k", ANSWER)
         cache.flush()
-        clock.advance(FLUSH_DELAY)
-    errors = [e for e in events if "cannot write trust cache" in e["log_format"]]
-    assert len(errors) == 1
-    assert cache.lookup("k") == ANSWER
-    blocker.unlink()
-    blocker.mkdir()
+        assert (cache.persisted, cache.write_error) == (False, "No space left on device")
+        # Retries back off to one every RETRY_MAX seconds; new answers don't add attempts.
+        for delay in (2, 4, 8, 16, 30, 30):
+            cache.store(f"k{delay}", ANSWER)
+            clock.advance(delay - 0.001)
+            attempts = disk.attempts
+            clock.advance(0.001)
+            assert disk.attempts == attempts + 1
+        assert RETRY_MAX == 30
+        disk.error = errno.EROFS
+        clock.advance(RETRY_MAX)
+        assert cache.write_error == "Read-only file system"
+    assert messages(events) == [
+        f"cannot write trust cache {path}: No space left on device; serving from memory and retrying",
+        f"cannot write trust cache {path}: Read-only file system; serving from memory and retrying",
+    ]
+    assert cache.write_failures == 8
+    assert cache.lookup("k") == ANSWER  # served from memory
+    assert path.read_bytes() == before
+
+    disk.error = None
+    with capturedLogs() as events:
+        clock.advance(RETRY_MAX)
+    assert (cache.persisted, cache.write_error) == (True, None)
+    assert messages(events) == [
+        f"trust cache {path} is written again (it could not be: Read-only file system)"
+    ]
+    assert TrustCache.load(clock, str(path)).lookup("k30") == ANSWER
+    assert clock.getDelayedCalls() == []
+    # Back to the normal pace after a recovery.
+    disk.error = errno.EIO
+    cache.record_checkin(T0)
     clock.advance(FLUSH_DELAY)
-    assert TrustCache.load(clock, str(blocker / "cache.json")).lookup("k") == ANSWER
+    attempts = disk.attempts
+    clock.advance(FLUSH_DELAY)
+    assert disk.attempts == attempts + 1
+
+
+def test_a_missing_state_directory_is_a_write_failure_too(tmp_path, clock):
+    cache = TrustCache.load(clock, str(tmp_path / "gone" / "cache.json"))
+    cache.store("k", ANSWER)
+    cache.flush()
+    assert cache.write_error == "No such file or directory"
+    (tmp_path / "gone").mkdir()
+    clock.advance(FLUSH_DELAY)
+    assert cache.persisted
+    assert TrustCache.load(clock, str(tmp_path / "gone" / "cache.json")).lookup("k") == ANSWER
+    assert os.listdir(tmp_path / "gone") == ["cache.json"]
+
+
+def entry_at(when):
+    return Entry(200, (), b"answer at %d" % when, when)
+
+
+def test_when_full_the_answer_stored_longest_ago_makes_room(tmp_path, clock):
+    path = str(tmp_path / "cache.json")
+    cache = TrustCache.load(clock, path, max_entries=3)
+    for n in range(3):
+        cache.store(f"k{n}", entry_at(T0 + n))
+    cache.store("k0", entry_at(T0 + 3))  # k0 is stored again: k1 is now the oldest
+    assert (len(cache), cache.evictions) == (3, 0)
+    with capturedLogs() as events:
+        cache.store("k3", entry_at(T0 + 4))
+        cache.store("k4", entry_at(T0 + 5))
+    assert [k for k in ("k0", "k1", "k2", "k3", "k4") if cache.lookup(k)] == ["k0", "k3", "k4"]
+    assert (len(cache), cache.evictions) == (3, 2)
+    # Logged once, not once per eviction...
+    assert messages(events) == [
+        "trust cache is full (3 answers): each new answer replaces the one stored longest ago"
+        " (1 replaced so far)"
+    ]
+    # ...and again after an hour, if it is still happening.
+    with capturedLogs() as events:
+        clock.advance(EVICTION_LOG_INTERVAL - 1)
+        cache.store("k5", entry_at(T0 + 6))
+        clock.advance(1)
+        cache.store("k6", entry_at(T0 + 7))
+    assert [e["evictions"] for e in events if "is full" in e["log_format"]] == [4]
+
+    cache.flush()
+    again = TrustCache.load(clock, path, max_entries=3)
+    assert [k for k in ("k4", "k5", "k6") if again.lookup(k)] == ["k4", "k5", "k6"]
+    # A lower bound after a restart keeps the answers stored last.
+    with capturedLogs() as events:
+        fewer = TrustCache.load(clock, path, max_entries=2)
+    assert [k for k in ("k4", "k5", "k6") if fewer.lookup(k)] == ["k5", "k6"]
+    assert "holds 3 answers, more than [cache] max_entries" in messages(events)[0]
+    fewer.store("k7", entry_at(T0 + 8))
+    assert [k for k in ("k5", "k6", "k7") if fewer.lookup(k)] == ["k6", "k7"]
+
+
+def test_the_file_keeps_the_clock_high_water_mark(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.record_checkin(T0 - 100)
+    clock.advance(FLUSH_DELAY)
+    assert json.loads(path.read_bytes())["clock_high_water"] == T0 + FLUSH_DELAY
+    assert TrustCache.load(clock, str(path)).high_water == T0 + FLUSH_DELAY
+
+
+def test_the_mark_alone_is_written_at_most_once_a_minute(tmp_path, clock):
+    """During an outage nothing else changes: the mark must still keep up, cheaply."""
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.record_time()
+    clock.advance(FLUSH_DELAY)
+    assert json.loads(path.read_bytes())["clock_high_water"] == T0 + FLUSH_DELAY
+    cache.record_time()
+    clock.advance(MARK_LAG - 1)
+    cache.record_time()
+    assert clock.getDelayedCalls() == []
+    clock.advance(1)
+    cache.record_time()
+    clock.advance(FLUSH_DELAY)
+    assert json.loads(path.read_bytes())["clock_high_water"] == T0 + MARK_LAG + 2 * FLUSH_DELAY
+
+
+def test_a_file_without_the_mark_takes_the_latest_time_in_it(tmp_path, clock):
+    """Files written before the mark existed still load; the times in them were seen."""
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k", entry_at(T0 + 50))
+    cache.record_checkin(T0 + 20)
+    cache.flush()
+    obj = json.loads(path.read_bytes())
+    del obj["clock_high_water"]
+    path.write_text(json.dumps(obj))
+    old = TrustCache.load(clock, str(path))
+    assert (old.high_water, old.last_checkin, old.lookup("k")) == (T0 + 50, T0 + 20, entry_at(T0 + 50))
+    assert TrustCache.load(clock, str(tmp_path / "none.json")).high_water is None

@@ -22,6 +22,7 @@ import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 from tests.support.client import exchange
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -179,25 +180,29 @@ class ProxyProcess:
         status.  Fails at once if the process exits.
         """
         wanted = (state,) if isinstance(state, str) else tuple(state)
+        return self.wait_status(lambda s: s.get("state") in wanted, f"state {wanted}", timeout)
+
+    def wait_status(self, accept: Callable[[dict], bool], wanted: str, timeout: float = 15) -> dict:
+        """Poll the status every 50 ms until ``accept(status)``, described as ``wanted``."""
         deadline = time.monotonic() + timeout
         last: object = "no answer yet"
         while True:
             if not self.running:
                 code = None if self.process is None else self.process.returncode
                 raise AssertionError(
-                    f"license-proxy exited ({code}) while waiting for state {wanted}; "
+                    f"license-proxy exited ({code}) while waiting for {wanted}; "
                     f"last status: {last}\n{self._log_tail()}"
                 )
             try:
                 current = self.status(timeout=1)
                 last = self.raw_status
-                if current.get("state") in wanted:
+                if accept(current):
                     return current
             except (OSError, ValueError, http.client.HTTPException) as e:
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() >= deadline:
                 raise AssertionError(
-                    f"license-proxy not in state {wanted} after {timeout}s; "
+                    f"license-proxy not in {wanted} after {timeout}s; "
                     f"last status: {last}\n{self._log_tail()}"
                 )
             time.sleep(0.05)

@@ -1,0 +1,129 @@
+"""
+End to end: a real proxy whose state directory is a real, small tmpfs that
+fills up (ENOSPC) or is remounted read-only under it.  The proxy must keep
+serving from memory, say so in its status, log and metrics, never damage the
+cache file already there, leave no temporary file, and recover by itself when
+the disk does.  Mounting needs root, which CI has: no mount is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.support.proxy import ProxyProcess
+from tests.test_e2e import PROBE, config
+from tests.test_operations_e2e import scrape
+
+WRITE_FAILS = "cannot write trust cache"
+
+
+def _run(*command: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+@pytest.fixture
+def state(tmp_path):
+    """``tmp_path/state``: a 256 kB tmpfs, unmounted after the test."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    _run("mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(directory))
+    yield directory
+    _run("umount", str(directory))
+
+
+@pytest.fixture
+def proxy(tmp_path, pki, upstream, state):
+    text = config(tmp_path, pki, upstream.url, trust='duration = "1h"\ncheckin_interval = "1s"')
+    with ProxyProcess(tmp_path, text) as p:
+        p.wait_state("Connected")
+        upstream.respond(body=b'{"license":"first"}')
+        assert p.request("GET", "/v1/first")[0] == 200
+        p.wait_status(lambda _: len(entries(state)) == 1, "the first answer on disk")
+        yield p
+
+
+def entries(state) -> dict:
+    try:
+        return json.loads((state / "trust-cache.json").read_bytes())["entries"]
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def not_persisted(status: dict) -> bool:
+    return status["cache_persisted"] is False
+
+
+def persisted(status: dict) -> bool:
+    return status["cache_persisted"] is True
+
+
+def fill(state) -> None:
+    with open(state / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.strerror == "No space left on device"
+
+
+def test_a_full_disk_keeps_the_proxy_serving_from_memory_and_it_recovers(proxy, upstream, state):
+    saved = (state / "trust-cache.json").read_bytes()
+    fill(state)
+    status = proxy.wait_status(not_persisted, "cache_persisted false")
+    assert status["cache_error"] == "No space left on device"
+    assert status["state"] == "Connected" and PROBE.search(proxy.raw_status)
+    assert scrape(proxy)["license_proxy_trust_cache_persisted", ()] == 0
+
+    # New answers are kept in memory, and served from there when the license server is gone.
+    upstream.respond(body=b'{"license":"second"}')
+    assert proxy.request("GET", "/v1/second")[0] == 200
+    upstream.stop()
+    code, _, body = proxy.request("GET", "/v1/second")
+    assert (code, body) == (200, b'{"license":"second"}')
+    assert proxy.wait_state("TrustBased")["cache_persisted"] is False
+    upstream.start()
+    proxy.wait_state("Connected")
+
+    # The file in place was never touched, and no temporary file was left.
+    assert (state / "trust-cache.json").read_bytes() == saved
+    assert not list(state.glob("*.tmp-*"))
+
+    (state / "filler").unlink()
+    status = proxy.wait_status(persisted, "cache_persisted true", timeout=40)
+    assert status["cache_error"] is None
+    assert scrape(proxy)["license_proxy_trust_cache_persisted", ()] == 1
+    assert len(entries(state)) == 2
+    log = proxy.log_text()
+    assert log.count(WRITE_FAILS) == 1
+    assert f"{WRITE_FAILS} {state}/trust-cache.json: No space left on device" in log
+    assert "is written again (it could not be: No space left on device)" in log
+    assert "Traceback" not in log
+
+
+def test_a_read_only_disk_is_reported_it_recovers_and_a_stop_is_still_clean(proxy, state):
+    _run("mount", "-o", "remount,ro", str(state))
+    status = proxy.wait_status(not_persisted, "cache_persisted false")
+    assert status["cache_error"] == "Read-only file system"
+    assert status["state"] == "Connected"
+
+    _run("mount", "-o", "remount,rw", str(state))
+    proxy.wait_status(persisted, "cache_persisted true", timeout=40)
+    before = json.loads((state / "trust-cache.json").read_bytes())["last_successful_checkin"]
+    proxy.wait_status(
+        lambda _: json.loads((state / "trust-cache.json").read_bytes())["last_successful_checkin"]
+        > before,
+        "check-ins written again",
+    )
+
+    _run("mount", "-o", "remount,ro", str(state))
+    proxy.wait_status(not_persisted, "cache_persisted false")
+    assert proxy.terminate() in (0, -15)
+    log = proxy.log_text()
+    assert log.count(f"{WRITE_FAILS} {state}/trust-cache.json: Read-only file system") == 2
+    assert "Traceback" not in log
+    assert not list(state.glob("*.tmp-*"))
