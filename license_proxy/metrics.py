@@ -60,6 +60,34 @@ class RelayMetrics:
         return cls(outcomes, latency)
 
 
+@define
+class ListenerMetrics:
+    """What the listeners refuse: connections over a limit, requests they answer themselves."""
+
+    refused: Counter
+    rejected: Counter
+
+    @classmethod
+    def on(cls, registry: CollectorRegistry) -> ListenerMetrics:
+        refused = Counter(
+            "license_proxy_connections_refused",
+            "Connections closed at once, over the total or the per-peer limit of a listener.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("total", "per_peer"):
+            refused.labels(reason)
+        rejected = Counter(
+            "license_proxy_requests_rejected",
+            "Requests a listener answered itself and closed (400, 408, 413, 414, 431).",
+            ["code"],
+            registry=registry,
+        )
+        for code in ("400", "408", "413", "414", "431"):
+            rejected.labels(code)
+        return cls(refused, rejected)
+
+
 @define(eq=False)  # a registry keeps collectors in a dict
 class StateCollector:
     """The state and its times, read from ``Status`` and the cache at scrape time."""
