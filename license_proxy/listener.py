@@ -214,8 +214,7 @@ class GuardedSite(QuietSite):
         self.rejected = rejected
 
 
-
-_LIMIT_KEYS = {"total": "max_connections", "per_peer": "max_connections_per_peer"}
+LIMIT_KEYS = {"total": "max_connections", "per_peer": "max_connections_per_peer"}
 """The ``reason`` label of a refused connection, and the config key of its limit."""
 
 
@@ -234,7 +233,7 @@ class ConnectionLimits(WrappingFactory):
         self, wrapped, config: Config, clock: IReactorTime, refused: Counter, listener: str
     ) -> None:
         super().__init__(wrapped)
-        self._limits = {reason: getattr(config, key) for reason, key in _LIMIT_KEYS.items()}
+        self._limits = {reason: getattr(config, key) for reason, key in LIMIT_KEYS.items()}
         self._clock = clock
         self._refused = refused
         self._listener = listener
@@ -272,7 +271,7 @@ class ConnectionLimits(WrappingFactory):
             " since the last warning, the latest from {peer}",
             listener=self._listener,
             count=self._unwarned.pop(reason),
-            key=_LIMIT_KEYS[reason],
+            key=LIMIT_KEYS[reason],
             limit=self._limits[reason],
             peer=host,
         )

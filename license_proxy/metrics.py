@@ -19,6 +19,7 @@ from prometheus_client.exposition import generate_latest
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
+from .listener import LIMIT_KEYS, REJECTIONS
 from .status import CONNECTED, FAILED, READY, TRUST_BASED, Status
 from .trustcache import TrustCache
 
@@ -75,7 +76,7 @@ class ListenerMetrics:
             ["reason"],
             registry=registry,
         )
-        for reason in ("total", "per_peer"):
+        for reason in LIMIT_KEYS:
             refused.labels(reason)
         rejected = Counter(
             "license_proxy_requests_rejected",
@@ -83,8 +84,8 @@ class ListenerMetrics:
             ["code"],
             registry=registry,
         )
-        for code in ("400", "408", "413", "414", "431"):
-            rejected.labels(code)
+        for code in REJECTIONS:
+            rejected.labels(str(code))
         return cls(refused, rejected)
 
 
