@@ -38,6 +38,11 @@ class Config:
     tls: bool = True  # [server] tls: false serves plain HTTP on the licensing listener
     tls_cert: str | None = None  # [server] tls_cert: PEM path
     tls_key: str | None = None  # [server] tls_key: PEM path
+    max_body_size: int = 1048576  # [server] max_body_size, bytes
+    header_timeout: float = 10.0  # [server] header_timeout, seconds from a request's first byte
+    idle_timeout: float = 60.0  # [server] idle_timeout, seconds
+    max_connections: int = 4096  # [server] max_connections, per listener
+    max_connections_per_peer: int = 1024  # [server] max_connections_per_peer, per listener
     fips: bool = False  # [fips] mode
     server_urls: tuple[str, ...] = ("https://license.deepgram.com",)  # [license] server_url
     key: str | None = attrs.field(default=None, repr=False)  # [license] key: a secret
@@ -216,7 +221,7 @@ def _port(value: object) -> int:
 
 def _positive_integer(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected an integer of at least 1, got {_show(value)}")
+        raise ValueError(f"expected an integer greater than 0, got {_show(value)}")
     return value
 
 
@@ -320,6 +325,11 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
     ("server", "tls"): ("tls", _boolean),
     ("server", "tls_cert"): ("tls_cert", _readable_file),
     ("server", "tls_key"): ("tls_key", _readable_file),
+    ("server", "max_body_size"): ("max_body_size", _positive_integer),
+    ("server", "header_timeout"): ("header_timeout", parse_duration),
+    ("server", "idle_timeout"): ("idle_timeout", parse_duration),
+    ("server", "max_connections"): ("max_connections", _positive_integer),
+    ("server", "max_connections_per_peer"): ("max_connections_per_peer", _positive_integer),
     ("fips", "mode"): ("fips", _fips_mode),
     ("license", "server_url"): ("server_urls", _server_urls),
     ("license", "key"): ("key", _secret),

@@ -19,6 +19,7 @@ from prometheus_client.exposition import generate_latest
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
+from .listener import LIMIT_KEYS, REJECTIONS
 from .status import CONNECTED, FAILED, READY, TRUST_BASED, Status
 from .trustcache import TrustCache
 
@@ -58,6 +59,34 @@ class RelayMetrics:
             registry=registry,
         )
         return cls(outcomes, latency)
+
+
+@define
+class ListenerMetrics:
+    """What the listeners refuse: connections over a limit, requests they answer themselves."""
+
+    refused: Counter
+    rejected: Counter
+
+    @classmethod
+    def on(cls, registry: CollectorRegistry) -> ListenerMetrics:
+        refused = Counter(
+            "license_proxy_connections_refused",
+            "Connections closed at once, over the total or the per-peer limit of a listener.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in LIMIT_KEYS:
+            refused.labels(reason)
+        rejected = Counter(
+            "license_proxy_requests_rejected",
+            "Requests a listener answered itself and closed (400, 408, 413, 414, 431).",
+            ["code"],
+            registry=registry,
+        )
+        for code in REJECTIONS:
+            rejected.labels(str(code))
+        return cls(refused, rejected)
 
 
 @define(eq=False)  # a registry keeps collectors in a dict

@@ -20,13 +20,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web.server import Site
 
+from . import runtime
 from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
 from .config import Config, ConfigError
 from .egress import Settings
-from .metrics import MetricsPage, RelayMetrics, registry_for
+from .listener import ConnectionLimits, GuardedSite
+from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, registry_for
 from .relay import Relay
 from .status import Status, status_resource
 from .tls import listener_options, upstream_tls
@@ -34,21 +35,8 @@ from .tlsreload import CertificateReload, ListenerTLS, OnSignal
 from .trustcache import TrustCache
 from .upstream import Upstream
 
-IDLE_TIMEOUT = 60
-"""Seconds an idle client connection is kept open."""
-
 CLOSE_TIMEOUT = 5
 """Seconds a stop waits for clients to take their last answers."""
-
-
-class QuietSite(Site):
-    """A ``Site`` without the access log: the relay (and the demo server) log
-    each request themselves, without query strings, which may carry secrets."""
-
-    noisy = False
-
-    def log(self, request) -> None:
-        pass
 
 
 class _Connections(WrappingFactory):
@@ -190,8 +178,9 @@ def make_service(
     # waits for the requests in flight.
     # Bodies are relayed as they are: never parsed as forms (a multipart body twisted.web
     # cannot parse would otherwise get its 400 instead of the license server's answer).
+    guarded = ListenerMetrics.on(registry)
     connections = _Connections(
-        QuietSite(relay, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
+        GuardedSite(relay, config, reactor, guarded.rejected, parsePOSTFormSubmission=False)
     )
     _Lifecycle(
         checkin, relay, cache, upstream, connections, config, reactor, fatal
@@ -203,14 +192,17 @@ def make_service(
         licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
     reload = CertificateReload(reactor, config, listener_tls, upstream_certificates)
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
-    strports.service(
-        _tcp(config.host, config.port), licensing, reactor=reactor
-    ).setServiceParent(top)
-    strports.service(
-        _tcp(config.host, config.status_port),
-        QuietSite(status_resource(status, MetricsPage(registry)), timeout=IDLE_TIMEOUT),
-        reactor=reactor,
-    ).setServiceParent(top)
+    status_site = GuardedSite(
+        status_resource(status, MetricsPage(registry)), config, reactor, guarded.rejected
+    )
+    for port, factory, name in (
+        (config.port, licensing, "licensing"),
+        (config.status_port, status_site, "status"),
+    ):
+        limited = ConnectionLimits(factory, config, reactor, guarded.refused, name)
+        strports.service(_tcp(config.host, port), limited, reactor=reactor).setServiceParent(top)
+    # Each listener connection is a file, and a licensing one may hold an upstream one.
+    runtime.raise_open_files_limit(3 * config.max_connections)
     return top
 
 

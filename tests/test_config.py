@@ -493,7 +493,7 @@ def test_cache_max_entries(tmp_path):
 )
 def test_bad_cache_max_entries_names_the_key(tmp_path, value, shown):
     assert error(tmp_path, f"[cache]\nmax_entries = {value}\n") == (
-        f"[cache] max_entries: expected an integer of at least 1, got {shown}"
+        f"[cache] max_entries: expected an integer greater than 0, got {shown}"
     )
 
 
@@ -564,7 +564,8 @@ def test_expanded_value_is_validated(tmp_path):
 def test_unknown_key(tmp_path):
     assert error(tmp_path, "[server]\nprot = 8443\n") == (
         "unknown key [server] prot (known: host, port, base_url, status_port, tls, tls_cert,"
-        " tls_key)"
+        " tls_key, max_body_size, header_timeout, idle_timeout, max_connections,"
+        " max_connections_per_peer)"
     )
 
 

@@ -1,0 +1,279 @@
+"""
+What every client connection is allowed, on both listeners.
+
+twisted.web alone trusts its clients: no limit on a request body (it spills to a temp file),
+an idle timeout that every byte resets (so a head sent byte by byte never times out), and 400
+for a head that is too large.  ``GuardedSite`` is a ``Site`` whose channel answers, and then
+closes the connection:
+
+- 413 when a body goes over ``max_body_size``: at once from its Content-Length, before the
+  body is read, or as soon as a chunked body grows past it;
+- 431 when the head has more than ``MAX_HEADERS`` header lines or more than ``MAX_HEAD_SIZE``
+  bytes (414 when the request line alone is that long), 400 when it is malformed;
+- 408 when a request, head and body, is not complete ``header_timeout`` after its first byte
+  (more bytes do not move that deadline).  Licensing bodies are a few kilobytes, so a slow
+  POST is the same attack as a slow head.
+
+A refused request never reaches the resource.  Between requests the idle timeout still
+applies: it also closes a connection that never sends a byte, or never starts TLS.
+``ConnectionLimits`` wraps a listener's outermost factory and closes, before any TLS or HTTP
+work, a connection over the listener's total or per-peer limit.
+
+Seams in twisted.web (26.x): ``HTTPChannel`` methods ``lineReceived``, ``allHeadersReceived``,
+``allContentReceived``, ``rawDataReceived``, ``requestDone``, ``lineLengthExceeded`` and the
+private ``_respondToBadRequestAndDisconnect`` (overridden, not imported: it is where Twisted
+answers 400, and overriding it is the only way to count those and close them like the rest).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+from .config import Config
+
+MAX_HEADERS = 100
+"""Header lines in one request (nginx and Apache allow 100)."""
+
+MAX_HEAD_SIZE = 16384
+"""Bytes in one request head, request line and line ends included (Twisted's own total)."""
+
+WARNING_INTERVAL = 10.0
+"""Seconds between two warnings about refused connections for the same reason."""
+
+BAD_REQUEST = 400
+REQUEST_TIMEOUT = 408
+CONTENT_TOO_LARGE = 413
+URI_TOO_LONG = 414
+HEADERS_TOO_LARGE = 431
+REJECTIONS = (BAD_REQUEST, REQUEST_TIMEOUT, CONTENT_TOO_LARGE, URI_TOO_LONG, HEADERS_TOO_LARGE)
+
+_PHRASES = {
+    BAD_REQUEST: b"Bad Request",
+    REQUEST_TIMEOUT: b"Request Timeout",
+    CONTENT_TOO_LARGE: b"Content Too Large",
+    URI_TOO_LONG: b"URI Too Long",
+    HEADERS_TOO_LARGE: b"Request Header Fields Too Large",
+}
+
+
+class QuietSite(Site):
+    """A ``Site`` without the access log: the relay (and the demo server) log
+    each request themselves, without query strings, which may carry secrets."""
+
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
+class _GuardedRequest(Request):
+    """A request that asks its channel before taking each piece of its body."""
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.channel.admitBody(len(data)):
+            super().handleContentChunk(data)
+
+
+class _GuardedChannel(HTTPChannel):
+    """An ``HTTPChannel`` that refuses what ``GuardedSite`` does not allow."""
+
+    MAX_LENGTH = MAX_HEAD_SIZE  # a longer line can't be part of an allowed head
+
+    _headLines = 0  # lines of the head so far: the request line, then headers
+    _headBytes = 0
+    _bodyBytes = 0
+    _deadline: IDelayedCall | None = None  # while a request is arriving
+    _answering = False  # a complete request is with the resource
+    _refused = False  # an answer was sent; the rest of the input is ignored
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._deadline is None and not self._answering:
+            self._deadline = self.callLater(self.site.config.header_timeout, self._tooSlow)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if line or self._headLines:  # not the stray line end some clients send first
+            self._headBytes += len(line) + 2
+            if line:
+                self._headLines += 1
+            if self._headBytes > MAX_HEAD_SIZE:
+                self._refuse(URI_TOO_LONG if self._headLines == 1 else HEADERS_TOO_LARGE)
+                return
+            if self._headLines > MAX_HEADERS + 1:
+                self._refuse(HEADERS_TOO_LARGE)
+                return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(URI_TOO_LONG if self._headLines == 0 else HEADERS_TOO_LARGE)
+
+    def allHeadersReceived(self) -> None:
+        self._headLines = self._headBytes = self._bodyBytes = 0
+        if self.length is not None and self.length > self.site.config.max_body_size:
+            self._refuse(CONTENT_TOO_LARGE)
+            return
+        super().allHeadersReceived()
+
+    def admitBody(self, size: int) -> bool:
+        """Whether ``size`` more bytes of body are allowed (if not, the answer is 413)."""
+        if self._refused:
+            return False
+        self._bodyBytes += size
+        if self._bodyBytes > self.site.config.max_body_size:
+            self._refuse(CONTENT_TOO_LARGE)
+            return False
+        return True
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if self._refused:  # the end of a body that was already answered with 413
+            return
+        self._cancelDeadline()
+        self._answering = True
+        super().allContentReceived()
+
+    def requestDone(self, request) -> None:
+        self._answering = False  # before Twisted replays the next request's bytes
+        super().requestDone(request)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._refuse(BAD_REQUEST)
+
+    def _tooSlow(self) -> None:
+        self._deadline = None
+        self._refuse(REQUEST_TIMEOUT)
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _refuse(self, code: int) -> None:
+        """Answer ``code`` and close, ignoring whatever else arrives."""
+        if self._refused:
+            return
+        self._refused = True
+        self._cancelDeadline()
+        self.site.rejected.labels(str(code)).inc()
+        body = _REASONS[code](self.site.config).encode("ascii") + b"\n"
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (code, _PHRASES[code], len(body), body)
+        )
+        self.loseConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._cancelDeadline()
+        super().connectionLost(reason)
+
+
+_REASONS = {
+    BAD_REQUEST: lambda config: "malformed request",
+    REQUEST_TIMEOUT: lambda config: (
+        f"request not complete {config.header_timeout:g} s after its first byte"
+    ),
+    CONTENT_TOO_LARGE: lambda config: f"request body over {config.max_body_size} bytes",
+    URI_TOO_LONG: lambda config: f"request line over {MAX_HEAD_SIZE} bytes",
+    HEADERS_TOO_LARGE: lambda config: (
+        f"request head over {MAX_HEAD_SIZE} bytes or {MAX_HEADERS} header lines"
+    ),
+}
+
+
+class GuardedSite(QuietSite):
+    """
+    A ``QuietSite`` whose connections follow ``config``'s limits; ``rejected``
+    counts the requests it answers itself, by status code.
+    """
+
+    protocol = _GuardedChannel
+
+    def __init__(
+        self, resource, config: Config, reactor: IReactorTime, rejected: Counter, **kwargs
+    ) -> None:
+        super().__init__(
+            resource,
+            requestFactory=_GuardedRequest,
+            timeout=config.idle_timeout,
+            reactor=reactor,
+            **kwargs,
+        )
+        self.config = config
+        self.rejected = rejected
+
+
+LIMIT_KEYS = {"total": "max_connections", "per_peer": "max_connections_per_peer"}
+"""The ``reason`` label of a refused connection, and the config key of its limit."""
+
+
+class ConnectionLimits(WrappingFactory):
+    """
+    Closes a new connection at once when the listener already has
+    ``max_connections``, or its peer address ``max_connections_per_peer``; counts
+    each in ``refused`` and warns at most every ``WARNING_INTERVAL`` seconds per
+    reason.  Outermost on a listener, so a refused connection costs no TLS.
+    """
+
+    noisy = False
+    log = Logger()
+
+    def __init__(
+        self, wrapped, config: Config, clock: IReactorTime, refused: Counter, listener: str
+    ) -> None:
+        super().__init__(wrapped)
+        self._limits = {reason: getattr(config, key) for reason, key in LIMIT_KEYS.items()}
+        self._clock = clock
+        self._refused = refused
+        self._listener = listener
+        self._peers: dict[object, str] = {}  # protocol -> peer host
+        self._perPeer: dict[str, int] = {}
+        self._warned: dict[str, float] = {}
+        self._unwarned: dict[str, int] = {}
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", "")
+        if len(self.protocols) >= self._limits["total"]:
+            return self._refuse("total", host)
+        if self._perPeer.get(host, 0) >= self._limits["per_peer"]:
+            return self._refuse("per_peer", host)
+        protocol = super().buildProtocol(addr)
+        self._peers[protocol] = host
+        self._perPeer[host] = self._perPeer.get(host, 0) + 1
+        return protocol
+
+    def unregisterProtocol(self, p) -> None:
+        super().unregisterProtocol(p)
+        host = self._peers.pop(p)
+        self._perPeer[host] -= 1
+        if not self._perPeer[host]:
+            del self._perPeer[host]
+
+    def _refuse(self, reason: str, host: str) -> None:
+        self._refused.labels(reason).inc()
+        now = self._clock.seconds()
+        self._unwarned[reason] = self._unwarned.get(reason, 0) + 1
+        if now - self._warned.get(reason, -WARNING_INTERVAL) < WARNING_INTERVAL:
+            return None
+        self.log.warn(
+            "{listener} listener: refused {count} connection(s) over [server] {key} = {limit}"
+            " since the last warning, the latest from {peer}",
+            listener=self._listener,
+            count=self._unwarned.pop(reason),
+            key=LIMIT_KEYS[reason],
+            limit=self._limits[reason],
+            peer=host,
+        )
+        self._warned[reason] = now
+        return None
