@@ -40,18 +40,15 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IAgent, IPolicyForHTTPS
 from zope.interface import implementer
 
 from .egress import Egress, Settings
+from .pool import BytesBody, RetryingPool
 from .tunnel import ProxyError
 
 MAX_ANSWER = 16 * 1024 * 1024
 """Largest answer body accepted; licensing answers are a few kilobytes."""
-
-POOL_IDLE_TIMEOUT = 20.0
-"""Seconds an idle pooled connection is kept: below common keep-alive
-timeouts of servers, so the upstream rarely closes one under us."""
 
 _HIDDEN_ENCODING = b"x-license-proxy-content-encoding"
 
@@ -162,32 +159,6 @@ def _no_cookies() -> IndexableCookieJar:
     return IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
-@implementer(IBodyProducer)
-@frozen
-class _Bytes:
-    """A request body already in memory, written at once (no cooperator,
-    hence no hidden use of the global reactor)."""
-
-    data: bytes
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-    def startProducing(self, consumer):
-        consumer.write(self.data)
-        return succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
 class _BodyReader(Protocol):
     """Collect an answer body and tell whether its end was certain."""
 
@@ -264,9 +235,8 @@ class Upstream:
     ) -> Upstream:
         """The production client: pooled connections, verified TLS, direct
         or through the forward proxy ``egress`` chooses."""
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool = RetryingPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
-        pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
         agent = Agent.usingEndpointFactory(reactor, Egress(reactor, tls, egress), pool=pool)
         return cls.using(agent, reactor, urls, timeout, pool)
 
@@ -316,7 +286,7 @@ class Upstream:
             method.decode("ascii"),
             _URI.from_text(target.decode("ascii")),
             headers=headers,
-            data=None if body is None else _Bytes(body),
+            data=None if body is None else BytesBody(body),
             allow_redirects=False,
             unbuffered=True,
         )
