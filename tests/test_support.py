@@ -213,6 +213,52 @@ def test_reset_in_body(pki, upstream):
     assert end == "RST"
 
 
+def test_reset_in_headers(pki, upstream):
+    upstream.mode = "reset_in_headers"
+    plaintext, end = raw_exchange(upstream, pki.ca_cert)
+    assert plaintext == b"HTTP/1.1 200 OK\r\nContent-Type: appl"
+    assert end == "RST"
+
+
+def test_close_reused_answers_a_connection_once(pki, upstream):
+    upstream.mode = "close_reused"
+    conn = http.client.HTTPSConnection(
+        "localhost", upstream.port, context=client_context(pki.ca_cert), timeout=5
+    )
+    conn.request("GET", "/first")
+    assert conn.getresponse().read()
+    conn.request("GET", "/second")
+    with pytest.raises(http.client.RemoteDisconnected):
+        conn.getresponse()
+    conn.close()
+    assert [r.path for r in upstream.requests] == ["/first", "/second"]
+    # A new connection is answered again.
+    assert get(upstream, context=client_context(pki.ca_cert))[0].status == 200
+
+
+def test_an_idle_connection_is_closed_after_idle_timeout(pki, upstream):
+    upstream.idle_timeout = 0.2
+    conn = http.client.HTTPSConnection(
+        "localhost", upstream.port, context=client_context(pki.ca_cert), timeout=5
+    )
+    conn.request("GET", "/")
+    conn.getresponse().read()
+    deadline = time.monotonic() + 5
+    while upstream.idle_closes == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert conn.sock.recv(1) == b""  # the close reached the client
+    conn.close()
+    assert upstream.idle_closes == 1
+
+
+def test_use_certificate_applies_to_new_connections(pki, upstream):
+    upstream.use_certificate(pki.wrong_host_cert, pki.wrong_host_key)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        get(upstream, context=client_context(pki.ca_cert))
+    upstream.use_certificate(pki.server_cert, pki.server_key)
+    assert get(upstream, context=client_context(pki.ca_cert))[0].status == 200
+
+
 def test_truncated_ends_cleanly(pki, upstream):
     upstream.mode = "truncated"
     upstream.respond(body=b"0123456789abcdef")
