@@ -21,6 +21,7 @@ from twisted.web.resource import Resource
 
 from .status import CONNECTED, FAILED, READY, TRUST_BASED, Status
 from .trustcache import TrustCache
+from .upstream import Upstream
 
 #: ``outcome`` label values of ``license_proxy_relays_total``.
 UPSTREAM_OK = "upstream_ok"  # the license server answered below 400
@@ -102,6 +103,21 @@ class StateCollector:
             "license_proxy_cache_write_failures",
             "Failed writes of the trust cache file.",
             value=self._cache.write_failures,
+        )
+
+
+@define(eq=False)
+class UpstreamCollector:
+    """What the client to the license server counts, read at scrape time."""
+
+    _upstream: Upstream
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "license_proxy_upstream_retries",
+            "Requests sent again on a new connection after a pooled one failed"
+            " before any answer.",
+            value=self._upstream.retries,
         )
 
 

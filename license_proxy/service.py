@@ -24,7 +24,7 @@ from twisted.web.server import Site
 from .checkin import CheckIn, StartupFailed
 from .config import Config, ConfigError
 from .egress import Settings
-from .metrics import MetricsPage, RelayMetrics, registry_for
+from .metrics import MetricsPage, RelayMetrics, UpstreamCollector, registry_for
 from .relay import Relay
 from .status import Status, status_resource
 from .tls import listener_options, upstream_tls
@@ -170,6 +170,7 @@ def make_service(
         reactor, config.server_urls, config.timeout, upstream_certificates, egress
     )
     registry = registry_for(reactor, status, cache)
+    registry.register(UpstreamCollector(upstream))
     relay = Relay(
         reactor,
         upstream,

@@ -33,7 +33,6 @@ from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
-    HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
@@ -204,7 +203,7 @@ class Upstream:
     _treq: HTTPClient
     _urls: Sequence[bytes]
     _timeout: float
-    _pool: Optional[HTTPConnectionPool] = None
+    _pool: Optional[RetryingPool] = None
 
     @classmethod
     def using(
@@ -213,7 +212,7 @@ class Upstream:
         clock: IReactorTime,
         urls: Sequence[str],
         timeout: float,
-        pool: Optional[HTTPConnectionPool] = None,
+        pool: Optional[RetryingPool] = None,
     ) -> Upstream:
         """The client over ``agent``, made transparent (see the module's doc)."""
         return cls(
@@ -239,6 +238,11 @@ class Upstream:
         pool.maxPersistentPerHost = 16
         agent = Agent.usingEndpointFactory(reactor, Egress(reactor, tls, egress), pool=pool)
         return cls.using(agent, reactor, urls, timeout, pool)
+
+    @property
+    def retries(self) -> int:
+        """Requests sent again after a pooled connection failed (see ``pool``)."""
+        return 0 if self._pool is None else self._pool.retries
 
     def close(self) -> Deferred:
         """Close idle pooled connections cleanly (at shutdown)."""

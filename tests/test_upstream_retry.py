@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from attrs import define, field
+from prometheus_client import CollectorRegistry
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -23,6 +24,7 @@ from twisted.web.client import (
 )
 from twisted.web.http_headers import Headers
 
+from license_proxy.metrics import UpstreamCollector
 from license_proxy.pool import BytesBody, RetryingPool, should_retry
 from license_proxy.upstream import Upstream, UpstreamFailure
 
@@ -92,6 +94,9 @@ class RetryTests(SynchronousTestCase):
         self.server.answer(1)
         self.assertEqual(self.successResultOf(d).body, b"ok")
         self.assertEqual((len(self.server.connections), self.pool.retries), (2, 1))
+        registry = CollectorRegistry()
+        registry.register(UpstreamCollector(self.upstream))
+        self.assertEqual(registry.get_sample_value("license_proxy_upstream_retries_total"), 1)
 
     def test_a_post_that_may_have_been_sent_is_not_sent_again(self):
         self.pooled()

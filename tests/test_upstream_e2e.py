@@ -1,0 +1,49 @@
+"""
+End to end, a kept-alive connection to the license server that the server
+closed: a real ``twistd license-proxy``, the real TLS upstream, real sockets.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.support.proxy import ProxyProcess
+from tests.test_e2e import config, relayed
+from tests.test_operations_e2e import scrape
+
+
+@pytest.mark.parametrize(
+    "method, closing, attempts, trusted",
+    [
+        # The upstream closes a kept-alive connection as the next request arrives.
+        ("GET", "close_reused", 2, False),  # sent again on a new connection: a fresh answer
+        ("POST", "close_reused", 1, True),  # it may have reached the server: never sent twice
+        # The upstream closes it while idle (a short keep-alive): it is not used at all.
+        ("POST", "idle", 1, False),
+    ],
+)
+def test_a_pooled_connection_the_upstream_closed(tmp_path, pki, upstream, method, closing, attempts, trusted):
+    if closing == "idle":
+        upstream.idle_timeout = 0.3
+    # No periodic check-in: the proxy's requests are the test's alone.
+    with ProxyProcess(tmp_path, config(tmp_path, pki, upstream.url)) as proxy:
+        proxy.wait_state("Connected")
+        assert proxy.request(method, "/v1/lic", body=b"{}")[0] == 200
+        if closing == "idle":
+            deadline = time.monotonic() + 10
+            while upstream.idle_closes < upstream.handshakes and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert upstream.idle_closes == upstream.handshakes
+        else:
+            upstream.mode = closing
+        code, headers, body = proxy.request(method, "/v1/lic", body=b"{}")
+        log = proxy.log_text()
+        retries = scrape(proxy)["license_proxy_upstream_retries_total", ()]
+    assert code == 200
+    assert ("Age" in headers) is trusted
+    assert len(relayed(upstream, "/v1/lic")) == 1 + attempts
+    retried = f"{method} failed on a pooled connection to localhost before any answer"
+    assert (retried in log) is (attempts == 2), log
+    assert retries == attempts - 1
