@@ -41,7 +41,7 @@ MODES = frozenset(
 
 _MAX_LINE = 65536
 #: Connections idle longer than this are dropped (the proxy's pool should not keep one so long).
-IDLE_TIMEOUT = 30.0
+_IDLE_TIMEOUT = 30.0
 _HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -97,7 +97,7 @@ class Upstream:
         self._headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         self.set_cookie: str | None = None  # when set, every answer carries Set-Cookie
         self.drip_interval = 1.0
-        self.idle_timeout = IDLE_TIMEOUT  # seconds a kept-alive connection may wait for a request
+        self.idle_timeout = _IDLE_TIMEOUT  # seconds a kept-alive connection may wait for a request
         self.idle_closes = 0  # connections closed for waiting longer
         self.requests: list[Request] = []
         self.connections = 0  # TCP connections accepted
