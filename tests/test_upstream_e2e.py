@@ -30,12 +30,11 @@ def test_a_pooled_connection_the_upstream_closed(tmp_path, pki, upstream, method
     # No periodic check-in: the proxy's requests are the test's alone.
     with ProxyProcess(tmp_path, config(tmp_path, pki, upstream.url)) as proxy:
         proxy.wait_state("Connected")
+        if closing == "idle":
+            _wait_until_all_closed_idle(upstream)  # the first request opens a new connection
         assert proxy.request(method, "/v1/lic", body=b"{}")[0] == 200
         if closing == "idle":
-            deadline = time.monotonic() + 10
-            while upstream.idle_closes < upstream.handshakes and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert upstream.idle_closes == upstream.handshakes
+            _wait_until_all_closed_idle(upstream)
         else:
             upstream.mode = closing
         code, headers, body = proxy.request(method, "/v1/lic", body=b"{}")
@@ -47,3 +46,10 @@ def test_a_pooled_connection_the_upstream_closed(tmp_path, pki, upstream, method
     retried = f"{method} failed on a pooled connection to localhost before any answer"
     assert (retried in log) is (attempts == 2), log
     assert retries == attempts - 1
+
+
+def _wait_until_all_closed_idle(upstream, timeout=10):
+    deadline = time.monotonic() + timeout
+    while upstream.idle_closes < upstream.handshakes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert upstream.idle_closes == upstream.handshakes
