@@ -23,7 +23,13 @@ from attrs import define, frozen
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool, RequestNotSent, ResponseNeverReceived
+from twisted.web.client import (
+    HTTP11ClientProtocol,
+    HTTPConnectionPool,
+    Request,
+    RequestNotSent,
+    ResponseNeverReceived,
+)
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -62,9 +68,9 @@ class BytesBody:
         pass
 
 
-def should_retry(request, failure: Failure) -> bool:
-    """Whether ``request`` (a ``twisted.web.client.Request``), which failed
-    with ``failure`` on a connection reused from the pool, may be sent again."""
+def should_retry(request: Request, failure: Failure) -> bool:
+    """Whether ``request``, which failed with ``failure`` on a connection
+    reused from the pool, may be sent again."""
     if request.bodyProducer is not None and not isinstance(request.bodyProducer, BytesBody):
         return False  # a body that can't be written again
     if failure.check(RequestNotSent):
@@ -83,10 +89,10 @@ class _RetryOnce:
     """A connection reused from the pool: a request that fails on it as
     ``should_retry`` allows is sent once more through ``retry``."""
 
-    _connection: object  # HTTP11ClientProtocol
-    _retry: Callable[[object, Failure], Deferred]
+    _connection: HTTP11ClientProtocol
+    _retry: Callable[[Request, Failure], Deferred]
 
-    def request(self, request) -> Deferred:
+    def request(self, request: Request) -> Deferred:
         def failed(failure: Failure):
             if not should_retry(request, failure):
                 return failure
@@ -122,13 +128,13 @@ class RetryingPool(HTTPConnectionPool):
         self._dialled = True
         return super()._newConnection(key, endpoint)
 
-    def _again(self, key, endpoint, request, failure: Failure) -> Deferred:
+    def _again(self, key, endpoint, request: Request, failure: Failure) -> Deferred:
         self.retries += 1
         self.log.info(
             "{method} failed on a pooled connection to {host} before any answer"
             " ({reason}); sent again on a new connection",
             method=request.method.decode("ascii"),
-            host=key[1].decode("ascii") if isinstance(key[1], bytes) else str(key[1]),
+            host=key[1].decode("ascii"),  # Agent's key: (scheme, host, port)
             reason=type(failure.value).__name__,
         )
         return super()._newConnection(key, endpoint)
