@@ -12,15 +12,23 @@ written, or the request is replayable (GET, HEAD, OPTIONS, TRACE, or an
 ``Idempotency-Key`` header) and no byte of the answer arrived.  Never after
 an answer byte, never a POST that may have reached the server, never twice;
 the caller's one deadline covers both attempts.
+
+Twisted buffers writes, so a close the reactor has not read yet would make
+even a request that never left the process look sent.  Before a pooled
+connection is used, its socket is polled (as urllib3 does): one with input
+waiting, which on an idle HTTP/1.1 connection can only be a close, is
+dropped and the request goes out on a new connection, as "nothing written".
 """
 
 from __future__ import annotations
 
+import select
 from functools import partial
 from typing import Callable
 
 from attrs import define, frozen
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -100,7 +108,24 @@ class _RetryOnce:
                 lambda connection: connection.request(request)
             )
 
-        return self._connection.request(request).addErrback(failed)
+        if _input_waiting(self._connection.transport):
+            self._connection.abort()
+            sent = fail(RequestNotSent())
+        else:
+            sent = self._connection.request(request)
+        return sent.addErrback(failed)
+
+
+def _input_waiting(transport) -> bool:
+    """Whether the socket under ``transport`` (through TLS and tunnels) has
+    input the reactor has not read yet."""
+    while not isinstance(transport, FileDescriptor):
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return False  # not over a socket (in-memory tests)
+    poller = select.poll()
+    poller.register(transport.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class RetryingPool(HTTPConnectionPool):

@@ -6,9 +6,12 @@ with the license server's side of each connection in memory and a clock.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from attrs import define, field
 from prometheus_client import CollectorRegistry
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -32,12 +35,26 @@ TIMEOUT = 30.0
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
+class _Socket(FileDescriptor):
+    """A real socket under a connection's transport, as TCP is under TLS."""
+
+    def __init__(self, sock: socket.socket, reactor) -> None:
+        super().__init__(reactor)
+        self.socket = sock
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+
 @define
 class Server:
-    """The license server's end of every connection the pool opens, in memory;
+    """The license server's end of every connection the pool opens: the bytes
+    in memory, over a real socket pair whose other end is in ``peers``;
     ``hold``: new connections never complete."""
 
+    reactor: object
     connections: list = field(factory=list)  # (client protocol, transport)
+    peers: list = field(factory=list)
     hold: bool = False
 
     def endpointForURI(self, uri):
@@ -47,7 +64,10 @@ class Server:
         if self.hold:
             return Deferred()
         protocol = factory.buildProtocol(None)
+        ours, theirs = socket.socketpair()
+        self.peers += [ours, theirs]
         transport = StringTransport()
+        transport.transport = _Socket(ours, self.reactor)
         protocol.makeConnection(transport)
         self.connections.append((protocol, transport))
         return succeed(protocol)
@@ -66,7 +86,8 @@ class Server:
 class RetryTests(SynchronousTestCase):
     def setUp(self):
         self.clock = MemoryReactorClock()
-        self.server = Server()
+        self.server = Server(self.clock)
+        self.addCleanup(lambda: [sock.close() for sock in self.server.peers])
         self.pool = RetryingPool(self.clock)
         agent = Agent.usingEndpointFactory(self.clock, self.server, pool=self.pool)
         self.upstream = Upstream.using(
@@ -115,6 +136,25 @@ class RetryTests(SynchronousTestCase):
         self.server.answer(1)
         self.assertEqual(self.successResultOf(d).status, 200)
         self.assertEqual(self.pool.retries, 1)
+
+    def test_a_close_the_reactor_has_not_read_yet_sends_nothing_on_that_connection(self):
+        self.pooled()
+        self.server.peers[1].close()  # its FIN waits, unread, in connection 0's socket
+        d = self.exchange(b"POST", b'{"usage":1}')
+        self.assertNotIn(b"POST", self.server.sent(0))
+        self.assertTrue(self.server.connections[0][1].disconnecting)
+        self.assertTrue(self.server.sent(1).endswith(b'{"usage":1}'))
+        self.server.answer(1)
+        self.assertEqual(self.successResultOf(d).status, 200)
+        self.assertEqual(self.pool.retries, 1)
+
+    def test_an_idle_connection_with_nothing_waiting_is_used(self):
+        self.pooled()
+        d = self.exchange(b"POST", b'{"usage":1}')
+        self.assertTrue(self.server.sent(0).endswith(b'{"usage":1}'))
+        self.server.answer(0)
+        self.assertEqual(self.successResultOf(d).body, b"ok")
+        self.assertEqual((len(self.server.connections), self.pool.retries), (1, 0))
 
     def test_never_after_a_byte_of_the_answer(self):
         self.pooled()
