@@ -5,6 +5,9 @@ closed: a real ``twistd license-proxy``, the real TLS upstream, real sockets.
 
 from __future__ import annotations
 
+import http.client
+import signal
+import ssl
 import time
 
 import pytest
@@ -53,3 +56,31 @@ def _wait_until_all_closed_idle(upstream, timeout=10):
     while upstream.idle_closes < upstream.handshakes and time.monotonic() < deadline:
         time.sleep(0.02)
     assert upstream.idle_closes == upstream.handshakes
+
+
+def test_a_close_the_proxy_has_not_read_yet_loses_no_post(tmp_path, pki, upstream):
+    # A container's POST reaches the proxy, then the upstream closes the kept-alive
+    # connection that waits in the proxy's pool, both before the proxy looks at its sockets
+    # again (it is stopped meanwhile): it reads the POST first, with the close still unread.
+    with ProxyProcess(tmp_path, config(tmp_path, pki, upstream.url)) as proxy:
+        proxy.wait_state("Connected")  # the start-up check-in's connection waits in the pool
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        kept = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=10, context=context)
+        kept.connect()
+        proxy.process.send_signal(signal.SIGSTOP)
+        try:
+            kept.request("POST", "/v1/lic", body=b"{}")
+            upstream.stop()
+            upstream.start()
+        finally:
+            proxy.process.send_signal(signal.SIGCONT)
+        response = kept.getresponse()
+        response.read()
+        kept.close()
+        log = proxy.log_text()
+    # Sent once, on a new connection, and answered: not lost, not served from trust.
+    assert (response.status, response.getheader("Age")) == (200, None)
+    assert [r.method for r in relayed(upstream, "/v1/lic")] == ["POST"]
+    assert "POST failed on a pooled connection to localhost before any answer (RequestNotSent)" in log
+
