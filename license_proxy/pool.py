@@ -156,10 +156,12 @@ class RetryingPool(HTTPConnectionPool):
     def _again(self, key, endpoint, request: Request, failure: Failure) -> Deferred:
         self.retries += 1
         self.log.info(
-            "{method} failed on a pooled connection to {host} before any answer"
-            " ({reason}); sent again on a new connection",
+            "{method} to {host}: the pooled connection was closed {when};"
+            " sending it on a new connection",
             method=request.method.decode("ascii"),
             host=key[1].decode("ascii"),  # Agent's key: (scheme, host, port)
-            reason=type(failure.value).__name__,
+            when="before the request went out"
+            if failure.check(RequestNotSent)
+            else "before any answer",
         )
         return super()._newConnection(key, endpoint)

@@ -46,7 +46,7 @@ def test_a_pooled_connection_the_upstream_closed(tmp_path, pki, upstream, method
     assert code == 200
     assert ("Age" in headers) is trusted
     assert len(relayed(upstream, "/v1/lic")) == 1 + attempts
-    retried = f"{method} failed on a pooled connection to localhost before any answer"
+    retried = f"{method} to localhost: the pooled connection was closed before any answer"
     assert (retried in log) is (attempts == 2), log
     assert retries == attempts - 1
 
@@ -82,5 +82,5 @@ def test_a_close_the_proxy_has_not_read_yet_loses_no_post(tmp_path, pki, upstrea
     # Sent once, on a new connection, and answered: not lost, not served from trust.
     assert (response.status, response.getheader("Age")) == (200, None)
     assert [r.method for r in relayed(upstream, "/v1/lic")] == ["POST"]
-    assert "POST failed on a pooled connection to localhost before any answer (RequestNotSent)" in log
+    assert "POST to localhost: the pooled connection was closed before the request went out" in log
 
