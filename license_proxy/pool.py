@@ -94,8 +94,9 @@ def should_retry(request: Request, failure: Failure) -> bool:
 
 @define
 class _RetryOnce:
-    """A connection reused from the pool: a request that fails on it as
-    ``should_retry`` allows is sent once more through ``retry``."""
+    """A connection reused from the pool: skipped if the server has already
+    closed it, and a request that fails on it as ``should_retry`` allows is
+    sent once more through ``retry``."""
 
     _connection: HTTP11ClientProtocol
     _retry: Callable[[Request, Failure], Deferred]
