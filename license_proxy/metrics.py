@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from .listener import LIMIT_KEYS, REJECTIONS
 from .status import CONNECTED, FAILED, READY, TRUST_BASED, Status
 from .trustcache import TrustCache
+from .upstream import Upstream
 
 #: ``outcome`` label values of ``license_proxy_relays_total``.
 UPSTREAM_OK = "upstream_ok"  # the license server answered below 400
@@ -142,6 +143,21 @@ class StateCollector:
             "license_proxy_cache_evictions",
             "Answers dropped from the full trust cache ([cache] max_entries) to make room.",
             value=self._cache.evictions,
+        )
+
+
+@define(eq=False)
+class UpstreamCollector:
+    """What the client to the license server counts, read at scrape time."""
+
+    _upstream: Upstream
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "license_proxy_upstream_retries",
+            "Requests sent again on a new connection after a pooled one failed"
+            " before any answer.",
+            value=self._upstream.retries,
         )
 
 

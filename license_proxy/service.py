@@ -27,7 +27,7 @@ from .clock import HighWaterClock
 from .config import Config, ConfigError
 from .egress import Settings
 from .listener import ConnectionLimits, GuardedSite
-from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, registry_for
+from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for
 from .relay import Relay
 from .status import Status, status_resource
 from .tls import listener_options, upstream_tls
@@ -163,6 +163,7 @@ def make_service(
         reactor, config.server_urls, config.timeout, upstream_certificates, egress
     )
     registry = registry_for(clock, status, cache)
+    registry.register(UpstreamCollector(upstream))
     relay = Relay(
         clock,
         upstream,

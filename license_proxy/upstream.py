@@ -33,26 +33,22 @@ from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
-    HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IAgent, IPolicyForHTTPS
 from zope.interface import implementer
 
 from . import ciphers
 from .egress import Egress, Settings
+from .pool import BytesBody, RetryingPool
 from .tunnel import ProxyError
 
 MAX_ANSWER = 16 * 1024 * 1024
 """Largest answer body accepted; licensing answers are a few kilobytes."""
-
-POOL_IDLE_TIMEOUT = 20.0
-"""Seconds an idle pooled connection is kept: below common keep-alive
-timeouts of servers, so the upstream rarely closes one under us."""
 
 _HIDDEN_ENCODING = b"x-license-proxy-content-encoding"
 
@@ -167,32 +163,6 @@ def _no_cookies() -> IndexableCookieJar:
     return IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
-@implementer(IBodyProducer)
-@frozen
-class _Bytes:
-    """A request body already in memory, written at once (no cooperator,
-    hence no hidden use of the global reactor)."""
-
-    data: bytes
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-    def startProducing(self, consumer):
-        consumer.write(self.data)
-        return succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
 class _BodyReader(Protocol):
     """Collect an answer body and tell whether its end was certain."""
 
@@ -238,7 +208,7 @@ class Upstream:
     _treq: HTTPClient
     _urls: Sequence[bytes]
     _timeout: float
-    _pool: Optional[HTTPConnectionPool] = None
+    _pool: Optional[RetryingPool] = None
 
     @classmethod
     def using(
@@ -247,7 +217,7 @@ class Upstream:
         clock: IReactorTime,
         urls: Sequence[str],
         timeout: float,
-        pool: Optional[HTTPConnectionPool] = None,
+        pool: Optional[RetryingPool] = None,
     ) -> Upstream:
         """The client over ``agent``, made transparent (see the module's doc)."""
         return cls(
@@ -269,11 +239,15 @@ class Upstream:
     ) -> Upstream:
         """The production client: pooled connections, verified TLS, direct
         or through the forward proxy ``egress`` chooses."""
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool = RetryingPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
-        pool.cachedConnectionTimeout = POOL_IDLE_TIMEOUT
         agent = Agent.usingEndpointFactory(reactor, Egress(reactor, tls, egress), pool=pool)
         return cls.using(agent, reactor, urls, timeout, pool)
+
+    @property
+    def retries(self) -> int:
+        """Requests sent again after a pooled connection failed (see ``pool``)."""
+        return 0 if self._pool is None else self._pool.retries
 
     def close(self) -> Deferred:
         """Close idle pooled connections cleanly (at shutdown)."""
@@ -321,7 +295,7 @@ class Upstream:
             method.decode("ascii"),
             _URI.from_text(target.decode("ascii")),
             headers=headers,
-            data=None if body is None else _Bytes(body),
+            data=None if body is None else BytesBody(body),
             allow_redirects=False,
             unbuffered=True,
         )

@@ -53,8 +53,12 @@ LOCAL = ["localhost", "127.0.0.1"]
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(directory: Path) -> Pki:
+    """The test PKI, written to ``directory`` (also for scripts outside pytest)."""
     now = datetime.now(timezone.utc)
-    directory = tmp_path_factory.mktemp("pki")
     ca = make_ca("license-proxy test CA", now=now)
     unknown_ca = make_ca("unknown CA", now=now)
     client_ca = make_ca("license-proxy test client CA", now=now)

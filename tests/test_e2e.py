@@ -15,7 +15,9 @@ import threading
 import time
 
 import pytest
+from twisted.internet.task import Clock
 
+from license_proxy.trustcache import TrustCache
 from tests.support.proxy import ProxyProcess, free_port
 from tests.support.upstream import Upstream
 
@@ -144,27 +146,74 @@ def test_restart_with_a_cache_serves_trusted_answers(tmp_path, pki, upstream):
         assert again.request("GET", "/v1/lic", headers={"Authorization": "Token other"})[0] == 502
 
 
-@pytest.mark.parametrize(
-    "mode",
-    ["status503", "hang", "reset", "reset_in_body", "truncated", "chunked_truncated", "drip"],
-)
-def test_broken_upstream_falls_back_to_trust_and_is_never_cached(proxy, upstream, mode):
+def _mode(mode):
+    def misbehave(upstream, pki):
+        upstream.mode = mode
+
+    return misbehave
+
+
+def _status(code):
+    def misbehave(upstream, pki):
+        upstream.respond(status=code, body=b'{"license":"bad"}')
+
+    return misbehave
+
+
+def _comes_back(mode="normal", cert=None):
+    """The upstream goes down and comes back changed; the proxy's pooled
+    connections are cut with it, so its next request opens a new one."""
+
+    def misbehave(upstream, pki):
+        upstream.stop()
+        upstream.mode = mode
+        if cert is not None:
+            upstream.use_certificate(getattr(pki, f"{cert}_cert"), getattr(pki, f"{cert}_key"))
+        upstream.start()
+
+    return misbehave
+
+
+#: The broken upstreams of issue 4, each a change to a working one.
+FAULTS = {
+    "refused": lambda upstream, pki: upstream.stop(),
+    "black hole": _comes_back(mode="blackhole"),
+    "hang": _mode("hang"),
+    "reset before the headers": _mode("reset"),
+    "reset during the headers": _mode("reset_in_headers"),
+    "reset during the body": _mode("reset_in_body"),
+    "body shorter than Content-Length": _mode("truncated"),
+    "chunked body without its last chunk": _mode("chunked_truncated"),
+    "body dripping past the deadline": _mode("drip"),
+    **{f"status {code}": _status(code) for code in (500, 502, 503, 504)},
+    "certificate expired": _comes_back(cert="expired"),
+    "certificate for another host": _comes_back(cert="wrong_host"),
+    "certificate from an unknown CA": _comes_back(cert="unknown_ca_server"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_broken_upstream_falls_back_to_trust_and_is_never_cached(proxy, upstream, pki, fault):
     proxy.wait_state("Connected")
     upstream.respond(body=b'{"license":"good"}')
     assert proxy.request("GET", "/v1/lic")[2] == b'{"license":"good"}'
 
-    if mode == "status503":
-        upstream.respond(status=503, body=b'{"license":"bad"}')
-    else:
-        upstream.respond(body=b'{"license":"bad"}' + b" " * 200)
-        upstream.mode = mode
+    upstream.respond(body=b'{"license":"bad"}' + b" " * 200)
+    FAULTS[fault](upstream, pki)
+    # The trusted answer, whole, never a part of the broken one.
     code, headers, body = proxy.request("GET", "/v1/lic")
     assert (code, body) == (200, b'{"license":"good"}')
     assert "Age" in headers
     proxy.wait_state("TrustBased")
     # A request that was never answered well has nothing to fall back on.
     code, _, body = proxy.request("GET", "/v1/other")
-    assert code == 502, body
+    assert code == 502 and "license server unavailable" in json.loads(body)["error"], body
+
+    # Nothing of the failures reached the trust cache.
+    assert proxy.terminate() in (0, -15)
+    cache = TrustCache.load(Clock(), str(proxy.tmp_path / "state" / "trust-cache.json"))
+    assert cache.lookup(cache.key(b"GET", b"v1/lic", [])).body == b'{"license":"good"}'
+    assert cache.lookup(cache.key(b"GET", b"v1/other", [])) is None
 
 
 def test_an_answer_whose_end_is_uncertain_is_relayed_but_not_cached(proxy, upstream):

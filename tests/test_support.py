@@ -32,9 +32,12 @@ def client_context(cafile=None, *, cert=None, key=None) -> ssl.SSLContext:
     return context
 
 
+def connection(up: Upstream, context, host="localhost", timeout=5) -> http.client.HTTPSConnection:
+    return http.client.HTTPSConnection(host, up.port, context=context, timeout=timeout)
+
+
 def get(up: Upstream, path="/", *, context, host="localhost", method="GET", body=None, headers=None):
-    conn = http.client.HTTPSConnection(host, up.port, context=context, timeout=5)
-    return exchange(conn, method, path, body, headers)
+    return exchange(connection(up, context, host), method, path, body, headers)
 
 
 # -- certificates ----------------------------------------------------------------------------
@@ -126,9 +129,7 @@ def test_records_requests(pki, upstream):
 
 
 def test_keep_alive(pki, upstream):
-    conn = http.client.HTTPSConnection(
-        "localhost", upstream.port, context=client_context(pki.ca_cert), timeout=5
-    )
+    conn = connection(upstream, client_context(pki.ca_cert))
     for _ in range(3):
         conn.request("GET", "/")
         assert conn.getresponse().read()
@@ -148,9 +149,7 @@ def test_stop_refuses_and_start_reuses_port(pki, upstream):
 
 
 def test_stop_cuts_open_connections(pki, upstream):
-    conn = http.client.HTTPSConnection(
-        "localhost", upstream.port, context=client_context(pki.ca_cert), timeout=5
-    )
+    conn = connection(upstream, client_context(pki.ca_cert))
     conn.request("GET", "/")
     conn.getresponse().read()
     upstream.stop()
@@ -213,6 +212,48 @@ def test_reset_in_body(pki, upstream):
     assert end == "RST"
 
 
+def test_reset_in_headers(pki, upstream):
+    upstream.mode = "reset_in_headers"
+    plaintext, end = raw_exchange(upstream, pki.ca_cert)
+    assert plaintext == b"HTTP/1.1 200 OK\r\nContent-Type: appl"
+    assert end == "RST"
+
+
+def test_close_reused_answers_a_connection_once(pki, upstream):
+    upstream.mode = "close_reused"
+    conn = connection(upstream, client_context(pki.ca_cert))
+    conn.request("GET", "/first")
+    assert conn.getresponse().read()
+    conn.request("GET", "/second")
+    with pytest.raises(http.client.RemoteDisconnected):
+        conn.getresponse()
+    conn.close()
+    assert [r.path for r in upstream.requests] == ["/first", "/second"]
+    # A new connection is answered again.
+    assert get(upstream, context=client_context(pki.ca_cert))[0].status == 200
+
+
+def test_an_idle_connection_is_closed_after_idle_timeout(pki, upstream):
+    upstream.idle_timeout = 0.2
+    conn = connection(upstream, client_context(pki.ca_cert))
+    conn.request("GET", "/")
+    conn.getresponse().read()
+    deadline = time.monotonic() + 5
+    while upstream.idle_closes == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert conn.sock.recv(1) == b""  # the close reached the client
+    conn.close()
+    assert upstream.idle_closes == 1
+
+
+def test_use_certificate_applies_to_new_connections(pki, upstream):
+    upstream.use_certificate(pki.wrong_host_cert, pki.wrong_host_key)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        get(upstream, context=client_context(pki.ca_cert))
+    upstream.use_certificate(pki.server_cert, pki.server_key)
+    assert get(upstream, context=client_context(pki.ca_cert))[0].status == 200
+
+
 def test_truncated_ends_cleanly(pki, upstream):
     upstream.mode = "truncated"
     upstream.respond(body=b"0123456789abcdef")
@@ -248,9 +289,7 @@ def test_drip(pki, upstream):
 def test_hang_answers_when_mode_changes_and_stop_is_prompt(pki, upstream):
     upstream.mode = "hang"
     with pytest.raises(TimeoutError):
-        conn = http.client.HTTPSConnection(
-            "localhost", upstream.port, context=client_context(pki.ca_cert), timeout=0.3
-        )
+        conn = connection(upstream, client_context(pki.ca_cert), timeout=0.3)
         conn.request("GET", "/hung")
         conn.getresponse()
     assert [r.path for r in upstream.requests] == ["/hung"]
@@ -266,9 +305,7 @@ def test_hang_answers_when_mode_changes_and_stop_is_prompt(pki, upstream):
     assert result["r"][0].status == 200
 
     upstream.mode = "hang"
-    conn = http.client.HTTPSConnection(
-        "localhost", upstream.port, context=client_context(pki.ca_cert), timeout=5
-    )
+    conn = connection(upstream, client_context(pki.ca_cert))
     conn.request("GET", "/")
     started = time.monotonic()
     upstream.stop()
@@ -278,9 +315,7 @@ def test_hang_answers_when_mode_changes_and_stop_is_prompt(pki, upstream):
 def test_blackhole_never_handshakes(pki, upstream):
     upstream.mode = "blackhole"
     with pytest.raises(TimeoutError):
-        conn = http.client.HTTPSConnection(
-            "localhost", upstream.port, context=client_context(pki.ca_cert), timeout=0.3
-        )
+        conn = connection(upstream, client_context(pki.ca_cert), timeout=0.3)
         conn.request("GET", "/")
     assert (upstream.connections, upstream.handshakes, upstream.requests) == (1, 0, [])
 

@@ -28,12 +28,14 @@ MODES = frozenset(
         "hang",  # read the request, answer only once the mode changes (or stop())
         "blackhole",  # accept TCP, never take part in the TLS handshake
         "reset",  # read the request, then close with a TCP RST
+        "reset_in_headers",  # the status line and part of the headers, then RST
         "reset_in_body",  # headers with Content-Length: 100, 10 body bytes, then RST
         "truncated",  # headers with Content-Length: 100, 10 body bytes, then a clean close
         "chunked",  # a valid chunked body
         "chunked_truncated",  # chunks but no terminating chunk, then a clean close
         "until_close",  # neither Content-Length nor chunked: the body ends at the close
         "drip",  # the body one byte per `drip_interval` seconds
+        "close_reused",  # a kept-alive connection's next request is read, then closed unanswered
     }
 )
 
@@ -85,11 +87,8 @@ class Upstream:
     ) -> None:
         self.host = host
         self.port = port
-        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._context.load_cert_chain(cert_path, key_path)
-        if client_ca_path is not None:
-            self._context.verify_mode = ssl.CERT_REQUIRED
-            self._context.load_verify_locations(cafile=client_ca_path)
+        self._client_ca_path = client_ca_path
+        self.use_certificate(cert_path, key_path)
 
         self._lock = threading.Condition()
         self._mode = "normal"
@@ -98,6 +97,8 @@ class Upstream:
         self._headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         self.set_cookie: str | None = None  # when set, every answer carries Set-Cookie
         self.drip_interval = 1.0
+        self.idle_timeout = _IDLE_TIMEOUT  # seconds a kept-alive connection may wait for a request
+        self.idle_closes = 0  # connections closed for waiting longer
         self.requests: list[Request] = []
         self.connections = 0  # TCP connections accepted
         self.handshakes = 0  # TLS handshakes completed
@@ -125,6 +126,15 @@ class Upstream:
         with self._lock:
             self._mode = mode
             self._lock.notify_all()  # wakes "hang"
+
+    def use_certificate(self, cert_path, key_path) -> None:
+        """Present this certificate on connections accepted from now on."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert_path, key_path)
+        if self._client_ca_path is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=self._client_ca_path)
+        self._context = context
 
     def respond(
         self,
@@ -257,17 +267,25 @@ class _Connection:
         self.client_cn = _common_name(self.sock.getpeercert())
         with up._lock:
             up.handshakes += 1
-        self.sock.settimeout(_IDLE_TIMEOUT)
+        self.sock.settimeout(up.idle_timeout)
         self.reader = self.sock.makefile("rb")
+        answered = 0
         while not self.stopping.is_set():
             try:
                 request = _read_request(self.reader, self.client_cn)
             except _Closed:
                 return
+            except TimeoutError:
+                with up._lock:
+                    up.idle_closes += 1
+                return
             with up._lock:
                 up.requests.append(request)
+            if answered and up.mode == "close_reused":
+                return self._close_cleanly()
             if not self._answer(request):
                 return
+            answered += 1
 
     def _swallow(self) -> None:
         """Blackhole: read and discard (the ClientHello) until the peer gives up or stop()."""
@@ -287,6 +305,10 @@ class _Connection:
         keep_alive = (request.header("Connection") or "").lower() != "close"
 
         if mode == "reset":
+            self._reset()
+            return False
+        if mode == "reset_in_headers":
+            self.sock.sendall(f"HTTP/1.1 {status} OK\r\nContent-Type: appl".encode("ascii"))
             self._reset()
             return False
         if mode in ("reset_in_body", "truncated"):
