@@ -109,10 +109,14 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
+_TEMPORARY = ".tmp-"
+"""A write goes to ``path + _TEMPORARY + pid`` first."""
+
+
 def write_atomically(path: str, data: list[bytes]) -> None:
     """Replace ``path`` with ``data`` (pieces) so that a crash leaves old or new, whole."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}{_TEMPORARY}{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -131,6 +135,44 @@ def write_atomically(path: str, data: list[bytes]) -> None:
         os.fsync(dirfd)
     finally:
         os.close(dirfd)
+
+
+def remove_leftovers(path: str) -> list[str]:
+    """
+    Delete the temporary files that processes killed inside a write left
+    next to ``path`` (named after their process id, so one per crash would
+    pile up for ever); those of a process still running are its own business.
+    Returns the names removed.
+    """
+    removed = []
+    prefix = os.path.basename(path) + _TEMPORARY
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(prefix):]
+        if not (name.startswith(prefix) and pid.isdigit()):
+            continue
+        if int(pid) != os.getpid() and _running(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class CorruptCache(Exception):
@@ -175,7 +217,10 @@ class TrustCache:
         """
         Read ``path``.  A missing file starts an empty cache; an unusable one
         is logged once, moved aside (so nobody loses it) and replaced.
+        Temporary files left by a crash inside a write are removed.
         """
+        for name in remove_leftovers(path):
+            cls.log.info("removed {name}, left by a process stopped inside a write", name=name)
         try:
             with open(path, "rb") as f:
                 raw = f.read()

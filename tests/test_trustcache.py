@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 
 import pytest
 from twisted.internet.task import Clock
@@ -252,3 +253,20 @@ def test_a_file_without_the_mark_takes_the_latest_time_in_it(tmp_path, clock):
     old = TrustCache.load(clock, str(path))
     assert (old.high_water, old.last_checkin, old.lookup("k")) == (T0 + 50, T0 + 20, entry_at(T0 + 50))
     assert TrustCache.load(clock, str(tmp_path / "none.json")).high_water is None
+
+
+def test_temporary_files_left_by_killed_writers_are_removed_at_load(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    leftovers = [f"cache.json.tmp-{exited.pid}", f"cache.json.tmp-{os.getpid()}"]
+    kept = ["cache.json.tmp-1", "cache.json.tmp-x", "other.json.tmp-99999999"]
+    for name in leftovers + kept:
+        (tmp_path / name).write_bytes(b'{"half a')
+    with capturedLogs() as events:
+        TrustCache.load(clock, str(path))
+    names = set(os.listdir(tmp_path))
+    assert not names & set(leftovers)
+    assert set(kept) <= names  # pid 1 runs; the others are not our temporary files
+    removed = sorted(e["name"] for e in events if "name" in e)
+    assert removed == sorted(leftovers)
