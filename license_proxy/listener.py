@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
@@ -83,6 +83,9 @@ class _GuardedChannel(HTTPChannel):
     """An ``HTTPChannel`` that refuses what ``GuardedSite`` does not allow."""
 
     MAX_LENGTH = MAX_HEAD_SIZE  # a longer line can't be part of an allowed head
+    # HTTPChannel logs only its idle closes ("Timing out client"): a fleet keeping
+    # connections alive would log one per container per minute, and it is nobody's news.
+    _log = Logger(observer=LogPublisher())
 
     _headLines = 0  # lines of the head so far: the request line, then headers
     _headBytes = 0
