@@ -97,8 +97,7 @@ class _GuardedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._deadline is None and not self._answering:
-            self._deadline = self.callLater(self.site.config.header_timeout, self._tooSlow)
+        self._startDeadline()
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -150,9 +149,19 @@ class _GuardedChannel(HTTPChannel):
     def requestDone(self, request) -> None:
         self._answering = False  # before Twisted replays the next request's bytes
         super().requestDone(request)
+        # The start of the next request may have come in the same read as the end of this
+        # one (a request without a body answered at once): it is already in the line buffer,
+        # and no dataReceived call will start its deadline.
+        if self._buffer and self.persistent:
+            self._startDeadline()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._refuse(BAD_REQUEST)
+
+    def _startDeadline(self) -> None:
+        """The request now arriving must be complete ``header_timeout`` from now."""
+        if self._deadline is None and not self._answering and not self._refused:
+            self._deadline = self.callLater(self.site.config.header_timeout, self._tooSlow)
 
     def _tooSlow(self) -> None:
         self._deadline = None

@@ -277,6 +277,16 @@ def test_a_request_pipelined_behind_a_slow_answer_gets_its_own_deadline():
     assert not client.closed
 
 
+def test_a_request_arriving_with_the_end_of_an_answered_one_gets_the_deadline():
+    client = Client()
+    # The next head starts in the same read as a request answered at once: Twisted keeps it in
+    # its line buffer, and no later read would start its deadline.
+    client.send(head(method="GET") + b"GET / HT")
+    client.clock.advance(10)
+    assert b"HTTP/1.1 408 " in client.answer
+    assert client.closed
+
+
 # The idle timeout
 
 
