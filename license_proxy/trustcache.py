@@ -152,10 +152,10 @@ def remove_leftovers(path: str) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        pid = name[len(prefix):]
-        if not (name.startswith(prefix) and pid.isdigit()):
+        pid = _pid(name[len(prefix):]) if name.startswith(prefix) else None
+        if pid is None:
             continue
-        if int(pid) != os.getpid() and _running(int(pid)):
+        if pid != os.getpid() and _running(pid):
             continue
         try:
             os.unlink(os.path.join(directory, name))
@@ -163,6 +163,19 @@ def remove_leftovers(path: str) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+PID_MAX = 1 << 22
+"""Linux's largest process id (``/proc/sys/kernel/pid_max`` can't be set higher)."""
+
+
+def _pid(text: str) -> Optional[int]:
+    """The process id a temporary file is named after, or None if it can't be one
+    (``str.isdigit`` accepts "²", and ``os.kill`` overflows on a long number)."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    pid = int(text)
+    return pid if 0 < pid <= PID_MAX else None
 
 
 def _running(pid: int) -> bool:

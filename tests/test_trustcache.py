@@ -261,6 +261,8 @@ def test_temporary_files_left_by_killed_writers_are_removed_at_load(tmp_path, cl
     exited.wait()
     leftovers = [f"cache.json.tmp-{exited.pid}", f"cache.json.tmp-{os.getpid()}"]
     kept = ["cache.json.tmp-1", "cache.json.tmp-x", "other.json.tmp-99999999"]
+    # Names no process id can have: kept, and no exception out of load (it stopped the start).
+    kept += ["cache.json.tmp-99999999999999999999", "cache.json.tmp-\u00b2", "cache.json.tmp-0"]
     for name in leftovers + kept:
         (tmp_path / name).write_bytes(b'{"half a')
     with capturedLogs() as events:
