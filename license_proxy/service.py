@@ -129,7 +129,7 @@ class _Lifecycle(Service):
         await self._relay.stop()
         if self._looping is not None:
             await self._looping  # a check-in in flight finishes before the flush
-        self._cache.flush()
+        self._cache.close()
         closing = self._connections.close()
         closing.addTimeout(CLOSE_TIMEOUT, self._clock)
         try:

@@ -410,6 +410,23 @@ class TrustCache:
         self._dirty = False
         self._mark_written = mark
 
+    def close(self) -> None:
+        """
+        Write what is left, at a stop.  If that fails too, say what is lost and
+        stop retrying: no timer is left behind the process's last write.
+        """
+        self.flush()
+        if self.write_error is None:
+            return
+        self._pending.cancel()
+        self._pending = None
+        self.log.error(
+            "trust cache {path} not written at stop ({reason}): the changes since its last"
+            " write are lost",
+            path=self._path,
+            reason=self.write_error,
+        )
+
     def _failed(self, reason: str) -> None:
         """Log a new reason once, and try again later, less often each time."""
         self.write_failures += 1

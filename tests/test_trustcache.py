@@ -161,6 +161,26 @@ def test_a_failing_disk_is_reported_retried_and_recovers(tmp_path, clock):
     assert disk.attempts == attempts + 1
 
 
+def test_a_write_failing_at_stop_says_what_is_lost_and_leaves_no_timer(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    disk = Disk()
+    cache = TrustCache(clock, str(path), write=disk)
+    disk.error = errno.EROFS
+    cache.store("k", ANSWER)
+    cache.flush()  # failing already: a stop's attempt logs nothing new by itself
+    with capturedLogs() as events:
+        cache.close()
+    assert disk.attempts == 2
+    assert clock.getDelayedCalls() == []
+    assert messages(events) == [
+        f"trust cache {path} not written at stop (Read-only file system): the changes since"
+        " its last write are lost"
+    ]
+    disk.error = None
+    cache.close()  # a stop that can write says nothing
+    assert TrustCache.load(clock, str(path)).lookup("k") == ANSWER
+
+
 def test_a_missing_state_directory_is_a_write_failure_too(tmp_path, clock):
     cache = TrustCache.load(clock, str(tmp_path / "gone" / "cache.json"))
     cache.store("k", ANSWER)
