@@ -113,6 +113,13 @@ class _GuardedChannel(HTTPChannel):
             if self._headLines > MAX_HEADERS + 1:
                 self._refuse(HEADERS_TOO_LARGE)
                 return
+        else:
+            # Not the start of a request, so not of its deadline: on a kept-alive
+            # connection the idle timeout covers the wait (a 408 there would be
+            # read as the answer to the client's next request).
+            self._cancelDeadline()
+            if self._buffer:
+                self._startDeadline()
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:

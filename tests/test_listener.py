@@ -287,6 +287,20 @@ def test_a_request_arriving_with_the_end_of_an_answered_one_gets_the_deadline():
     assert client.closed
 
 
+@pytest.mark.parametrize("reads", [[b"xx", b"\r\n"], [b"xx\r\n"]], ids=["apart", "with the body"])
+def test_a_stray_line_end_after_a_body_does_not_start_a_deadline(reads):
+    client = Client()
+    client.send(head("Content-Length: 2"))
+    for data in reads:
+        client.send(data)
+    client.clock.advance(59)
+    assert b"408" not in client.answer
+    assert not client.closed
+    client.send(b"GET / HTTP/1.1\r\n")  # a request after it does get one
+    client.clock.advance(10)
+    assert b"HTTP/1.1 408 " in client.answer
+
+
 # The idle timeout
 
 
