@@ -11,7 +11,8 @@ closes the connection:
 - 431 when the head has more than ``MAX_HEADERS`` header lines or more than ``MAX_HEAD_SIZE``
   bytes (414 when the request line alone is that long), 400 when it is malformed;
 - 408 when a request, head and body, is not complete ``header_timeout`` after its first byte
-  (more bytes do not move that deadline).  Licensing bodies are a few kilobytes, so a slow
+  (more bytes do not move that deadline; the stray line end a client may send after a body
+  is not a first byte).  Licensing bodies are a few kilobytes, so a slow
   POST is the same attack as a slow head.
 
 A refused request never reaches the resource.  Between requests the idle timeout still
@@ -22,7 +23,9 @@ work, a connection over the listener's total or per-peer limit.
 Seams in twisted.web (26.x): ``HTTPChannel`` methods ``lineReceived``, ``allHeadersReceived``,
 ``allContentReceived``, ``rawDataReceived``, ``requestDone``, ``lineLengthExceeded`` and the
 private ``_respondToBadRequestAndDisconnect`` (overridden, not imported: it is where Twisted
-answers 400, and overriding it is the only way to count those and close them like the rest).
+answers 400, and overriding it is the only way to count those and close them like the rest);
+``LineReceiver``'s private ``_buffer`` is read, to see the start of a next request that came
+in the same read as the end of the one before.
 """
 
 from __future__ import annotations
