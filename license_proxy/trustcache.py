@@ -285,7 +285,7 @@ class TrustCache:
                 raise CorruptCache("a time that is not a finite number")
         except CorruptCache:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise CorruptCache(f"{type(e).__name__}: {e}") from None
         if len(entries) > max_entries:
             cls.log.info(
