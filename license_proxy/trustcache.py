@@ -61,6 +61,9 @@ can stretch trust by, bought with one write a minute."""
 EVICTION_LOG_INTERVAL = 3600.0
 """Seconds between log lines about a full cache."""
 
+LATEST_TIME = 253402300799.0
+"""9999-12-31T23:59:59Z, the latest time ``datetime`` (hence the status) can show."""
+
 FORMAT = 1
 
 #: Request headers that identify a licensee; part of the cache key.
@@ -281,8 +284,10 @@ class TrustCache:
             # Files written before the mark existed: the times in them were seen too.
             seen = [float(obj.get("clock_high_water") or 0), checkin or 0]
             seen += [entry.stored_at for _, entry in entries]
-            if not all(math.isfinite(t) for t in seen):
-                raise CorruptCache("a time that is not a finite number")
+            # The mark becomes the clock's floor: one past what a date can show would
+            # make every status page and state log fail, for good (the mark is rewritten).
+            if not all(math.isfinite(t) and t <= LATEST_TIME for t in seen):
+                raise CorruptCache("a time that is not a finite number before the year 10000")
         except CorruptCache:
             raise
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:

@@ -79,7 +79,9 @@ def test_an_identical_answer_does_not_dirty_the_file(tmp_path, clock):
     [b"{not json", b"[]", b'{"format":99}',
      b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1,"clock_high_water":Infinity}', b'{"format":1,"salt":"zz","entries":{},"last_successful_checkin":null}', b"\x00" * 10,
      # An integer too large for a float: OverflowError, which is not a ValueError.
-     b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1%s}' % (b"0" * 400)],
+     b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1%s}' % (b"0" * 400),
+     # Finite, but past what a date can show: as the clock's floor it broke every status.
+     b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1,"clock_high_water":1e15}'],
 )
 def test_a_corrupt_file_is_moved_aside_and_logged(tmp_path, clock, content):
     path = tmp_path / "cache.json"
