@@ -125,5 +125,6 @@ def test_a_read_only_disk_is_reported_it_recovers_and_a_stop_is_still_clean(prox
     assert proxy.terminate() in (0, -15)
     log = proxy.log_text()
     assert log.count(f"{WRITE_FAILS} {state}/trust-cache.json: Read-only file system") == 2
+    assert f"trust cache {state}/trust-cache.json not written at stop (Read-only file system)" in log
     assert "Traceback" not in log
     assert not list(state.glob("*.tmp-*"))
