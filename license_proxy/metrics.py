@@ -134,7 +134,7 @@ class StateCollector:
             value=self._cache.write_failures,
         )
         yield GaugeMetricFamily(
-            "license_proxy_trust_cache_persisted",
+            "license_proxy_cache_persisted",
             "1 while the trust cache file can be written, 0 while it cannot"
             " (answers are then kept in memory only).",
             value=1 if self._cache.persisted else 0,

@@ -77,7 +77,7 @@ def test_a_full_disk_keeps_the_proxy_serving_from_memory_and_it_recovers(proxy, 
     status = proxy.wait_status(not_persisted, "cache_persisted false")
     assert status["cache_error"] == "No space left on device"
     assert status["state"] == "Connected" and PROBE.search(proxy.raw_status)
-    assert scrape(proxy)["license_proxy_trust_cache_persisted", ()] == 0
+    assert scrape(proxy)["license_proxy_cache_persisted", ()] == 0
 
     # New answers are kept in memory, and served from there when the license server is gone.
     upstream.respond(body=b'{"license":"second"}')
@@ -96,7 +96,7 @@ def test_a_full_disk_keeps_the_proxy_serving_from_memory_and_it_recovers(proxy, 
     (state / "filler").unlink()
     status = proxy.wait_status(persisted, "cache_persisted true", timeout=40)
     assert status["cache_error"] is None
-    assert scrape(proxy)["license_proxy_trust_cache_persisted", ()] == 1
+    assert scrape(proxy)["license_proxy_cache_persisted", ()] == 1
     assert len(entries(state)) == 2
     log = proxy.log_text()
     assert log.count(WRITE_FAILS) == 1

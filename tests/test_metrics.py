@@ -86,14 +86,14 @@ class MetricsTests(SynchronousTestCase):
 
     def test_cache_write_failures_are_counted_and_shown_until_a_write_succeeds(self):
         path = self.h.cache._path
-        self.assertEqual(self.scrape()["license_proxy_trust_cache_persisted", ()], 1)
+        self.assertEqual(self.scrape()["license_proxy_cache_persisted", ()], 1)
         self.h.cache._path = "/nonexistent-dir/cache.json"
         self.relay()
         self.h.clock.advance(2)
         self.h.clock.advance(4)
         m = self.scrape()
         self.assertEqual(m["license_proxy_cache_write_failures_total", ()], 2)
-        self.assertEqual(m["license_proxy_trust_cache_persisted", ()], 0)
+        self.assertEqual(m["license_proxy_cache_persisted", ()], 0)
         body = self.get(b"/v1/status")[1]
         self.assertTrue(
             body.endswith(b',"cache_persisted":false,"cache_error":"No such file or directory"}\n'),
@@ -102,7 +102,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.get(b"/v1/ready")[0].code, 200)  # still Connected: in memory
         self.h.cache._path = path
         self.h.clock.advance(8)
-        self.assertEqual(self.scrape()["license_proxy_trust_cache_persisted", ()], 1)
+        self.assertEqual(self.scrape()["license_proxy_cache_persisted", ()], 1)
         self.assertIn(b',"cache_persisted":true,"cache_error":null}', self.get(b"/v1/status")[1])
 
     def test_evictions_are_counted_and_entries_stay_bounded(self):
