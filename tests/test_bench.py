@@ -1,7 +1,8 @@
 """
-The benchmark harness in a tiny mode (one round, one second a workload): it runs end to end,
-proves that its nginx relay gives license-proxy's guarantee, and counts no errors.  Its figures
-mean nothing at this length; the benchmark itself is ``bash bench/run``, never part of CI.
+The benchmark scripts in a tiny mode, so none rots: the harness (one round, one second a
+workload) runs end to end, proves that its nginx relay gives license-proxy's guarantee, and
+counts no errors; bench/faults.py and bench/hostile.py run and see what they measure.  Their
+figures mean nothing at this length; the benchmark itself is ``bash bench/run``, never in CI.
 """
 
 from __future__ import annotations
@@ -32,3 +33,30 @@ def test_a_tiny_benchmark_proves_the_nginx_config_and_has_no_errors(tmp_path):
     assert {row["workload"] for row in result["summary"]} == {"1a", "1b", "2", "3", "4", "5"}
     assert "| 1a relay, keep-alive, GET | ours |" in result["table"]
     assert result["memory"]["ours"]["trust_cache_entries"] >= 200
+
+
+def _script(*args: str) -> str:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / args[0]), *args[1:]],
+        capture_output=True, text=True, timeout=150,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return run.stdout
+
+
+def test_the_broken_upstream_timings_run_and_every_fault_is_answered_from_trust():
+    from tests.test_e2e import FAULTS
+
+    rows = {line[:40].strip(): line for line in _script("faults.py", "--rounds", "1").splitlines()}
+    for fault in FAULTS:
+        assert rows[fault].endswith("200 with Age"), rows.get(fault)
+    assert rows["healthy, stale pooled connection"].split()[-3:] == ["2.0", "1.0", "200"]
+
+
+def test_the_hostile_client_figures_run_and_each_attack_is_met():
+    out = _script("hostile.py", "--seconds", "1", "--slowloris", "20")
+    phases = [line.split()[0] for line in out.splitlines() if "answers/s" in line]
+    assert phases == ["alone", "slowloris", "bodies", "connections"], out
+    refused = {" ".join(line.split()[1:]): int(line.split()[0])
+               for line in out.splitlines() if line.strip()[:1].isdigit()}
+    assert refused["HTTP/1.1 413"] > 0 and refused["over the peer limit: closed at once"] > 0, out
