@@ -154,7 +154,7 @@ def make_service(
             f"[cache] path: cannot create the state directory {config.state_dir}: {e.strerror}"
         ) from None
     # Trust is measured in time that never runs back, not even across a restart.
-    clock = HighWaterClock(reactor, time.monotonic)
+    clock = HighWaterClock(reactor, time.time)
     cache = TrustCache.load(clock, config.cache_path, config.cache_max_entries)
     clock.not_before(cache.high_water)
     status = Status(clock, cache, config.trust_duration)
@@ -189,9 +189,9 @@ def make_service(
     licensing = connections
     listener_tls = None
     if config.tls:
-        listener_tls = ListenerTLS(listener_options(config, reactor.seconds()))
+        listener_tls = ListenerTLS(listener_options(config, clock.seconds()))
         licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
-    reload = CertificateReload(reactor, config, listener_tls, upstream_certificates)
+    reload = CertificateReload(clock, config, listener_tls, upstream_certificates)
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     status_site = GuardedSite(
         status_resource(status, MetricsPage(registry)), config, reactor, guarded.rejected

@@ -55,6 +55,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     config = options.loaded
+    runtime.monotonic_timers(reactor)
     egress = Settings(config.proxy, config.no_proxy, dict(os.environ))
     try:
         routes = egress.routes(config.server_urls)

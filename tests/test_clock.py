@@ -7,11 +7,16 @@ window must end it, and a restart resumes from the high-water mark on disk.
 from __future__ import annotations
 
 import json
+import os
 import time
+from datetime import datetime
 
 import pytest
+from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 
+from license_proxy import runtime
 from license_proxy.clock import HighWaterClock
 from license_proxy.status import Status, rfc3339
 from license_proxy.trustcache import FLUSH_DELAY, TrustCache
@@ -24,23 +29,23 @@ HOUR = 3600.0
 
 
 class Clocks:
-    """A wall clock that can be set anywhere, a monotonic one that only advances."""
+    """A wall clock that can be set anywhere, and the reactor's monotonic one,
+    which only advances and runs the timers."""
 
     def __init__(self, wall: float = T0) -> None:
-        self.wall = Clock()
-        self.wall.rightNow = wall
+        self.wall = wall
         self.monotonic = Clock()
         self.monotonic.rightNow = 500.0  # seconds since boot: unrelated to the wall
-        self.clock = HighWaterClock(self.wall, self.monotonic.seconds)
+        self.clock = HighWaterClock(self.monotonic, lambda: self.wall)
 
     def elapse(self, seconds: float) -> None:
-        """Real time passes: both clocks move (the wall clock's timers fire)."""
+        """Real time passes: both clocks move, and the timers due fire."""
+        self.wall += seconds
         self.monotonic.advance(seconds)
-        self.wall.advance(seconds)
 
     def set_wall(self, when: float) -> None:
         """Someone sets the wall clock; no time passes."""
-        self.wall.rightNow = when
+        self.wall = when
 
 
 def test_the_wall_clock_is_followed_forwards_but_never_back():
@@ -90,7 +95,41 @@ def test_a_wall_clock_set_back_an_hour_does_not_stretch_trust(tmp_path):
     assert status.state == "Failed"
     assert not status.trusted()
     # The wall clock still reads an hour before the window closed.
-    assert c.wall.seconds() < status.trust_expiration
+    assert c.wall < status.trust_expiration
+
+
+def test_timers_run_on_elapsed_time_whatever_the_wall_clock_does(tmp_path):
+    c = Clocks()
+    _, status = trust(c, tmp_path)
+    status.succeeded()
+    status.failed()
+    c.set_wall(T0 - HOUR)
+    with capturedLogs() as events:
+        c.elapse(TRUST)  # the window closes: its log line is not an hour late
+    assert any("state TrustBased -> Failed" in formatEvent(e) for e in events)
+    assert status.state == "Failed"
+
+
+def test_the_reactor_is_given_a_monotonic_clock_before_anything_is_scheduled():
+    reactor = SelectReactor()
+    runtime.monotonic_timers(reactor)
+    assert reactor.seconds is time.monotonic
+    call = reactor.callLater(10, lambda: None)
+    assert abs(call.getTime() - (time.monotonic() + 10)) < 1
+    call.cancel()
+
+
+def test_a_reactor_with_timers_already_scheduled_is_left_on_the_wall_clock():
+    reactor = SelectReactor()
+    call = reactor.callLater(10, lambda: None)
+    with capturedLogs() as events:
+        runtime.monotonic_timers(reactor)
+    assert reactor.seconds() == pytest.approx(time.time(), abs=1)
+    assert [formatEvent(e) for e in events] == [
+        "1 timer(s) already scheduled: timers stay on the wall clock, and a wall clock set"
+        " back delays them"
+    ]
+    call.cancel()
 
 
 def test_a_jump_forward_past_the_window_ends_trust(tmp_path):
@@ -149,3 +188,45 @@ def test_a_real_proxy_on_a_cache_from_the_future_fails_when_its_window_closes(
         assert time.monotonic() - started < 4 + 2
         assert status["trust_expiration"] == rfc3339(ahead + 4)
         assert "state TrustBased -> Failed" in proxy.log_text()
+
+
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def test_a_real_proxy_whose_wall_clock_is_set_back_keeps_its_timers_and_its_dates(
+    tmp_path, pki, upstream
+):
+    """
+    The proxy's wall clock (only its own, through libfaketime) goes back half an hour: the
+    periodic check-in goes on, the upstream deadline still ends a hung exchange on time, and
+    the dates it reports do not go back.
+    """
+    if not os.path.exists(LIBFAKETIME):
+        pytest.fail(f"{LIBFAKETIME} missing: apt-get install faketime (.ci/run does)")
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    env = {
+        "LD_PRELOAD": LIBFAKETIME,
+        "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_NO_CACHE": "1",  # read the offset at every call: the change is at once
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+    text = config(tmp_path, pki, upstream.url, trust='duration = "1h"\ncheckin_interval = "1s"')
+    with ProxyProcess(tmp_path, text, env=env) as proxy:
+        proxy.wait_state("Connected")
+        assert proxy.request("GET", "/v1/lic")[0] == 200
+        offset.write_text("-1800\n")
+        seen = len(upstream.requests)
+        deadline = time.monotonic() + 6
+        while len(upstream.requests) < seen + 3:  # check-ins every second, clock or not
+            assert time.monotonic() < deadline, "the periodic check-in stopped"
+            time.sleep(0.05)
+
+        upstream.mode = "hang"  # reads each request, never answers
+        started = time.monotonic()
+        code, headers, body = proxy.request("GET", "/v1/lic", timeout=20)
+        assert code == 200 and headers["Age"] is not None
+        assert time.monotonic() - started < 2 + 2  # [license] timeout = "2s"
+        status = proxy.wait_state("TrustBased")
+        last = datetime.fromisoformat(status["last_successful_checkin"].replace("Z", "+00:00"))
+        assert abs(last.timestamp() - time.time()) < 10, status  # not half an hour back
