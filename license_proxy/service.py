@@ -21,7 +21,6 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from . import runtime
 from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
 from .config import Config, ConfigError
@@ -202,8 +201,6 @@ def make_service(
     ):
         limited = ConnectionLimits(factory, config, reactor, guarded.refused, name)
         strports.service(_tcp(config.host, port), limited, reactor=reactor).setServiceParent(top)
-    # Each listener connection is a file, and a licensing one may hold an upstream one.
-    runtime.raise_open_files_limit(3 * config.max_connections)
     return top
 
 

@@ -55,7 +55,10 @@ def makeService(options: Options):
     from twisted.internet import reactor
 
     config = options.loaded
+    # Process-wide, before anything is scheduled or opened.
     runtime.monotonic_timers(reactor)
+    # Each listener connection is a file, and a licensing one may hold an upstream one.
+    runtime.raise_open_files_limit(3 * config.max_connections)
     egress = Settings(config.proxy, config.no_proxy, dict(os.environ))
     try:
         routes = egress.routes(config.server_urls)
