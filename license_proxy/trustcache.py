@@ -19,8 +19,10 @@ touched until its replacement is whole on disk.
 The file also keeps the high-water mark of the proxy's clock (see ``clock``),
 so that a wall clock set back while the proxy was down cannot stretch trust.
 Its size is bounded (``max_entries``): a client varying its query string adds
-an entry per request, and the answer stored longest ago is the stale one (a
-fleet refreshes its own every minute), so that one makes room.
+an entry per request.  When full, the answer stored longest ago makes room,
+taken first among those stored only once since start: a fleet stores its own
+again at every check-in, so a flood of one-off requests evicts its own kind
+(answers read from the file count as kept).
 
 Requests are keyed by an HMAC over method, path, query and credentials, with a
 random salt kept in the file: credentials never reach the disk in clear, and
@@ -214,6 +216,9 @@ class TrustCache:
     # entries stored since the last one: with thousands of entries, a new check-in time alone
     # must not cost a full json.dumps (hundreds of ms, and three copies of the file in memory).
     _written: dict[str, bytes] = field(factory=dict, init=False)
+    # Keys stored once since start, oldest first: evicted before the answers a fleet
+    # keeps asking for, so a flood of one-off requests cannot push those out.
+    _once: dict[str, None] = field(factory=dict, init=False)
     _pending: Optional[IDelayedCall] = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
     _retry: float = field(default=FLUSH_DELAY, init=False)
@@ -345,15 +350,23 @@ class TrustCache:
         old = self._entries.pop(key, None)
         if old is None and len(self._entries) >= self.max_entries:
             self._evict()
+        if old is None:
+            self._once[key] = None
+        else:
+            self._once.pop(key, None)
         self._entries[key] = entry
         self._written.pop(key, None)  # its stored_at moved, if nothing else
         if old is None or not old.same_answer(entry):
             self._changed()
 
     def _evict(self) -> None:
-        """Drop the answer stored longest ago; say so now and then, not each time."""
-        oldest = next(iter(self._entries))
+        """
+        Drop the answer stored longest ago among those stored only once, if
+        any, else among all; say so now and then, not each time.
+        """
+        oldest = next(iter(self._once or self._entries))
         del self._entries[oldest]
+        self._once.pop(oldest, None)
         self._written.pop(oldest, None)
         self.evictions += 1
         now = self._clock.seconds()
@@ -362,7 +375,7 @@ class TrustCache:
             self._eviction_logged_at = now
             self.log.warn(
                 "trust cache is full ({max_entries} answers): each new answer replaces the"
-                " one stored longest ago ({evictions} replaced so far)",
+                " one stored longest ago, one-off requests first ({evictions} replaced so far)",
                 max_entries=self.max_entries,
                 evictions=self.evictions,
             )

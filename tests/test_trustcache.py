@@ -215,8 +215,8 @@ def test_when_full_the_answer_stored_longest_ago_makes_room(tmp_path, clock):
     assert (len(cache), cache.evictions) == (3, 2)
     # Logged once, not once per eviction...
     assert messages(events) == [
-        "trust cache is full (3 answers): each new answer replaces the one stored longest ago"
-        " (1 replaced so far)"
+        "trust cache is full (3 answers): each new answer replaces the one stored longest ago,"
+        " one-off requests first (1 replaced so far)"
     ]
     # ...and again after an hour, if it is still happening.
     with capturedLogs() as events:
@@ -228,14 +228,31 @@ def test_when_full_the_answer_stored_longest_ago_makes_room(tmp_path, clock):
 
     cache.flush()
     again = TrustCache.load(clock, path, max_entries=3)
-    assert [k for k in ("k4", "k5", "k6") if again.lookup(k)] == ["k4", "k5", "k6"]
+    # k0, stored twice, outlived the answers stored once after it.
+    assert [k for k in ("k0", "k4", "k5", "k6") if again.lookup(k)] == ["k0", "k5", "k6"]
     # A lower bound after a restart keeps the answers stored last.
     with capturedLogs() as events:
         fewer = TrustCache.load(clock, path, max_entries=2)
-    assert [k for k in ("k4", "k5", "k6") if fewer.lookup(k)] == ["k5", "k6"]
+    assert [k for k in ("k0", "k5", "k6") if fewer.lookup(k)] == ["k5", "k6"]
     assert "holds 3 answers, more than [cache] max_entries" in messages(events)[0]
     fewer.store("k7", entry_at(T0 + 8))
     assert [k for k in ("k5", "k6", "k7") if fewer.lookup(k)] == ["k6", "k7"]
+
+
+def test_a_flood_of_one_off_requests_does_not_evict_the_answers_a_fleet_refreshes(
+    tmp_path, clock
+):
+    cache = TrustCache.load(clock, str(tmp_path / "cache.json"), max_entries=100)
+    fleet = [f"container-{n}" for n in range(60)]
+    for minute in range(2):  # two check-ins each: answers the fleet keeps asking for
+        for key in fleet:
+            cache.store(key, entry_at(T0 + minute))
+    for n in range(10_000):  # then one client varies its query string
+        cache.store(f"flood-{n}", entry_at(T0 + 120))
+    assert all(cache.lookup(key) for key in fleet)
+    assert (len(cache), cache.evictions) == (100, 10_000 - 40)
+    # The flood keeps only the newest of its own.
+    assert [n for n in range(10_000) if cache.lookup(f"flood-{n}")] == list(range(9960, 10_000))
 
 
 def test_the_file_keeps_the_clock_high_water_mark(tmp_path, clock):
