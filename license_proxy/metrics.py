@@ -45,14 +45,9 @@ class RelayMetrics:
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> RelayMetrics:
-        outcomes = Counter(
-            "license_proxy_relays",
-            "Licensing requests, by outcome.",
-            ["outcome"],
-            registry=registry,
+        outcomes = _counter(
+            "license_proxy_relays", "Licensing requests, by outcome.", "outcome", OUTCOMES, registry
         )
-        for outcome in OUTCOMES:
-            outcomes.labels(outcome)  # every series exists from the start, at 0
         latency = Histogram(
             "license_proxy_upstream_latency_seconds",
             "Time to a complete answer (or failure) from the license server, per relay.",
@@ -71,23 +66,31 @@ class ListenerMetrics:
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> ListenerMetrics:
-        refused = Counter(
+        refused = _counter(
             "license_proxy_connections_refused",
             "Connections closed at once, over the total or the per-peer limit of a listener.",
-            ["reason"],
-            registry=registry,
+            "reason",
+            LIMIT_KEYS,
+            registry,
         )
-        for reason in LIMIT_KEYS:
-            refused.labels(reason)
-        rejected = Counter(
+        rejected = _counter(
             "license_proxy_requests_rejected",
             "Requests a listener answered itself and closed (400, 408, 413, 414, 431).",
-            ["code"],
-            registry=registry,
+            "code",
+            [str(code) for code in REJECTIONS],
+            registry,
         )
-        for code in REJECTIONS:
-            rejected.labels(str(code))
         return cls(refused, rejected)
+
+
+def _counter(
+    name: str, documentation: str, label: str, values, registry: CollectorRegistry
+) -> Counter:
+    """A counter by ``label`` whose every series exists from the start, at 0."""
+    counter = Counter(name, documentation, [label], registry=registry)
+    for value in values:
+        counter.labels(value)
+    return counter
 
 
 @define(eq=False)  # a registry keeps collectors in a dict
@@ -162,7 +165,8 @@ class UpstreamCollector:
 
 
 def registry_for(clock: IReactorTime, status: Status, cache: TrustCache) -> CollectorRegistry:
-    """A process's registry: build info and the state; ``RelayMetrics.on`` adds the rest."""
+    """A process's registry: build info and the state; ``RelayMetrics.on``,
+    ``ListenerMetrics.on`` and ``UpstreamCollector`` add the rest."""
     registry = CollectorRegistry()
     Info("license_proxy_build", "The running version.", registry=registry).info(
         {"version": _version()}
