@@ -19,15 +19,15 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from license_proxy.certs import issue, make_ca  # noqa: E402
-from tests.support.proxy import ProxyProcess, free_port  # noqa: E402
+from tests.conftest import make_pki  # noqa: E402
+from tests.support.proxy import ProxyProcess  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
+from tests.test_e2e import config  # noqa: E402
 
 
 def relay_for(proxy: ProxyProcess, seconds: float) -> list[float]:
@@ -148,24 +148,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        now = datetime.now(timezone.utc)
-        ca = make_ca("bench CA", now=now)
-        server = issue(ca, ["localhost", "127.0.0.1"], now=now)
-        ca.write(root / "ca.crt", root / "ca.key")
-        server.write(root / "server.crt", root / "server.key")
-        with Upstream(str(root / "server.crt"), str(root / "server.key")) as upstream:
-            text = f"""
-[server]
-host = "127.0.0.1"
-port = {free_port()}
-status_port = {free_port()}
-max_connections_per_peer = {args.slowloris}
-[license]
-server_url = "{upstream.url}"
-ca_file = "{root / 'ca.crt'}"
-[cache]
-path = "{root}/state/trust-cache.json"
-"""
+        pki = make_pki(root)
+        with Upstream(pki.server_cert, pki.server_key) as upstream:
+            limit = f"max_connections_per_peer = {args.slowloris}"
+            text = config(root, pki, upstream.url, server=limit)
             with ProxyProcess(root, text) as proxy:
                 proxy.wait_state("Connected")
                 upstream.respond(body=b'{"license":"valid"}')
