@@ -30,7 +30,7 @@ from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollect
 from .relay import Relay
 from .status import Status, status_resource
 from .tls import listener_options, upstream_tls
-from .tlsreload import CertificateReload, ListenerTLS, OnSignal
+from .tlsreload import CertificateFiles, CertificateReload, ListenerTLS, OnSignal, watching
 from .trustcache import TrustCache
 from .upstream import Upstream
 
@@ -157,6 +157,7 @@ def make_service(
     cache = TrustCache.load(clock, config.cache_path, config.cache_max_entries)
     clock.not_before(cache.high_water)
     status = Status(clock, cache, config.trust_duration)
+    certificate_files = CertificateFiles.read(config)  # before reading them: see CertificateReload
     upstream_certificates = upstream_tls(config)
     upstream = Upstream.build(
         reactor, config.server_urls, config.timeout, upstream_certificates, egress
@@ -190,8 +191,11 @@ def make_service(
     if config.tls:
         listener_tls = ListenerTLS(listener_options(config, clock.seconds()))
         licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
-    reload = CertificateReload(clock, config, listener_tls, upstream_certificates)
+    reload = CertificateReload(
+        clock, config, listener_tls, upstream_certificates, certificate_files
+    )
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
+    watching(reload, reactor).setServiceParent(top)
     status_site = GuardedSite(
         status_resource(status, MetricsPage(registry)), config, reactor, guarded.rejected
     )

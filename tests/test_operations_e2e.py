@@ -1,7 +1,8 @@
 """
 End to end, what operators watch: ``/metrics``, ``/v1/ready`` and
 ``/v1/health`` and ``license-proxy-status`` through a real proxy's states,
-JSON log lines of a real run, and certificates reloaded on SIGHUP.
+JSON log lines of a real run, and certificates reloaded on SIGHUP or when
+their files change (a Kubernetes Secret volume updated in place).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from datetime import datetime, timezone
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from license_proxy.certs import issue
+from license_proxy.certs import issue, make_ca
+from license_proxy.tlsreload import CHECK_INTERVAL
 from tests.conftest import LOCAL
 from tests.support.proxy import REPO_ROOT, ProxyProcess, free_port
+from tests.support.secretvolume import SecretVolume
 from tests.support.upstream import Upstream
-from tests.test_e2e import KEY, config
+from tests.test_e2e import KEY, config, relayed
 
 _direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -219,3 +222,90 @@ def test_sighup_reloads_the_upstream_trust_roots(tmp_path, pki, upstream):
             _wait(lambda: "trust roots and client certificate are reloaded" in proxy.log_text())
             assert proxy.request("GET", "/v1/b")[0] == 200
             assert [r.path for r in other.requests] == ["/v1/b"]
+
+
+#: How long a change on disk may take to be in service: the check interval, and room for a
+#: loaded machine.
+PICKED_UP = CHECK_INTERVAL + 15
+
+
+def test_a_secret_volume_update_changes_the_listener_certificate_without_sighup(
+    tmp_path, pki, upstream
+):
+    ca, now = pki.pairs["ca"], datetime.now(timezone.utc)
+    volume = SecretVolume(tmp_path / "listener-tls")
+    first = issue(ca, LOCAL, now=now)
+    volume.update({"tls.crt": first.cert_pem, "tls.key": first.key_pem})
+    text = config(
+        tmp_path, pki, upstream.url,
+        server=f'tls_cert = "{volume.path("tls.crt")}"\ntls_key = "{volume.path("tls.key")}"',
+    )
+    with ProxyProcess(tmp_path, text, ca_file=pki.ca_cert) as proxy:
+        proxy.wait_state("Connected")
+        assert _pem(proxy) == first.cert_pem.decode().strip()
+        kept = http.client.HTTPSConnection(
+            proxy.host, proxy.port, timeout=10, context=ssl.create_default_context(cafile=pki.ca_cert)
+        )
+        kept.request("GET", "/v1/before")
+        assert kept.getresponse().read()
+        sock = kept.sock
+
+        second = issue(ca, LOCAL, now=now)
+        volume.update({"tls.crt": second.cert_pem, "tls.key": second.key_pem})
+        _wait(lambda: _pem(proxy) == second.cert_pem.decode().strip(), PICKED_UP)
+        assert proxy.request("GET", "/v1/new")[0] == 200  # verified against the CA
+        kept.request("GET", "/v1/after")
+        response = kept.getresponse()
+        assert response.status == 200 and response.read()
+        assert kept.sock is sock
+        assert ssl.DER_cert_to_PEM_cert(sock.getpeercert(binary_form=True)).strip() == (
+            first.cert_pem.decode().strip()
+        )
+        kept.close()
+
+        third = issue(ca, LOCAL, now=now)
+        volume.update({"tls.crt": third.cert_pem, "tls.key": second.key_pem})  # a mismatched pair
+        _wait(lambda: "does not match the certificate" in proxy.log_text(), PICKED_UP)
+        assert _pem(proxy) == second.cert_pem.decode().strip()
+        assert proxy.request("GET", "/v1/still")[0] == 200
+        volume.update({"tls.crt": third.cert_pem, "tls.key": third.key_pem})
+        _wait(lambda: _pem(proxy) == third.cert_pem.decode().strip(), PICKED_UP)
+        log = proxy.log_text()
+        assert log.count("reload (files changed): keeping the licensing listener's certificate") == 1
+        assert log.count("reload (files changed): the licensing listener's certificate and key") == 2
+        assert "SIGHUP" not in log
+
+
+def test_a_secret_volume_update_changes_the_upstream_roots_and_client_certificate(tmp_path, pki):
+    now = datetime.now(timezone.utc)
+    volume = SecretVolume(tmp_path / "upstream-tls")
+    client = pki.pairs["client"]
+    volume.update({"ca.crt": pki.pairs["ca"].cert_pem, "tls.crt": client.cert_pem, "tls.key": client.key_pem})
+    new_ca = make_ca("rotated license server CA", now=now)
+    new_server, new_client = tmp_path / "new-server", issue(
+        pki.pairs["client_ca"], ["rotated-client"], now=now, client=True
+    )
+    issue(new_ca, LOCAL, now=now).write(f"{new_server}.crt", f"{new_server}.key")
+    with Upstream(pki.server_cert, pki.server_key, client_ca_path=pki.client_ca_cert) as up:
+        text = config(
+            tmp_path, pki, up.url,
+            license=f'client_cert = "{volume.path("tls.crt")}"\nclient_key = "{volume.path("tls.key")}"',
+        ).replace(f'ca_file = "{pki.ca_cert}"', f'ca_file = "{volume.path("ca.crt")}"')
+        with ProxyProcess(tmp_path, text) as proxy:
+            proxy.wait_state("Connected")
+            assert up.requests[0].client_cn == pki.client_cn
+
+            # The license server moves to a certificate from a CA the proxy does not trust yet.
+            up.stop()
+            up.use_certificate(f"{new_server}.crt", f"{new_server}.key")
+            up.start()
+            assert proxy.request("GET", "/v1/before")[0] == 502
+            assert relayed(up, "/v1/before") == []
+
+            volume.update(
+                {"ca.crt": new_ca.cert_pem, "tls.crt": new_client.cert_pem, "tls.key": new_client.key_pem}
+            )
+            _wait(lambda: "trust roots and client certificate are reloaded" in proxy.log_text(), PICKED_UP)
+            assert proxy.request("GET", "/v1/after")[0] == 200
+            (seen,) = relayed(up, "/v1/after")
+            assert seen.client_cn == "rotated-client"

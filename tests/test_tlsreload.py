@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import os
+from datetime import datetime, timezone
+
 import pytest
 
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from license_proxy.certs import issue, make_ca
 from license_proxy.config import Config, ConfigError
 from license_proxy.tls import listener_options, upstream_tls
-from license_proxy.tlsreload import CertificateReload, ListenerTLS
+from license_proxy.tlsreload import (
+    CHECK_INTERVAL,
+    CertificateFiles,
+    CertificateReload,
+    ListenerTLS,
+    watching,
+)
+from tests.conftest import LOCAL
+from tests.support.secretvolume import SecretVolume
 
 
 def test_bad_new_files_keep_the_old_ones_and_good_ones_replace_them(tmp_path, pki):
@@ -20,7 +34,7 @@ def test_bad_new_files_keep_the_old_ones_and_good_ones_replace_them(tmp_path, pk
     config = Config(ca_file=str(ca), tls_cert=str(cert), tls_key=pki.server_key)
     listener = ListenerTLS(listener_options(config, 0))
     upstream = upstream_tls(config)
-    reload = CertificateReload(Clock(), config, listener, upstream)
+    reload = CertificateReload(Clock(), config, listener, upstream, CertificateFiles.read(config))
     old_options, old_creator = listener.options, upstream.creatorForNetloc(b"localhost", 443)
 
     ca.write_text("garbage")
@@ -50,3 +64,124 @@ def test_a_key_that_does_not_match_its_certificate_is_a_config_error(pki, tmp_pa
     with pytest.raises(ConfigError, match=r"\[license\] client_key: .* does not match the certificate"):
         upstream_tls(client)
     assert listener_options(Config(tls_cert=pki.server_cert, tls_key=pki.server_key), 0.0)
+
+
+class Watched:
+    """The proxy's certificates as ``make_service`` wires them, checked on a fake clock."""
+
+    def __init__(self, config: Config) -> None:
+        seen = CertificateFiles.read(config)
+        self.listener = ListenerTLS(listener_options(config, 0)) if config.tls else None
+        self.upstream = upstream_tls(config)
+        self.clock = Clock()
+        self.reload = CertificateReload(self.clock, config, self.listener, self.upstream, seen)
+        watching(self.reload, self.clock).startService()
+
+    def creator(self):
+        return self.upstream.creatorForNetloc(b"localhost", 443)
+
+    def checks(self, count: int = 1) -> list[str]:
+        """What the log says over ``count`` more checks."""
+        with capturedLogs() as events:
+            for _ in range(count):
+                self.clock.advance(CHECK_INTERVAL)
+        return [formatEvent(e) for e in events]
+
+
+def _files(pair, ca) -> dict[str, bytes]:
+    return {"tls.crt": pair.cert_pem, "tls.key": pair.key_pem, "ca.crt": ca.cert_pem}
+
+
+def test_a_secret_volume_flip_is_put_in_service_at_the_next_check(tmp_path, pki):
+    ca, now = pki.pairs["ca"], datetime.now(timezone.utc)
+    volume = SecretVolume(tmp_path / "tls")
+    volume.update(_files(pki.pairs["server"], ca))
+    watched = Watched(
+        Config(
+            tls_cert=volume.path("tls.crt"), tls_key=volume.path("tls.key"),
+            ca_file=volume.path("ca.crt"),
+        )
+    )
+    options, creator = watched.listener.options, watched.creator()
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        os.utime(volume.path(name))  # touched, not changed
+    assert watched.checks(3) == []
+    assert watched.listener.options is options
+
+    second = issue(ca, LOCAL, now=now)
+    volume.update(_files(second, ca))  # a new certificate and key; the same CA
+    assert watched.checks() == [
+        "reload (files changed): the licensing listener's certificate and key are reloaded"
+    ]
+    assert watched.listener.options.certificate == second.certificate
+    assert watched.creator() is creator  # the CA's contents did not change: not reloaded
+    assert watched.checks(3) == []
+
+
+def test_half_written_and_mismatched_files_keep_the_old_ones_and_say_so_once(tmp_path, pki):
+    now = datetime.now(timezone.utc)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    pki.pairs["server"].write(cert, key)
+    watched = Watched(Config(tls_cert=str(cert), tls_key=str(key)))
+    first = watched.listener.options
+
+    second = issue(pki.pairs["ca"], LOCAL, now=now)
+    cert.write_bytes(second.cert_pem[:200])  # written in place, not yet whole
+    (line,) = watched.checks(4)
+    assert line.startswith("reload (files changed): keeping the licensing listener's certificate:")
+    assert f"[server] tls_cert: no PEM certificate in {cert}" in line
+    assert watched.listener.options is first
+
+    cert.write_bytes(second.cert_pem)  # whole, but the key is still the old one
+    (line,) = watched.checks(4)
+    assert f"[server] tls_key: {key} does not match the certificate {cert}" in line
+    assert watched.listener.options is first
+
+    key.write_bytes(second.key_pem)
+    assert watched.checks(3) == [
+        "reload (files changed): the licensing listener's certificate and key are reloaded"
+    ]
+    assert watched.listener.options.certificate == second.certificate
+
+
+def test_new_trust_roots_and_client_certificate_are_taken_when_their_files_change(tmp_path, pki):
+    now = datetime.now(timezone.utc)
+    volume = SecretVolume(tmp_path / "upstream")
+    volume.update(_files(pki.pairs["client"], pki.pairs["ca"]))
+    config = Config(
+        tls=False, ca_file=volume.path("ca.crt"),
+        client_cert=volume.path("tls.crt"), client_key=volume.path("tls.key"),
+    )
+    watched = Watched(config)
+    creator = watched.creator()
+
+    volume.update({"ca.crt": b"", "tls.crt": b"", "tls.key": b""})  # a Secret emptied by mistake
+    (line,) = watched.checks(3)
+    assert "keeping the license server's trust roots and client certificate: [license] ca_file" in line
+    assert watched.creator() is creator
+
+    new_ca = make_ca("rotated CA", now=now)
+    client = issue(pki.pairs["client_ca"], ["rotated-client"], now=now, client=True)
+    volume.update(_files(client, new_ca))
+    assert watched.checks(3) == [
+        "reload (files changed): the license server's trust roots and client certificate"
+        " are reloaded"
+    ]
+    assert watched.creator() is not creator
+    tls = TLSMemoryBIOFactory(watched.creator(), True, Factory.forProtocol(Protocol))
+    connection = watched.creator().clientConnectionForTLS(tls.buildProtocol(None))
+    assert connection.get_certificate().to_cryptography() == client.certificate
+
+
+def test_a_sighup_reload_is_not_repeated_by_the_next_check(tmp_path, pki):
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    pki.pairs["server"].write(cert, key)
+    watched = Watched(Config(tls_cert=str(cert), tls_key=str(key)))
+    issue(pki.pairs["ca"], LOCAL, now=datetime.now(timezone.utc)).write(cert, key)
+    with capturedLogs() as events:
+        watched.reload()
+    assert [formatEvent(e) for e in events] == [
+        "reload (SIGHUP): the licensing listener's certificate and key are reloaded",
+        "reload (SIGHUP): the license server's trust roots and client certificate are reloaded",
+    ]
+    assert watched.checks(3) == []
