@@ -15,6 +15,7 @@ import socket
 from datetime import datetime, timezone
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.internet.ssl import (
@@ -55,9 +56,13 @@ def _matching_key(cert: x509.Certificate, path: str, key: str, cert_path: str):
     """The private key at ``path``, which must belong to ``cert``."""
     try:
         loaded = serialization.load_pem_private_key(_read(path, key), password=None)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise ConfigError(f"{key}: no usable unencrypted PEM private key in {path} ({e})") from None
-    if _public(loaded.public_key()) != _public(cert.public_key()):
+    try:
+        public = _public(cert.public_key())
+    except UnsupportedAlgorithm as e:
+        raise ConfigError(f"{key}: the certificate {cert_path} has an unsupported key ({e})") from None
+    if _public(loaded.public_key()) != public:
         raise ConfigError(f"{key}: {path} does not match the certificate {cert_path}")
     return loaded
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from datetime import datetime, timezone
 
@@ -185,3 +186,38 @@ def test_a_sighup_reload_is_not_repeated_by_the_next_check(tmp_path, pki):
         "reload (SIGHUP): the license server's trust roots and client certificate are reloaded",
     ]
     assert watched.checks(3) == []
+
+
+_P256 = bytes.fromhex("06082a8648ce3d030107")  # the DER OID of the P-256 curve
+_SM2 = bytes.fromhex("06082a811ccf5501822d")  # SM2's, as long; cryptography can't load it
+
+
+def _on_an_unsupported_curve(pem: bytes) -> bytes:
+    """The same PEM key or certificate with its P-256 curve renamed SM2."""
+    lines = pem.splitlines()
+    der = base64.b64decode(b"".join(lines[1:-1]))
+    assert der.count(_P256) == 1
+    return lines[0] + b"\n" + base64.encodebytes(der.replace(_P256, _SM2)) + lines[-1] + b"\n"
+
+
+def test_keys_of_an_unsupported_kind_are_reported_and_checking_goes_on(tmp_path, pki):
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    pki.pairs["server"].write(cert, key)
+    watched = Watched(Config(tls_cert=str(cert), tls_key=str(key)))
+    first = watched.listener.options
+    second = issue(pki.pairs["ca"], LOCAL, now=datetime.now(timezone.utc))
+
+    cert.write_bytes(second.cert_pem)
+    key.write_bytes(_on_an_unsupported_curve(second.key_pem))
+    (line,) = watched.checks(2)
+    assert f"[server] tls_key: no usable unencrypted PEM private key in {key}" in line
+    cert.write_bytes(_on_an_unsupported_curve(second.cert_pem))
+    key.write_bytes(second.key_pem)
+    (line,) = watched.checks(2)
+    assert f"[server] tls_key: the certificate {cert} has an unsupported key" in line
+    assert watched.listener.options is first
+
+    cert.write_bytes(second.cert_pem)
+    assert watched.checks() == [
+        "reload (files changed): the licensing listener's certificate and key are reloaded"
+    ]
