@@ -61,7 +61,9 @@ def _matching_key(cert: x509.Certificate, path: str, key: str, cert_path: str):
     try:
         public = _public(cert.public_key())
     except UnsupportedAlgorithm as e:
-        raise ConfigError(f"{key}: the certificate {cert_path} has an unsupported key ({e})") from None
+        raise ConfigError(
+            f"{key}: the certificate {cert_path} has an unsupported key ({e})"
+        ) from None
     if _public(loaded.public_key()) != public:
         raise ConfigError(f"{key}: {path} does not match the certificate {cert_path}")
     return loaded

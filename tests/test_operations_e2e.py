@@ -271,25 +271,29 @@ def test_a_secret_volume_update_changes_the_listener_certificate_without_sighup(
         volume.update({"tls.crt": third.cert_pem, "tls.key": third.key_pem})
         _wait(lambda: _pem(proxy) == third.cert_pem.decode().strip(), PICKED_UP)
         log = proxy.log_text()
-        assert log.count("reload (files changed): keeping the licensing listener's certificate") == 1
-        assert log.count("reload (files changed): the licensing listener's certificate and key") == 2
+        changed = "reload (files changed): "
+        assert log.count(changed + "keeping the licensing listener's certificate") == 1
+        assert log.count(changed + "the licensing listener's certificate and key are") == 2
         assert "SIGHUP" not in log
+
+
+def _upstream_files(ca, client) -> dict[str, bytes]:
+    return {"ca.crt": ca.cert_pem, "tls.crt": client.cert_pem, "tls.key": client.key_pem}
 
 
 def test_a_secret_volume_update_changes_the_upstream_roots_and_client_certificate(tmp_path, pki):
     now = datetime.now(timezone.utc)
     volume = SecretVolume(tmp_path / "upstream-tls")
-    client = pki.pairs["client"]
-    volume.update({"ca.crt": pki.pairs["ca"].cert_pem, "tls.crt": client.cert_pem, "tls.key": client.key_pem})
+    volume.update(_upstream_files(pki.pairs["ca"], pki.pairs["client"]))
     new_ca = make_ca("rotated license server CA", now=now)
-    new_server, new_client = tmp_path / "new-server", issue(
-        pki.pairs["client_ca"], ["rotated-client"], now=now, client=True
-    )
+    new_client = issue(pki.pairs["client_ca"], ["rotated-client"], now=now, client=True)
+    new_server = tmp_path / "new-server"
     issue(new_ca, LOCAL, now=now).write(f"{new_server}.crt", f"{new_server}.key")
     with Upstream(pki.server_cert, pki.server_key, client_ca_path=pki.client_ca_cert) as up:
         text = config(
             tmp_path, pki, up.url,
-            license=f'client_cert = "{volume.path("tls.crt")}"\nclient_key = "{volume.path("tls.key")}"',
+            license=f'client_cert = "{volume.path("tls.crt")}"\n'
+            f'client_key = "{volume.path("tls.key")}"',
         ).replace(f'ca_file = "{pki.ca_cert}"', f'ca_file = "{volume.path("ca.crt")}"')
         with ProxyProcess(tmp_path, text) as proxy:
             proxy.wait_state("Connected")
@@ -302,10 +306,8 @@ def test_a_secret_volume_update_changes_the_upstream_roots_and_client_certificat
             assert proxy.request("GET", "/v1/before")[0] == 502
             assert relayed(up, "/v1/before") == []
 
-            volume.update(
-                {"ca.crt": new_ca.cert_pem, "tls.crt": new_client.cert_pem, "tls.key": new_client.key_pem}
-            )
-            _wait(lambda: "trust roots and client certificate are reloaded" in proxy.log_text(), PICKED_UP)
+            volume.update(_upstream_files(new_ca, new_client))
+            _wait(lambda: "roots and client certificate are reloaded" in proxy.log_text(), PICKED_UP)
             assert proxy.request("GET", "/v1/after")[0] == 200
             (seen,) = relayed(up, "/v1/after")
             assert seen.client_cn == "rotated-client"

@@ -158,7 +158,8 @@ def test_new_trust_roots_and_client_certificate_are_taken_when_their_files_chang
 
     volume.update({"ca.crt": b"", "tls.crt": b"", "tls.key": b""})  # a Secret emptied by mistake
     (line,) = watched.checks(3)
-    assert "keeping the license server's trust roots and client certificate: [license] ca_file" in line
+    assert "keeping the license server's trust roots" in line
+    assert "client certificate: [license] ca_file: no PEM certificate" in line
     assert watched.creator() is creator
 
     new_ca = make_ca("rotated CA", now=now)

@@ -28,7 +28,7 @@ class SecretVolume:
         return str(self.directory / name)
 
     def update(self, files: dict[str, bytes]) -> None:
-        """Put ``files`` (name -> contents) in place of the volume's current ones, as kubelet does."""
+        """Put ``files`` (name -> contents) in place of the current ones, as kubelet does."""
         self._generation += 1
         timestamped = f"..2026_12_01_23_00_00.{self._generation:09d}"
         (self.directory / timestamped).mkdir()
