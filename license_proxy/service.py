@@ -155,6 +155,8 @@ def make_service(
     # Trust is measured in time that never runs back, not even across a restart.
     clock = HighWaterClock(reactor, time.time)
     cache = TrustCache.load(clock, config.cache_path, config.cache_max_entries)
+    # An answer counts as one the fleet keeps asking for once asked for a check-in later.
+    cache.keep_after = config.checkin_interval
     clock.not_before(cache.high_water)
     status = Status(clock, cache, config.trust_duration)
     upstream_certificates = upstream_tls(config)
@@ -170,6 +172,7 @@ def make_service(
         status,
         config.base_url.encode("ascii"),
         RelayMetrics.on(registry),
+        config.cache_key_headers,
     )
     checkin = CheckIn(clock, upstream, status, config.key)
 
