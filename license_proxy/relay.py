@@ -42,7 +42,6 @@ from .status import Status
 from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
 
-
 #: Set again by the relay or its client for each message.
 _REQUEST_OWN = frozenset({b"host", b"content-length"})
 _ANSWER_OWN = frozenset({b"content-length"})
