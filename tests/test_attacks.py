@@ -209,6 +209,17 @@ def test_an_https_forward_proxy_is_verified(tmp_path, pki, upstream):
     assert upstream.requests == []
 
 
+def test_a_config_error_never_prints_a_value_from_the_environment(tmp_path):
+    secret = "lk-put-in-the-wrong-key-5c2e"
+    text = '[license]\nserver_url = "${DEEPGRAM_API_KEY}"\n'
+    with ProxyProcess(tmp_path, text, env={"DEEPGRAM_API_KEY": secret}) as proxy:
+        assert proxy.wait_exit() == 2
+    assert proxy.log_text() == (
+        f"license-proxy: {tmp_path}/license-proxy.toml: [license] server_url: expected an"
+        " https:// URL with a host (the value, from ${DEEPGRAM_API_KEY}, is not shown)\n"
+    )
+
+
 # The state directory
 
 
