@@ -233,8 +233,11 @@ class TrustCache:
     # Keys not yet kept, oldest first, with the time of their first store: evicted before
     # the answers a fleet keeps asking for, so a flood of one-off requests cannot push those out.
     _once: dict[str, float] = field(factory=dict, init=False)
-    # Key -> the request headers its latest answer varied on (from the variant keys).
+    # Key -> the request headers its latest answer varied on (from the variant keys), and
+    # how many variants of it are kept: forgotten with the last, so a flood of answers
+    # with Vary can't grow it past max_entries.
     _varies: dict[str, tuple[bytes, ...]] = field(factory=dict, init=False)
+    _variants: dict[str, int] = field(factory=dict, init=False)
     _pending: Optional[IDelayedCall] = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
     _retry: float = field(default=FLUSH_DELAY, init=False)
@@ -249,7 +252,7 @@ class TrustCache:
 
     def __attrs_post_init__(self) -> None:
         for key in self._entries:
-            self._remember_variant(key)
+            self._remember_variant(key, new=True)
 
     @classmethod
     def load(
@@ -378,13 +381,23 @@ class TrustCache:
         listed = b",".join(names).decode("ascii")
         return f"{key}{_VARIANT}{listed}{_VARIANT}{mac.hexdigest()}"
 
-    def _remember_variant(self, key: str) -> None:
+    def _remember_variant(self, key: str, new: bool) -> None:
+        primary, _, rest = key.partition(_VARIANT)
+        if not rest:
+            self._varies.pop(primary, None)
+            return
+        listed = rest.partition(_VARIANT)[0]
+        self._varies[primary] = tuple(n.encode("ascii") for n in listed.split(","))
+        if new:
+            self._variants[primary] = self._variants.get(primary, 0) + 1
+
+    def _forget_variant(self, key: str) -> None:
         primary, _, rest = key.partition(_VARIANT)
         if rest:
-            listed = rest.partition(_VARIANT)[0]
-            self._varies[primary] = tuple(n.encode("ascii") for n in listed.split(","))
-        else:
-            self._varies.pop(primary, None)
+            self._variants[primary] -= 1
+            if not self._variants[primary]:
+                del self._variants[primary]
+                self._varies.pop(primary, None)
 
     def lookup(self, key: str) -> Optional[Entry]:
         return self._entries.get(key)
@@ -405,7 +418,7 @@ class TrustCache:
             self._once[key] = now
         elif now - self._once.get(key, now) >= self.keep_after:
             del self._once[key]  # asked for again a check-in later: kept
-        self._remember_variant(key)
+        self._remember_variant(key, new=old is None)
         self._entries[key] = entry
         self._written.pop(key, None)  # its stored_at moved, if nothing else
         if old is None or not old.same_answer(entry):
@@ -420,6 +433,7 @@ class TrustCache:
         del self._entries[oldest]
         self._once.pop(oldest, None)
         self._written.pop(oldest, None)
+        self._forget_variant(oldest)
         self.evictions += 1
         now = self._clock.seconds()
         last = self._eviction_logged_at

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
+from twisted.web.http_headers import Headers
 
 from license_proxy.trustcache import (
     DEFAULT_KEEP_AFTER,
@@ -277,6 +278,29 @@ def test_an_answer_stored_twice_within_a_check_in_interval_is_not_kept(tmp_path,
         clock.advance(0.05)  # the whole flood takes 5 s, within the interval
     assert all(cache.lookup(key) for key in fleet)
     assert [n for n in range(100) if cache.lookup(f"flood-{n}")] == list(range(60, 100))
+
+
+def test_variants_are_found_after_a_restart_and_forgotten_with_their_last_answer(tmp_path, clock):
+    path = str(tmp_path / "cache.json")
+    cache = TrustCache.load(clock, path, max_entries=3)
+    tenant = {n: Headers({b"X-Tenant": [n]}) for n in (b"a", b"b")}
+    key = cache.key(b"GET", b"v1/lic", [(b"authorization", b"Token k")])
+    for n, headers in tenant.items():
+        cache.store(cache.variant(key, headers, (b"x-tenant",)), entry_at(T0))
+    assert cache.variant(key, tenant[b"a"]) != cache.variant(key, tenant[b"b"])
+    cache.flush()
+    again = TrustCache.load(clock, path, max_entries=3)
+    for headers in tenant.values():
+        assert again.lookup(again.variant(key, headers)) == entry_at(T0)
+    assert again.lookup(again.variant(key, Headers())) is None
+    assert again.lookup(key) is None
+    # In the first cache, where they are not kept, a flood of other answers evicts both
+    # variants: nothing is left of them (else a flood of answers with Vary grew it for ever).
+    for n in range(3):
+        cache.store(f"flood-{n}", entry_at(T0))
+    assert cache.evictions == 2
+    assert (cache._varies, cache._variants) == ({}, {})
+    assert cache.variant(key, tenant[b"a"]) == key
 
 
 def test_the_file_keeps_the_clock_high_water_mark(tmp_path, clock):
