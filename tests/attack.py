@@ -111,7 +111,11 @@ def door_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
 
 
 def _method(t: Target, method: str) -> tuple[str, str]:
-    answer = t.request(method, b"probe")
+    if method == "CONNECT":  # authority-form, as a client wanting a tunnel sends it
+        answer = t.raw(b"CONNECT license.deepgram.com:443 HTTP/1.1\r\n"
+                       b"Host: license.deepgram.com:443\r\n\r\n", method)
+    else:
+        answer = t.request(method, b"probe")
     verdict, said = refused(answer, 405)
     return verdict, f"{said}, Allow: {answer.headers.get('Allow')}"
 
