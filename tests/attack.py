@@ -116,7 +116,7 @@ def _method(t: Target, method: str) -> tuple[str, str]:
                        b"Host: license.deepgram.com:443\r\n\r\n", method)
     else:
         answer = t.request(method, b"probe")
-    verdict, said = refused(answer, 405)
+    verdict, said = refused(answer, 404, 405) if method == "CONNECT" else refused(answer, 405)
     return verdict, f"{said}, Allow: {answer.headers.get('Allow')}"
 
 
