@@ -149,9 +149,7 @@ class Relay:
             b"content-length"
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         body = request.content.read() if has_body else None
-        # Keyed on what the license server is sent: a credential a client names in
-        # Connection is not sent, so it must not select the answer either.
-        key = self._cache.key(method, rest, _credentials(headers, self._key_headers))
+        key = self._key(method, rest, headers)
         path = request.path.decode("ascii")  # the query may carry secrets: not logged
         try:
             answer = await self._upstream.exchange(method, rest, headers, body)
@@ -159,7 +157,7 @@ class Relay:
             latency = self._clock.seconds() - started
             self._status.failed()
             trusted = self._status.trusted()
-            entry = self._cache.lookup(self._cache.variant(key, headers)) if trusted else None
+            entry = self._lookup(key, headers) if trusted else None
             if not gone:
                 self._answer_failure(request, entry, failure)
             outcome = SERVED_FROM_TRUST if entry else UNAVAILABLE
@@ -177,15 +175,9 @@ class Relay:
             return
         latency = self._clock.seconds() - started
         self._status.succeeded()
-        vary = _vary(answer.headers)
-        cacheable = 200 <= answer.status < 300 and answer.complete and vary is not None
-        # A HEAD answer has no body: its Content-Length is the upstream's to give.
-        own = frozenset() if method == b"HEAD" else _ANSWER_OWN
-        if cacheable:
-            variant = self._cache.variant(key, headers, vary)
-            self._cache.store(variant, _entry(answer, own, self._clock.seconds()))
+        cacheable = self._store(key, headers, method, answer)
         if not gone:
-            _write(request, answer.status, end_to_end(answer.headers, own), answer.body)
+            _write(request, answer.status, _relayed(method, answer), answer.body)
         outcome = UPSTREAM_4XX if 400 <= answer.status < 500 else UPSTREAM_OK
         self._count(outcome, latency)
         self.log.info(
@@ -197,6 +189,27 @@ class Relay:
             cache="stored" if cacheable else "not stored",
             ms=latency * 1000,
         )
+
+    def _key(self, method: bytes, rest: bytes, headers: Headers) -> str:
+        """The cache key of a request the license server is sent with ``headers``:
+        a credential the client named in ``Connection`` is not sent, so it must
+        not select an answer either."""
+        return self._cache.key(method, rest, _credentials(headers, self._key_headers))
+
+    def _lookup(self, key: str, headers: Headers) -> Optional[Entry]:
+        """The trusted answer to the request with ``key`` and ``headers``: the one
+        for the same values of the headers the answers to ``key`` vary on."""
+        return self._cache.lookup(self._cache.variant(key, headers))
+
+    def _store(self, key: str, headers: Headers, method: bytes, answer: Answer) -> bool:
+        """Keep ``answer`` if it may be trusted: 2xx (a 3xx is no license), complete,
+        and not ``Vary: *``.  Whether it was kept."""
+        vary = _vary(answer.headers)
+        if not (200 <= answer.status < 300 and answer.complete and vary is not None):
+            return False
+        stored = _entry(answer, _own(method), self._clock.seconds())
+        self._cache.store(self._cache.variant(key, headers, vary), stored)
+        return True
 
     def _count(self, outcome: str, latency: float) -> None:
         self._metrics.outcomes.labels(outcome).inc()
@@ -236,6 +249,16 @@ def _vary(headers: Headers) -> Optional[tuple[bytes, ...]]:
     if b"*" in names or not all(_TOKEN.fullmatch(name) for name in names):
         return None
     return tuple(sorted(names))
+
+
+def _own(method: bytes) -> frozenset:
+    """Answer headers set again for each message: a HEAD answer has no body, so its
+    Content-Length is the upstream's to give (the GET answer's length)."""
+    return frozenset() if method == b"HEAD" else _ANSWER_OWN
+
+
+def _relayed(method: bytes, answer: Answer) -> list[tuple[bytes, list[bytes]]]:
+    return end_to_end(answer.headers, _own(method))
 
 
 def _entry(answer: Answer, own: frozenset, stored_at: float) -> Entry:
