@@ -50,13 +50,18 @@ class KeyPair:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return key
 
-    def write(self, cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str]) -> None:
+    def write(
+        self,
+        cert_path: str | os.PathLike[str],
+        key_path: str | os.PathLike[str],
+        cert_mode: int = 0o644,
+    ) -> None:
         """
         Write both files.  The key is created with mode 0600 from the start (never readable by
-        others, not even for an instant); the certificate is public, 0644.
+        others, not even for an instant); the certificate is public, ``cert_mode``.
         """
         _write_file(key_path, self.key_pem, 0o600)
-        _write_file(cert_path, self.cert_pem, 0o644)
+        _write_file(cert_path, self.cert_pem, cert_mode)
 
 
 def _write_file(path: str | os.PathLike[str], data: bytes, mode: int) -> None:

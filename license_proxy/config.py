@@ -22,7 +22,8 @@ import attrs
 from hyperlink import DecodedURL, URLParseError
 
 from .egress import Proxy
-from .trustcache import DEFAULT_MAX_ENTRIES
+from .hopbyhop import HOP_BY_HOP
+from .trustcache import CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES
 
 
 class ConfigError(Exception):
@@ -57,6 +58,7 @@ class Config:
     checkin_interval: float = 60.0  # [trust] checkin_interval, seconds
     cache_path: str = "/var/lib/license-proxy/trust-cache.json"  # [cache] path
     cache_max_entries: int = DEFAULT_MAX_ENTRIES  # [cache] max_entries
+    cache_key_headers: tuple[bytes, ...] = CREDENTIAL_HEADERS  # [cache] key_headers, lower, sorted
     log_format: str = "text"  # [log] format: "text" or "json" (one object per line)
 
     @property
@@ -85,9 +87,14 @@ def load(path: str, environ: Mapping[str, str]) -> Config:
                 )
             attribute, parse = _KEYS[section, key]
             try:
-                values[attribute] = parse(_expand(raw, environ))
+                expanded = _expand(raw, environ)
             except ValueError as e:
                 raise _error(path, section, key, str(e)) from None
+            try:
+                values[attribute] = parse(expanded)
+            except ValueError as e:
+                reason = _unexpanded(str(e), raw, environ)
+                raise _error(path, section, key, reason) from None
     config = Config(**values)
     _check_combinations(path, config)
     return config
@@ -153,6 +160,21 @@ def _expand(value: object, environ: Mapping[str, str]) -> object:
         return environ[name]
 
     return _REFERENCE.sub(replace, value)
+
+
+def _unexpanded(reason: str, raw: object, environ: Mapping[str, str]) -> str:
+    """``reason`` without the value when it came from the environment: a secret put in
+    the wrong key (a license key as a URL) must not be printed."""
+    texts = raw if isinstance(raw, list) else [raw]
+    names = sorted({m[2] for t in texts if isinstance(t, str) for m in _REFERENCE.finditer(t)
+                    if m[2]})
+    if not names:
+        return reason
+    reason = reason.split(", got ")[0]
+    if any(environ.get(name) and environ[name] in reason for name in names):
+        reason = "not a valid value"
+    shown = ", ".join(f"${{{name}}}" for name in names)
+    return f"{reason} (the value, from {shown}, is not shown)"
 
 
 def _check_combinations(path: str, config: Config) -> None:
@@ -308,6 +330,24 @@ def _readable_file(value: object) -> str | None:
     return path
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _key_headers(value: object) -> tuple[bytes, ...]:
+    """Header names, any case; lower-cased and sorted, so the key doesn't depend on their order."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty list of header names, got {_show(value)}")
+    names = set()
+    for name in value:
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise ValueError(f"expected header names, got {_show(name)}")
+        lower = name.lower().encode("ascii")
+        if lower in HOP_BY_HOP or lower in (b"host", b"content-length"):
+            raise ValueError(f"{name} is never relayed as the client sent it, so can't identify one")
+        names.add(lower)
+    return tuple(sorted(names))
+
+
 def _proxy_url(value: object) -> str:
     """A forward proxy URL; "" leaves the choice to the environment."""
     if _string(value):
@@ -344,6 +384,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
     ("trust", "checkin_interval"): ("checkin_interval", parse_duration),
     ("cache", "path"): ("cache_path", _non_empty_string),
     ("cache", "max_entries"): ("cache_max_entries", _positive_integer),
+    ("cache", "key_headers"): ("cache_key_headers", _key_headers),
     ("log", "format"): ("log_format", _log_format),
 }
 _SECTIONS = frozenset(section for section, _ in _KEYS)

@@ -10,6 +10,10 @@ closes the connection:
   body is read, or as soon as a chunked body grows past it;
 - 431 when the head has more than ``MAX_HEADERS`` header lines or more than ``MAX_HEAD_SIZE``
   bytes (414 when the request line alone is that long), 400 when it is malformed;
+- 400 as well for what Twisted lets through: ``Transfer-Encoding`` over several lines that,
+  joined as RFC 9112 requires, is not exactly ``chunked`` (Twisted reads each line alone, so
+  ``chunked`` then ``identity`` was chunked to it and not to a front end that joins them),
+  a second ``Host``, or a control byte in a header value (Twisted refuses only NUL, CR, LF);
 - 408 when a request, head and body, is not complete ``header_timeout`` after its first byte
   (more bytes do not move that deadline; the stray line end a client may send after a body
   is not a first byte).  Licensing bodies are a few kilobytes, so a slow
@@ -24,11 +28,15 @@ Seams in twisted.web (26.x): ``HTTPChannel`` methods ``lineReceived``, ``allHead
 ``allContentReceived``, ``rawDataReceived``, ``requestDone``, ``lineLengthExceeded`` and the
 private ``_respondToBadRequestAndDisconnect`` (overridden, not imported: it is where Twisted
 answers 400, and overriding it is the only way to count those and close them like the rest);
+``allHeadersReceived`` is where the whole head is known (as ``requestHeaders`` of the
+channel's last request) and the body not yet read: the head's rules are checked there;
 ``LineReceiver``'s private ``_buffer`` is read, to see the start of a next request that came
 in the same read as the end of the one before.
 """
 
 from __future__ import annotations
+
+import re
 
 from prometheus_client import Counter
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -54,6 +62,9 @@ CONTENT_TOO_LARGE = 413
 URI_TOO_LONG = 414
 HEADERS_TOO_LARGE = 431
 REJECTIONS = (BAD_REQUEST, REQUEST_TIMEOUT, CONTENT_TOO_LARGE, URI_TOO_LONG, HEADERS_TOO_LARGE)
+
+# A byte no header value may hold: controls other than HTAB, and DEL (RFC 9110 5.5).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 _PHRASES = {
     BAD_REQUEST: b"Bad Request",
@@ -130,6 +141,9 @@ class _GuardedChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._headLines = self._headBytes = self._bodyBytes = 0
+        if not _wellFormed(self.requests[-1].requestHeaders):
+            self._refuse(BAD_REQUEST)
+            return
         if self.length is not None and self.length > self.site.config.max_body_size:
             self._refuse(CONTENT_TOO_LARGE)
             return
@@ -199,6 +213,18 @@ class _GuardedChannel(HTTPChannel):
     def connectionLost(self, reason) -> None:
         self._cancelDeadline()
         super().connectionLost(reason)
+
+
+def _wellFormed(headers) -> bool:
+    """The head's rules Twisted does not check, line by line as it reads."""
+    codings = b",".join(headers.getRawHeaders(b"transfer-encoding", []))
+    if codings and [c.strip().lower() for c in codings.split(b",")] != [b"chunked"]:
+        return False
+    if len(headers.getRawHeaders(b"host", [])) > 1:
+        return False
+    return not any(
+        _CONTROL.search(value) for _, values in headers.getAllRawHeaders() for value in values
+    )
 
 
 _REASONS = {

@@ -6,14 +6,18 @@ proxy is inside its trust window.
 
 It is not an open proxy: the request target is only ever appended below the
 configured upstream URL, and a target that is not a plain origin-form path
-under ``base_url`` is refused before anything is sent.
+under ``base_url`` is refused before anything is sent.  Nor does it let a
+client reach outside ``server_url``'s path: a dot segment, or an encoded
+``/`` or ``\\`` that an upstream decoding the path would read as one, is
+refused (400) rather than normalised, because the proxy can't know how the
+upstream decodes.  Only the methods a licensing request can use are relayed.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import ClassVar, Iterable, Optional
+from typing import ClassVar, Optional
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, DeferredList
@@ -25,6 +29,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from .hopbyhop import HOP_BY_HOP
 from .metrics import (
     REJECTED,
     SERVED_FROM_TRUST,
@@ -37,30 +42,23 @@ from .status import Status
 from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
 
-#: Headers that belong to one connection, never relayed (RFC 9110 7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
 #: Set again by the relay or its client for each message.
 _REQUEST_OWN = frozenset({b"host", b"content-length"})
 _ANSWER_OWN = frozenset({b"content-length"})
 #: Never replayed from the cache to a later client.
 _NOT_CACHED = frozenset({b"set-cookie", b"age", b"date"})
 
+#: Relayed; any other method (CONNECT, TRACE, WebDAV's) gets 405.
+METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+_ALLOW = b", ".join(METHODS)
+
 # An origin-form target: RFC 3986 path characters, an optional query.
 _TARGET = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*)?")
-_DOT_SEGMENT = re.compile(rb"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
+# In the path: a dot segment, also encoded or with ;parameters (Tomcat reads "..;" as ".."),
+# or an encoded "/" or "\" (nginx decodes %2F before it routes).
+_ESCAPE = re.compile(rb"(^|/)(\.|%2e){1,2}(;[^/]*)?(/|$)|%2f|%5c", re.IGNORECASE)
+# A Vary field's names: tokens (RFC 9110 5.6.2).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def end_to_end(headers: Headers, own: frozenset) -> list[tuple[bytes, list[bytes]]]:
@@ -89,6 +87,8 @@ class Relay:
     _status: Status
     _base_url: bytes
     _metrics: RelayMetrics
+    #: Request headers that identify a licensee, lower case, sorted: in every cache key.
+    _key_headers: tuple[bytes, ...] = CREDENTIAL_HEADERS
     _inflight: set = field(factory=set, init=False)
     _stopping: bool = field(default=False, init=False)
 
@@ -105,11 +105,16 @@ class Relay:
         if self._stopping:
             request.setHeader(b"connection", b"close")
             return _error(request, 503, "license-proxy is stopping")
+        if request.method not in METHODS:
+            request.setHeader(b"allow", _ALLOW)
+            return self._reject(request, 405, "method not relayed")
         if not request.uri.startswith(self._base_url):
             return self._reject(request, 404, f"not under base_url {self._base_url.decode()}")
         rest = request.uri[len(self._base_url) :]
-        if not _TARGET.fullmatch(rest) or _DOT_SEGMENT.search(rest.split(b"?")[0]):
+        if not _TARGET.fullmatch(rest):
             return self._reject(request, 400, "malformed request target")
+        if _ESCAPE.search(rest.split(b"?")[0]):
+            return self._reject(request, 400, "dot segment or encoded / or \\ in the path")
         gone: list = []
         request.notifyFinish().addErrback(gone.append)
         done = Deferred.fromCoroutine(self._relay(request, rest, gone))
@@ -144,7 +149,7 @@ class Relay:
             b"content-length"
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         body = request.content.read() if has_body else None
-        key = self._cache.key(method, rest, _credentials(request.requestHeaders))
+        key = self._key(method, rest, headers)
         path = request.path.decode("ascii")  # the query may carry secrets: not logged
         try:
             answer = await self._upstream.exchange(method, rest, headers, body)
@@ -152,7 +157,7 @@ class Relay:
             latency = self._clock.seconds() - started
             self._status.failed()
             trusted = self._status.trusted()
-            entry = self._cache.lookup(key) if trusted else None
+            entry = self._lookup(key, headers) if trusted else None
             if not gone:
                 self._answer_failure(request, entry, failure)
             outcome = SERVED_FROM_TRUST if entry else UNAVAILABLE
@@ -170,16 +175,9 @@ class Relay:
             return
         latency = self._clock.seconds() - started
         self._status.succeeded()
-        cacheable = 200 <= answer.status < 300 and answer.complete
-        if cacheable:
-            self._cache.store(key, _entry(answer, self._clock.seconds()))
+        cacheable = self._store(key, headers, method, answer)
         if not gone:
-            _write(
-                request,
-                answer.status,
-                end_to_end(answer.headers, _ANSWER_OWN),
-                answer.body,
-            )
+            _write(request, answer.status, _relayed(method, answer), answer.body)
         outcome = UPSTREAM_4XX if 400 <= answer.status < 500 else UPSTREAM_OK
         self._count(outcome, latency)
         self.log.info(
@@ -191,6 +189,27 @@ class Relay:
             cache="stored" if cacheable else "not stored",
             ms=latency * 1000,
         )
+
+    def _key(self, method: bytes, rest: bytes, headers: Headers) -> str:
+        """The cache key of a request the license server is sent with ``headers``:
+        a credential the client named in ``Connection`` is not sent, so it must
+        not select an answer either."""
+        return self._cache.key(method, rest, _credentials(headers, self._key_headers))
+
+    def _lookup(self, key: str, headers: Headers) -> Optional[Entry]:
+        """The trusted answer to the request with ``key`` and ``headers``: the one
+        for the same values of the headers the answers to ``key`` vary on."""
+        return self._cache.lookup(self._cache.variant(key, headers))
+
+    def _store(self, key: str, headers: Headers, method: bytes, answer: Answer) -> bool:
+        """Keep ``answer`` if it may be trusted: 2xx (a 3xx is no license), complete,
+        and not ``Vary: *``.  Whether it was kept."""
+        vary = _vary(answer.headers)
+        if not (200 <= answer.status < 300 and answer.complete and vary is not None):
+            return False
+        stored = _entry(answer, _own(method), self._clock.seconds())
+        self._cache.store(self._cache.variant(key, headers, vary), stored)
+        return True
 
     def _count(self, outcome: str, latency: float) -> None:
         self._metrics.outcomes.labels(outcome).inc()
@@ -211,14 +230,39 @@ class Relay:
         _write(request, entry.status, headers.items(), entry.body)
 
 
-def _credentials(headers: Headers) -> Iterable[tuple[bytes, bytes]]:
-    for name in CREDENTIAL_HEADERS:
-        for value in headers.getRawHeaders(name, []):
-            yield name, value
+def _credentials(headers: Headers, names: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
+    """Each value of each credential header, in the order sent: a repeated header's
+    values are not a set (which one counts is the server's business)."""
+    return [(name, value) for name in names for value in headers.getRawHeaders(name, [])]
 
 
-def _entry(answer: Answer, stored_at: float) -> Entry:
-    kept = end_to_end(answer.headers, _ANSWER_OWN | _NOT_CACHED)
+def _vary(headers: Headers) -> Optional[tuple[bytes, ...]]:
+    """The request headers the answer's ``Vary`` names (lower case, sorted), or None
+    when it can't be cached: ``Vary: *`` (it varies on more than the request) or a
+    name that is no header name."""
+    names = {
+        name.strip().lower()
+        for value in headers.getRawHeaders(b"vary", [])
+        for name in value.split(b",")
+        if name.strip()
+    }
+    if b"*" in names or not all(_TOKEN.fullmatch(name) for name in names):
+        return None
+    return tuple(sorted(names))
+
+
+def _own(method: bytes) -> frozenset:
+    """Answer headers set again for each message: a HEAD answer has no body, so its
+    Content-Length is the upstream's to give (the GET answer's length)."""
+    return frozenset() if method == b"HEAD" else _ANSWER_OWN
+
+
+def _relayed(method: bytes, answer: Answer) -> list[tuple[bytes, list[bytes]]]:
+    return end_to_end(answer.headers, _own(method))
+
+
+def _entry(answer: Answer, own: frozenset, stored_at: float) -> Entry:
+    kept = end_to_end(answer.headers, own | _NOT_CACHED)
     return Entry(
         status=answer.status,
         headers=tuple((name, value) for name, values in kept for value in values),
@@ -234,9 +278,16 @@ def _write(request: IRequest, status: int, headers, body: bytes) -> None:
     response.removeHeader(b"server")
     for name, values in headers:
         response.setRawHeaders(name, values)
-    response.setRawHeaders(b"content-length", [str(len(body)).encode("ascii")])
+    if request.method != b"HEAD" or not _length(response):
+        response.setRawHeaders(b"content-length", [str(len(body)).encode("ascii")])
     request.write(body)
     request.finish()
+
+
+def _length(headers: Headers) -> bool:
+    """Whether ``headers`` hold one well-formed Content-Length (of a HEAD answer)."""
+    values = headers.getRawHeaders(b"content-length", [])
+    return len(values) == 1 and values[0].isdigit()
 
 
 _JSON = (b"content-type", [b"application/json"])

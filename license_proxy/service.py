@@ -7,7 +7,6 @@ trust cache.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from typing import Callable
@@ -21,9 +20,10 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from . import statedir
 from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
-from .config import Config, ConfigError
+from .config import Config
 from .egress import Settings
 from .listener import ConnectionLimits, GuardedSite
 from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for
@@ -146,15 +146,12 @@ def make_service(
     must not stay up (the start-up rule failed); ``egress`` chooses the route
     to the license server.
     """
-    try:
-        os.makedirs(config.state_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"[cache] path: cannot create the state directory {config.state_dir}: {e.strerror}"
-        ) from None
+    config = statedir.prepare(config)
     # Trust is measured in time that never runs back, not even across a restart.
     clock = HighWaterClock(reactor, time.time)
     cache = TrustCache.load(clock, config.cache_path, config.cache_max_entries)
+    # An answer counts as one the fleet keeps asking for once asked for a check-in later.
+    cache.keep_after = config.checkin_interval
     clock.not_before(cache.high_water)
     status = Status(clock, cache, config.trust_duration)
     certificate_files = CertificateFiles.read(config)  # before reading them: see CertificateReload
@@ -171,6 +168,7 @@ def make_service(
         status,
         config.base_url.encode("ascii"),
         RelayMetrics.on(registry),
+        config.cache_key_headers,
     )
     checkin = CheckIn(clock, upstream, status, config.key)
 

@@ -84,7 +84,7 @@ def _generated_pair(config: Config, now: float) -> tuple[str, str]:
         hosts = [socket.gethostname(), "localhost", "127.0.0.1", "::1"]
         pair = certs.self_signed(hosts, now=datetime.fromtimestamp(now, timezone.utc))
         try:
-            pair.write(cert_path, key_path)
+            pair.write(cert_path, key_path, cert_mode=0o600)  # the state directory's rule
         except OSError as e:
             raise ConfigError(
                 f"[cache] path: cannot write a certificate to the state directory "

@@ -20,13 +20,17 @@ The file also keeps the high-water mark of the proxy's clock (see ``clock``),
 so that a wall clock set back while the proxy was down cannot stretch trust.
 Its size is bounded (``max_entries``): a client varying its query string adds
 an entry per request.  When full, the answer stored longest ago makes room,
-taken first among those stored only once since start: a fleet stores its own
-again at every check-in, so a flood of one-off requests evicts its own kind
-(answers read from the file count as kept).
+taken first among those not yet kept: an answer is kept once it is stored again
+``keep_after`` (a check-in interval) or more after it was first stored.  A fleet
+stores its own again at every check-in, so a flood of one-off requests (each sent
+twice in a row, too) evicts its own kind (answers read from the file count as kept).
 
 Requests are keyed by an HMAC over method, path, query and credentials, with a
 random salt kept in the file: credentials never reach the disk in clear, and
-one licensee's answer is never returned to another.
+one licensee's answer is never returned to another.  An answer whose ``Vary``
+names request headers is kept under a variant of that key (``variant``) that
+adds their values; the key string names those headers, so the file alone says
+which headers a later request's lookup must add.
 """
 
 from __future__ import annotations
@@ -38,11 +42,12 @@ import json
 import math
 import os
 import secrets
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 
 FLUSH_DELAY = 2.0
 """Seconds a change may wait before it is written: the bound on how far the
@@ -68,8 +73,15 @@ LATEST_TIME = 253402300799.0
 
 FORMAT = 1
 
-#: Request headers that identify a licensee; part of the cache key.
+#: Request headers that identify a licensee; part of the cache key ([cache] key_headers).
 CREDENTIAL_HEADERS = (b"authorization", b"cookie", b"x-api-key")
+
+DEFAULT_KEEP_AFTER = 60.0
+"""Seconds between two stores of an answer for it to count as kept (the check-in interval)."""
+
+_VARIANT = ";"
+"""Separates a key, the names its answer varies on, and their values' HMAC (no header name
+holds it)."""
 
 
 @frozen
@@ -208,6 +220,8 @@ class TrustCache:
     # In the order they were stored: the first is the one stored longest ago.
     _entries: dict[str, Entry] = field(factory=dict)
     max_entries: int = DEFAULT_MAX_ENTRIES
+    #: Seconds after its first store that a new store of an answer makes it kept.
+    keep_after: float = DEFAULT_KEEP_AFTER
     #: The latest time the file shows the clock had reached (None: empty cache).
     high_water: Optional[float] = None
     #: How the file is written: ``write_atomically``, or a failing disk in tests.
@@ -216,9 +230,14 @@ class TrustCache:
     # entries stored since the last one: with thousands of entries, a new check-in time alone
     # must not cost a full json.dumps (hundreds of ms, and three copies of the file in memory).
     _written: dict[str, bytes] = field(factory=dict, init=False)
-    # Keys stored once since start, oldest first: evicted before the answers a fleet
-    # keeps asking for, so a flood of one-off requests cannot push those out.
-    _once: dict[str, None] = field(factory=dict, init=False)
+    # Keys not yet kept, oldest first, with the time of their first store: evicted before
+    # the answers a fleet keeps asking for, so a flood of one-off requests cannot push those out.
+    _once: dict[str, float] = field(factory=dict, init=False)
+    # Key -> the request headers its latest answer varied on (from the variant keys), and
+    # how many variants of it are kept: forgotten with the last, so a flood of answers
+    # with Vary can't grow it past max_entries.
+    _varies: dict[str, tuple[bytes, ...]] = field(factory=dict, init=False)
+    _variants: dict[str, int] = field(factory=dict, init=False)
     _pending: Optional[IDelayedCall] = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
     _retry: float = field(default=FLUSH_DELAY, init=False)
@@ -230,6 +249,10 @@ class TrustCache:
     _eviction_logged_at: Optional[float] = field(default=None, init=False)
 
     log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        for key in self._entries:
+            self._remember_variant(key, new=True)
 
     @classmethod
     def load(
@@ -324,17 +347,57 @@ class TrustCache:
     ) -> str:
         """
         The cache key of a request: method, path and query (``target``), and
-        the credential headers.  The body is not part of it: the licensing
-        protocol is not public, and a body that carries a timestamp or a usage
-        counter would never match again.
+        the credential headers, in the order given (the caller's: names in a
+        fixed order, each name's values as sent).  The body is not part of it:
+        the licensing protocol is not public, and a body that carries a
+        timestamp or a usage counter would never match again.
         """
         mac = hmac.new(self._salt, digestmod=hashlib.sha256)
         for part in (method, target):
             mac.update(len(part).to_bytes(4, "big") + part)
-        for name, value in sorted(credentials):
+        for name, value in credentials:
             mac.update(len(name).to_bytes(4, "big") + name)
             mac.update(len(value).to_bytes(4, "big") + value)
         return mac.hexdigest()
+
+    def variant(
+        self, key: str, headers: Headers, vary: Optional[Sequence[bytes]] = None
+    ) -> str:
+        """
+        The key, under ``key``, of the answer to a request with ``headers`` when
+        answers vary (``Vary``) on the request headers ``vary`` (lower case,
+        sorted): the answer's, at a store; at a lookup (None), those the latest
+        answer stored for ``key`` varied on.  ``key`` itself when there are none.
+        """
+        names = self._varies.get(key, ()) if vary is None else tuple(vary)
+        if not names:
+            return key
+        mac = hmac.new(self._salt, key.encode("ascii"), digestmod=hashlib.sha256)
+        for name in names:
+            values = headers.getRawHeaders(name)
+            mac.update(b"-" if values is None else len(values).to_bytes(4, "big"))
+            for value in values or ():
+                mac.update(len(value).to_bytes(4, "big") + value)
+        listed = b",".join(names).decode("ascii")
+        return f"{key}{_VARIANT}{listed}{_VARIANT}{mac.hexdigest()}"
+
+    def _remember_variant(self, key: str, new: bool) -> None:
+        primary, _, rest = key.partition(_VARIANT)
+        if not rest:
+            self._varies.pop(primary, None)
+            return
+        listed = rest.partition(_VARIANT)[0]
+        self._varies[primary] = tuple(n.encode("ascii") for n in listed.split(","))
+        if new:
+            self._variants[primary] = self._variants.get(primary, 0) + 1
+
+    def _forget_variant(self, key: str) -> None:
+        primary, _, rest = key.partition(_VARIANT)
+        if rest:
+            self._variants[primary] -= 1
+            if not self._variants[primary]:
+                del self._variants[primary]
+                self._varies.pop(primary, None)
 
     def lookup(self, key: str) -> Optional[Entry]:
         return self._entries.get(key)
@@ -347,13 +410,15 @@ class TrustCache:
         Keep ``entry``, last in line for eviction; the file learns of it
         only if the answer changed.
         """
+        now = self._clock.seconds()
         old = self._entries.pop(key, None)
         if old is None and len(self._entries) >= self.max_entries:
             self._evict()
         if old is None:
-            self._once[key] = None
-        else:
-            self._once.pop(key, None)
+            self._once[key] = now
+        elif now - self._once.get(key, now) >= self.keep_after:
+            del self._once[key]  # asked for again a check-in later: kept
+        self._remember_variant(key, new=old is None)
         self._entries[key] = entry
         self._written.pop(key, None)  # its stored_at moved, if nothing else
         if old is None or not old.same_answer(entry):
@@ -361,13 +426,14 @@ class TrustCache:
 
     def _evict(self) -> None:
         """
-        Drop the answer stored longest ago among those stored only once, if
-        any, else among all; say so now and then, not each time.
+        Drop the answer stored longest ago among those not yet kept, if any,
+        else among all; say so now and then, not each time.
         """
         oldest = next(iter(self._once or self._entries))
         del self._entries[oldest]
         self._once.pop(oldest, None)
         self._written.pop(oldest, None)
+        self._forget_variant(oldest)
         self.evictions += 1
         now = self._clock.seconds()
         last = self._eviction_logged_at

@@ -554,8 +554,53 @@ def test_malformed_reference_is_an_error(tmp_path, raw):
 
 def test_expanded_value_is_validated(tmp_path):
     assert error(tmp_path, '[server]\nhost = "${HOST}"\n', {"HOST": ""}) == (
-        "[server] host: expected a non-empty string, got ''"
+        "[server] host: expected a non-empty string (the value, from ${HOST}, is not shown)"
     )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[server]\nbase_url = "${KEY}"', '[server] base_url: expected a URL path starting with'
+         ' "/" (ASCII, percent-encoded) (the value, from ${KEY}, is not shown)'),
+        ('[license]\nserver_url = ["https://a.example", "${KEY}"]', "[license] server_url:"
+         " expected an https:// URL with a host (the value, from ${KEY}, is not shown)"),
+        ('[license]\nca_file = "/nowhere/${KEY}"', "[license] ca_file: not a valid value"
+         " (the value, from ${KEY}, is not shown)"),
+        ('[cache]\nkey_headers = ["${KEY}"]', "[cache] key_headers: expected header names"
+         " (the value, from ${KEY}, is not shown)"),
+    ],
+)
+def test_a_value_from_the_environment_is_never_echoed(tmp_path, text, message):
+    """A secret put in the wrong key (a license key as a URL) must not reach the log."""
+    secret = "lk secret-7f3a9c"
+    assert error(tmp_path, text + "\n", {"KEY": secret}) == message
+
+
+# [cache] key_headers
+
+
+def test_key_headers_are_case_insensitive_and_sorted(tmp_path):
+    config = load_text(tmp_path, '[cache]\nkey_headers = ["X-Auth-Token", "authorization", "AUTHORIZATION"]\n')
+    assert config.cache_key_headers == (b"authorization", b"x-auth-token")
+    assert Config().cache_key_headers == (b"authorization", b"cookie", b"x-api-key")
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("[]", "expected a non-empty list of header names, got a list"),
+        ('"Authorization"', "expected a non-empty list of header names, got 'Authorization'"),
+        ('["X Token"]', "expected header names, got 'X Token'"),
+        ('["X-Token:"]', "expected header names, got 'X-Token:'"),
+        ("[1]", "expected header names, got 1"),
+        ('["Proxy-Authorization"]', "Proxy-Authorization is never relayed as the client sent"
+         " it, so can't identify one"),
+        ('["Host"]', "Host is never relayed as the client sent it, so can't identify one"),
+    ],
+)
+def test_bad_key_headers(tmp_path, value, reason):
+    assert error(tmp_path, f"[cache]\nkey_headers = {value}\n") == f"[cache] key_headers: {reason}"
 
 
 # Unknown names

@@ -215,6 +215,38 @@ def test_bad_chunk_size_is_400():
     assert client.resource.seen == []
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        # RFC 9112 6.1: the lines are one list, "chunked, identity", which is not chunked.
+        ["Transfer-Encoding: chunked", "Transfer-Encoding: identity"],
+        ["Transfer-Encoding: identity", "Transfer-Encoding: chunked"],
+        ["Transfer-Encoding: gzip", "Transfer-Encoding: chunked"],
+        ["Transfer-Encoding: identity"],
+        ["Host: other"],  # a second Host: which one is the target's?
+        ["X-Token: a\x01b"],
+        ["X-Token: a\x7fb"],
+        ["X-Token: a\x1bb"],
+    ],
+)
+def test_what_twisted_lets_through_is_400_before_the_body(lines):
+    client = Client()
+    client.send(head(*lines, "Content-Length: 0" if "Transfer" not in lines[0] else "X: y"))
+    client.send(b"3\r\nabc\r\n0\r\n\r\n")
+    assert client.answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), client.answer
+    assert client.answer.endswith(b"\r\n\r\nmalformed request\n")
+    assert client.closed
+    assert client.resource.seen == []
+    assert client.rejected(400) == 1
+
+
+def test_chunked_in_any_case_with_a_tab_in_a_value_is_relayed():
+    client = Client()
+    client.send(head("Transfer-Encoding:  Chunked ", "X-Token: a\tb\x80") + b"3\r\nabc\r\n0\r\n\r\n")
+    assert client.answer.startswith(b"HTTP/1.1 200 ")
+    assert client.resource.seen == [b"abc"]
+
+
 # The request deadline
 
 

@@ -161,6 +161,21 @@ class RelayTests(SynchronousTestCase):
             self.assertEqual(response.code, 400, path)
         self.assertEqual(self.h.server.seen, [])
 
+    def test_other_methods_get_405_with_allow_and_nothing_is_sent(self):
+        for method in ("CONNECT", "TRACE", "PROPFIND", "get"):
+            response, body = self.h.answer(self, self.h.request(method))
+            self.assertEqual((response.code, json.loads(body)), (405, {"error": "method not relayed"}))
+            self.assertEqual(
+                response.headers.getRawHeaders("allow"), ["GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"]
+            )
+        self.assertEqual((self.h.server.seen, len(self.h.cache)), ([], 0))
+
+    def test_encoded_separators_are_refused(self):
+        for path in ["/v1/..%2Fadmin", "/v1/%2E%2E%2Fadmin", "/v1/a%2F..%2F..%2Fadmin", "/a%5cb", "/..;/x"]:
+            response, _ = self.h.answer(self, self.h.request(path=path))
+            self.assertEqual(response.code, 400, path)
+        self.assertEqual(self.h.server.seen, [])
+
     def test_failure_inside_trust_serves_the_cached_answer_with_age(self):
         self.h.answer(self, self.h.request(headers={"Authorization": "Token k1"}))
         self.h.clock.advance(125)

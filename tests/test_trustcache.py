@@ -11,8 +11,10 @@ import subprocess
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
+from twisted.web.http_headers import Headers
 
 from license_proxy.trustcache import (
+    DEFAULT_KEEP_AFTER,
     EVICTION_LOG_INTERVAL,
     FLUSH_DELAY,
     MARK_LAG,
@@ -206,7 +208,8 @@ def test_when_full_the_answer_stored_longest_ago_makes_room(tmp_path, clock):
     cache = TrustCache.load(clock, path, max_entries=3)
     for n in range(3):
         cache.store(f"k{n}", entry_at(T0 + n))
-    cache.store("k0", entry_at(T0 + 3))  # k0 is stored again: k1 is now the oldest
+    clock.advance(DEFAULT_KEEP_AFTER)
+    cache.store("k0", entry_at(T0 + 3))  # k0 is stored again a check-in later: kept
     assert (len(cache), cache.evictions) == (3, 0)
     with capturedLogs() as events:
         cache.store("k3", entry_at(T0 + 4))
@@ -247,12 +250,57 @@ def test_a_flood_of_one_off_requests_does_not_evict_the_answers_a_fleet_refreshe
     for minute in range(2):  # two check-ins each: answers the fleet keeps asking for
         for key in fleet:
             cache.store(key, entry_at(T0 + minute))
+        clock.advance(DEFAULT_KEEP_AFTER)
     for n in range(10_000):  # then one client varies its query string
         cache.store(f"flood-{n}", entry_at(T0 + 120))
     assert all(cache.lookup(key) for key in fleet)
     assert (len(cache), cache.evictions) == (100, 10_000 - 40)
     # The flood keeps only the newest of its own.
     assert [n for n in range(10_000) if cache.lookup(f"flood-{n}")] == list(range(9960, 10_000))
+
+
+def test_an_answer_stored_twice_within_a_check_in_interval_is_not_kept(tmp_path, clock):
+    """The attack of issue 14: each of many distinct requests sent twice in a row."""
+    cache = TrustCache.load(clock, str(tmp_path / "cache.json"), max_entries=50)
+    cache.keep_after = 10.0
+    fleet = [f"container-{n}" for n in range(10)]
+    for key in fleet:
+        cache.store(key, entry_at(T0))
+    clock.advance(9.9)
+    for key in fleet:
+        cache.store(key, entry_at(T0 + 9.9))  # not yet a check-in later: only kept at 10 s
+    clock.advance(0.1)
+    for key in fleet:
+        cache.store(key, entry_at(T0 + 10))
+    for n in range(100):
+        for _ in range(2):
+            cache.store(f"flood-{n}", entry_at(T0 + 10))
+        clock.advance(0.05)  # the whole flood takes 5 s, within the interval
+    assert all(cache.lookup(key) for key in fleet)
+    assert [n for n in range(100) if cache.lookup(f"flood-{n}")] == list(range(60, 100))
+
+
+def test_variants_are_found_after_a_restart_and_forgotten_with_their_last_answer(tmp_path, clock):
+    path = str(tmp_path / "cache.json")
+    cache = TrustCache.load(clock, path, max_entries=3)
+    tenant = {n: Headers({b"X-Tenant": [n]}) for n in (b"a", b"b")}
+    key = cache.key(b"GET", b"v1/lic", [(b"authorization", b"Token k")])
+    for n, headers in tenant.items():
+        cache.store(cache.variant(key, headers, (b"x-tenant",)), entry_at(T0))
+    assert cache.variant(key, tenant[b"a"]) != cache.variant(key, tenant[b"b"])
+    cache.flush()
+    again = TrustCache.load(clock, path, max_entries=3)
+    for headers in tenant.values():
+        assert again.lookup(again.variant(key, headers)) == entry_at(T0)
+    assert again.lookup(again.variant(key, Headers())) is None
+    assert again.lookup(key) is None
+    # In the first cache, where they are not kept, a flood of other answers evicts both
+    # variants: nothing is left of them (else a flood of answers with Vary grew it for ever).
+    for n in range(3):
+        cache.store(f"flood-{n}", entry_at(T0))
+    assert cache.evictions == 2
+    assert (cache._varies, cache._variants) == ({}, {})
+    assert cache.variant(key, tenant[b"a"]) == key
 
 
 def test_the_file_keeps_the_clock_high_water_mark(tmp_path, clock):

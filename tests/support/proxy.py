@@ -57,7 +57,7 @@ class ProxyProcess:
     decide how ``request()`` talks to the licensing listener; tests may also set them as
     attributes.  ``options`` are added to the plugin's command line.  ``env`` is added to
     the test's environment (a value of None removes a variable); proxy variables of the
-    test's own environment are not inherited.
+    test's own environment are not inherited.  ``umask`` is the process's (default: the test's).
     """
 
     def __init__(
@@ -69,6 +69,7 @@ class ProxyProcess:
         scheme: str | None = None,
         ca_file: str | os.PathLike[str] | None = None,
         options: tuple[str, ...] = (),
+        umask: int | None = None,
     ) -> None:
         self.tmp_path = Path(tmp_path)
         self.config_text = config_text
@@ -76,6 +77,7 @@ class ProxyProcess:
         self.log_path = self.tmp_path / "proxy.log"
         self.env = dict(env or {})
         self.options = tuple(options)
+        self.umask = -1 if umask is None else umask  # Popen's "leave it as it is"
         try:
             server = tomllib.loads(config_text).get("server", {})
         except tomllib.TOMLDecodeError:
@@ -109,7 +111,8 @@ class ProxyProcess:
         args = [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
         with open(self.log_path, "ab", buffering=0) as log:
             self.process = subprocess.Popen(
-                args, cwd=self.tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                args, cwd=self.tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                umask=self.umask,
             )
         return self
 

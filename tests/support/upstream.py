@@ -300,6 +300,7 @@ class _Connection:
         if self.stopping.is_set():
             return False
         mode, status, headers, body = up._next_response()
+        length = len(body)  # a HEAD answer's Content-Length is the GET answer's
         if request.method == "HEAD":
             body = b""
         keep_alive = (request.header("Connection") or "").lower() != "close"
@@ -341,7 +342,7 @@ class _Connection:
         # normal
         if not keep_alive:
             headers = headers + [("Connection", "close")]
-        self._send_head(status, headers + [("Content-Length", str(len(body)))])
+        self._send_head(status, headers + [("Content-Length", str(length))])
         self.sock.sendall(body)
         return keep_alive
 
