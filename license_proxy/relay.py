@@ -12,11 +12,12 @@ under ``base_url`` is refused before anything is sent.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import ClassVar, Iterable, Optional
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -90,6 +91,7 @@ class Relay:
     _base_url: bytes
     _metrics: RelayMetrics
     _inflight: set = field(factory=set, init=False)
+    _background: set = field(factory=set, init=False)
     _stopping: bool = field(default=False, init=False)
 
     isLeaf: ClassVar[bool] = True
@@ -134,6 +136,8 @@ class Relay:
         """Take no new request (keep-alive clients get 503 and ``Connection:
         close``); fires once those already in flight have answered."""
         self._stopping = True
+        for exchange in list(self._background):
+            exchange.cancel()  # its client has its answer
         return DeferredList(list(self._inflight), consumeErrors=True)
 
     async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
@@ -146,33 +150,50 @@ class Relay:
         body = request.content.read() if has_body else None
         key = self._cache.key(method, rest, _credentials(request.requestHeaders))
         path = request.path.decode("ascii")  # the query may carry secrets: not logged
-        try:
-            answer = await self._upstream.exchange(method, rest, headers, body)
-        except UpstreamFailure as failure:
-            latency = self._clock.seconds() - started
-            self._status.failed()
-            trusted = self._status.trusted()
-            entry = self._cache.lookup(key) if trusted else None
+        entry = self._cache.lookup(key) if self._status.trusted() else None
+        exchange = Deferred.fromCoroutine(self._exchange(method, rest, headers, body, key))
+        if entry is not None and not exchange.called:
+            # A trusted answer exists: never held past answer_within for it.
+            bound = self._upstream.health.answer_within
+            result = await _within(self._clock, exchange, bound)
+            if result is None:
+                self._in_background(exchange, method, path, started)
+                if not gone:
+                    self._answer_failure(request, entry, None)
+                self._metrics.outcomes.labels(SERVED_FROM_TRUST).inc()
+                self.log.warn(
+                    "relay {method} {path}: no answer within {bound:g} s; {outcome}"
+                    " (cache: {cache}); the exchange goes on in the background",
+                    method=method.decode("ascii"),
+                    path=path,
+                    bound=bound,
+                    outcome=SERVED_FROM_TRUST,
+                    cache="hit",
+                )
+                return
+        else:
+            result = await exchange
+        latency = self._clock.seconds() - started
+        if isinstance(result, UpstreamFailure):
+            entry = self._cache.lookup(key) if self._status.trusted() else None
             if not gone:
-                self._answer_failure(request, entry, failure)
+                self._answer_failure(request, entry, result)
             outcome = SERVED_FROM_TRUST if entry else UNAVAILABLE
-            self._count(outcome, latency)
+            self._metrics.outcomes.labels(outcome).inc()
+            if not result.attempted:
+                return  # a known outage: logged once, when the server went down
             self.log.warn(
                 "relay {method} {path} failed after {ms:.1f} ms: {failure}; "
                 "{outcome} (cache: {cache})",
                 method=method.decode("ascii"),
                 path=path,
-                failure=str(failure),
+                failure=str(result),
                 outcome=outcome,
-                cache="hit" if entry else "miss" if trusted else "outside trust window",
+                cache="hit" if entry else "miss" if self._status.trusted() else "outside trust window",
                 ms=latency * 1000,
             )
             return
-        latency = self._clock.seconds() - started
-        self._status.succeeded()
-        cacheable = 200 <= answer.status < 300 and answer.complete
-        if cacheable:
-            self._cache.store(key, _entry(answer, self._clock.seconds()))
+        answer, cacheable = result
         if not gone:
             _write(
                 request,
@@ -181,7 +202,7 @@ class Relay:
                 answer.body,
             )
         outcome = UPSTREAM_4XX if 400 <= answer.status < 500 else UPSTREAM_OK
-        self._count(outcome, latency)
+        self._metrics.outcomes.labels(outcome).inc()
         self.log.info(
             "relay {method} {path} -> {status} in {ms:.1f} ms; {outcome} (cache: {cache})",
             method=method.decode("ascii"),
@@ -192,16 +213,58 @@ class Relay:
             ms=latency * 1000,
         )
 
-    def _count(self, outcome: str, latency: float) -> None:
-        self._metrics.outcomes.labels(outcome).inc()
-        self._metrics.latency.observe(latency)
+    async def _exchange(
+        self, method: bytes, rest: bytes, headers: Headers, body: Optional[bytes], key: bytes
+    ):
+        """
+        The exchange, and what its result changes whether or not a client still
+        waits for it: the state, the cache, the latency histogram.  Returns the
+        ``UpstreamFailure``, or the answer and whether it was stored.
+        """
+        started = self._clock.seconds()
+        try:
+            answer = await self._upstream.exchange(method, rest, headers, body)
+        except UpstreamFailure as failure:
+            if failure.attempted:  # no server asked: nothing new about the state
+                self._metrics.latency.observe(self._clock.seconds() - started)
+                self._status.failed()
+            return failure
+        self._metrics.latency.observe(self._clock.seconds() - started)
+        self._status.succeeded()
+        cacheable = 200 <= answer.status < 300 and answer.complete
+        if cacheable:
+            self._cache.store(key, _entry(answer, self._clock.seconds()))
+        return answer, cacheable
+
+    def _in_background(self, exchange: Deferred, method: bytes, path: str, started: float) -> None:
+        """An exchange whose client was answered from trust: logged when it
+        ends, cancelled by a stop."""
+
+        def ended(result) -> None:
+            self._background.discard(exchange)
+            if isinstance(result, UpstreamFailure):
+                what = f"failed: {result}"
+            else:
+                answer, cacheable = result
+                what = f"-> {answer.status} (cache: {'stored' if cacheable else 'not stored'})"
+            self.log.info(
+                "relay {method} {path}, answered from trust, ended after {ms:.1f} ms: {what}",
+                method=method.decode("ascii"),
+                path=path,
+                ms=(self._clock.seconds() - started) * 1000,
+                what=what,
+            )
+
+        self._background.add(exchange)
+        exchange.addCallback(ended).addErrback(lambda f: f.trap(CancelledError))
 
     def _answer_failure(
-        self, request: IRequest, entry: Optional[Entry], failure: UpstreamFailure
+        self, request: IRequest, entry: Optional[Entry], failure: Optional[UpstreamFailure]
     ) -> None:
         if entry is None:
             message = f"license server unavailable: {failure.reason}"
-            _write(request, 502, [_JSON], _error_body(message))
+            retry = str(math.ceil(self._upstream.health.retry_interval)).encode("ascii")
+            _write(request, 502, [_JSON, (b"retry-after", [retry])], _error_body(message))
             return
         age = max(0, int(self._clock.seconds() - entry.stored_at))
         headers: dict[bytes, list[bytes]] = {}
@@ -209,6 +272,22 @@ class Relay:
             headers.setdefault(name, []).append(value)
         headers[b"Age"] = [str(age).encode("ascii")]
         _write(request, entry.status, headers.items(), entry.body)
+
+
+def _within(clock: IReactorTime, exchange: Deferred, bound: float) -> Deferred:
+    """Fires with ``exchange``'s result if it comes within ``bound`` seconds,
+    else with None then; ``exchange`` itself runs on either way."""
+    first: Deferred = Deferred()
+    timer = clock.callLater(bound, first.callback, None)
+
+    def settled(result):
+        if timer.active():
+            timer.cancel()
+            first.callback(result)
+        return result
+
+    exchange.addCallback(settled)
+    return first
 
 
 def _credentials(headers: Headers) -> Iterable[tuple[bytes, bytes]]:

@@ -25,6 +25,7 @@ from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
 from .config import Config, ConfigError
 from .egress import Settings
+from .health import Health
 from .listener import ConnectionLimits, GuardedSite
 from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for
 from .relay import Relay
@@ -126,6 +127,7 @@ class _Lifecycle(Service):
 
     async def _stop(self) -> None:
         await self._relay.stop()
+        self._upstream.health.stop()
         if self._looping is not None:
             await self._looping  # a check-in in flight finishes before the flush
         self._cache.close()
@@ -156,10 +158,11 @@ def make_service(
     clock = HighWaterClock(reactor, time.time)
     cache = TrustCache.load(clock, config.cache_path, config.cache_max_entries)
     clock.not_before(cache.high_water)
-    status = Status(clock, cache, config.trust_duration)
+    health = Health.of(clock, config.server_urls, config.answer_within, config.retry_interval)
+    status = Status(clock, cache, config.trust_duration, health)
     upstream_certificates = upstream_tls(config)
     upstream = Upstream.build(
-        reactor, config.server_urls, config.timeout, upstream_certificates, egress
+        reactor, config.server_urls, config.timeout, upstream_certificates, egress, health
     )
     registry = registry_for(clock, status, cache)
     registry.register(UpstreamCollector(upstream))
@@ -172,6 +175,7 @@ def make_service(
         RelayMetrics.on(registry),
     )
     checkin = CheckIn(clock, upstream, status, config.key)
+    health.probe_with(lambda index: Deferred.fromCoroutine(checkin.probe(index)))
 
     top = MultiService()
     # Added first, so it stops last: the listeners stop accepting before it
@@ -191,7 +195,12 @@ def make_service(
         listener_tls = ListenerTLS(listener_options(config, clock.seconds()))
         licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
     reload = CertificateReload(clock, config, listener_tls, upstream_certificates)
-    OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
+
+    def reload_and_try_again() -> None:
+        reload()
+        health.try_again("certificates reloaded")
+
+    OnSignal(signal.SIGHUP, reactor, reload_and_try_again).setServiceParent(top)
     status_site = GuardedSite(
         status_resource(status, MetricsPage(registry)), config, reactor, guarded.rejected
     )
