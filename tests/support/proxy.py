@@ -69,6 +69,7 @@ class ProxyProcess:
         scheme: str | None = None,
         ca_file: str | os.PathLike[str] | None = None,
         options: tuple[str, ...] = (),
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.tmp_path = Path(tmp_path)
         self.config_text = config_text
@@ -76,6 +77,7 @@ class ProxyProcess:
         self.log_path = self.tmp_path / "proxy.log"
         self.env = dict(env or {})
         self.options = tuple(options)
+        self.wrapper = tuple(wrapper)
         try:
             server = tomllib.loads(config_text).get("server", {})
         except tomllib.TOMLDecodeError:
@@ -106,7 +108,7 @@ class ProxyProcess:
                 env.pop(key, None)
             else:
                 env[key] = value
-        args = [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
+        args = [*self.wrapper, TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
         with open(self.log_path, "ab", buffering=0) as log:
             self.process = subprocess.Popen(
                 args, cwd=self.tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
