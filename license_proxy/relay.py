@@ -143,14 +143,21 @@ class Relay:
     async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
         started = self._clock.seconds()
         method = request.method
+        key = self._cache.key(method, rest, _credentials(request.requestHeaders))
+        entry = self._cache.lookup(key) if self._status.trusted() else None
+        known_outage = self._upstream.unavailable()
+        if known_outage is not None:
+            # No server to ask (see health.py): answered now, logged once per
+            # transition, not per request.
+            self._answer_failure(request, entry, known_outage)
+            self._metrics.outcomes.labels(SERVED_FROM_TRUST if entry else UNAVAILABLE).inc()
+            return
         headers = Headers(dict(end_to_end(request.requestHeaders, _REQUEST_OWN)))
         has_body = request.requestHeaders.hasHeader(
             b"content-length"
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         body = request.content.read() if has_body else None
-        key = self._cache.key(method, rest, _credentials(request.requestHeaders))
         path = request.path.decode("ascii")  # the query may carry secrets: not logged
-        entry = self._cache.lookup(key) if self._status.trusted() else None
         exchange = Deferred.fromCoroutine(self._exchange(method, rest, headers, body, key))
         if entry is not None and not exchange.called:
             # A trusted answer exists: never held past answer_within for it.

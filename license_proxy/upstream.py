@@ -287,9 +287,8 @@ class Upstream:
         failure = None
         for index in range(len(self._urls)):
             if not (every or self.health.usable(index)):
-                url = self._urls[index].decode("ascii")
                 if failure is None or not failure.attempted:
-                    failure = UpstreamFailure(url, self.health.why_not(index), attempted=False)
+                    failure = self._skipped(index)
                 continue
             try:
                 answer = await self.attempt(index, method, rest, headers, body, timeout)
@@ -300,6 +299,16 @@ class Upstream:
                 return answer
             failure = UpstreamFailure(self._urls[index].decode("ascii"), f"answered {answer.status}")
         raise failure
+
+    def unavailable(self) -> Optional[UpstreamFailure]:
+        """Why no server may be asked now (all down or busy), or None."""
+        if self.health.available:
+            return None
+        return self._skipped(len(self._urls) - 1)
+
+    def _skipped(self, index: int) -> UpstreamFailure:
+        url = self._urls[index].decode("ascii")
+        return UpstreamFailure(url, self.health.why_not(index), attempted=False)
 
     async def attempt(
         self,

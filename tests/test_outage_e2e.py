@@ -23,6 +23,7 @@ from tests.support.blackhole import BlackHole
 from tests.support.proxy import ProxyProcess
 from tests.support.upstream import Upstream
 from tests.test_e2e import config
+from tests.test_operations_e2e import scrape
 
 ANSWER_WITHIN = 2.0
 RETRY_INTERVAL = 5.0
@@ -58,6 +59,7 @@ def answered_from_trust(proxy, first_bound=ANSWER_WITHIN + MARGIN) -> None:
     took, code, headers, body = timed(proxy)
     assert (code, body) == (200, GOOD) and "Age" in headers, (code, body)
     assert took < first_bound, took
+    exchanges = scrape(proxy)["license_proxy_upstream_latency_seconds_count", ()]
     for _ in range(5):
         took, code, headers, body = timed(proxy)
         assert (code, body, "Age" in headers) == (200, GOOD, True)
@@ -66,6 +68,8 @@ def answered_from_trust(proxy, first_bound=ANSWER_WITHIN + MARGIN) -> None:
     assert code == 502 and headers["Retry-After"] == "5", (code, body)
     assert "license server unavailable" in json.loads(body)["error"]
     assert took < AT_ONCE, took
+    # None of them made an exchange with the license server (no per-request attempt).
+    assert scrape(proxy)["license_proxy_upstream_latency_seconds_count", ()] == exchanges
 
 
 def down(proxy, index=0, timeout=15.0) -> dict:
