@@ -157,23 +157,6 @@ class Nginx:
         log.close()
         wait_port(port, self.proc, self.name)
 
-    def wait_up(self, timeout: float = 30) -> float:
-        """Seconds until Connected with every license server up (probed back)."""
-        started = time.monotonic()
-        while True:
-            try:
-                _, _, body = plain_get(self.status_port, "/v1/status")
-                status = json.loads(body)
-                if status["state"] == "Connected" and all(
-                    s["up"] for s in status["license_servers"]
-                ):
-                    return time.monotonic() - started
-            except (OSError, ValueError, http.client.HTTPException):
-                pass
-            if time.monotonic() - started > timeout:
-                raise SystemExit(f"bench: license-proxy not back after {timeout} s")
-            time.sleep(0.05)
-
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

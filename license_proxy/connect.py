@@ -22,7 +22,7 @@ from attrs import frozen
 from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.python.failure import Failure
@@ -37,16 +37,12 @@ def resolve(reactor, host: str, port: int = 0) -> Deferred:
     """The addresses of ``host`` (a list of ``IPv4Address``/``IPv6Address``),
     without the resolver for an IP literal."""
     if isIPAddress(host):
-        return Deferred.fromCoroutine(_literal(IPv4Address("TCP", host, port)))
+        return succeed([IPv4Address("TCP", host, port)])
     if isIPv6Address(host):
-        return Deferred.fromCoroutine(_literal(IPv6Address("TCP", host, port)))
+        return succeed([IPv6Address("TCP", host, port)])
     receiver = _Addresses()
     reactor.nameResolver.resolveHostName(receiver, host, portNumber=port)
     return receiver.done
-
-
-async def _literal(address) -> list:
-    return [address]
 
 
 @implementer(IResolutionReceiver)

@@ -5,11 +5,11 @@ Waiting on a dead server is what an outage costs the fleet, so a server the
 proxy has seen fail is not asked again for clients until a background probe
 finds it back.  The rules (README, "Outages"):
 
-- **Down** after an exchange fails in a way that says the server cannot answer
-  anyone: connection refused or reset, a connection not established within
-  ``answer_within``, a DNS or TLS failure, no complete answer within
-  ``timeout``, or an answer 502, 503 or 504.  Any other answer (2xx-4xx, 500,
-  501) proves the server is there: it is **up**.
+- **Down** after an exchange ends without a complete answer (connection
+  refused or reset, a connection not established within ``answer_within``, a
+  DNS or TLS failure, a body cut short, no complete answer within ``timeout``)
+  or with an answer 502, 503 or 504.  Any other answer (2xx-4xx, 500, 501)
+  proves the server is there: it is **up**.
 - While down, a server is skipped: requests go to the next server that is
   usable, or are answered at once (from trust, or 502).  A probe (the
   check-in request) runs every ``retry_interval``, jittered between half of

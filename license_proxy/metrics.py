@@ -164,7 +164,7 @@ class UpstreamCollector:
         )
         up = GaugeMetricFamily(
             "license_proxy_license_server_up",
-            "1 while a server_url is used, 0 while it is down (skipped until a probe succeeds).",
+            "1 while a server_url is used, 0 while it is down (skipped until it answers again).",
             labels=["server_url"],
         )
         for server in self._upstream.health.servers:
