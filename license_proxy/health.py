@@ -12,9 +12,10 @@ finds it back.  The rules (README, "Outages"):
   proves the server is there: it is **up**.
 - While down, a server is skipped: requests go to the next server that is
   usable, or are answered at once (from trust, or 502).  A probe (the
-  check-in request) runs every ``retry_interval``, jittered between half of
+  check-in request) starts every ``retry_interval``, jittered between half of
   it and all of it so a fleet of proxies does not probe in step, one exchange
-  at a time; its first success marks the server up.
+  at a time (the next starts when a slow one ends, if its time has come);
+  its first success marks the server up.
 - **Slow is not down.**  While an exchange with a server has been outstanding
   for ``answer_within`` and none with it has completed since that one began,
   the server is *busy*: skipped like a down one, so only the first request
@@ -188,21 +189,23 @@ class Health:
             why=why,
         )
 
-    def _schedule(self, index: int) -> None:
+    def _schedule(self, index: int, spent: float = 0.0) -> None:
+        """The next probe, an interval after the last one began (``spent`` ago)."""
         if self._stopped or self._probe is None or index in self._probing:
             return  # a probe in flight schedules the next itself
-        delay = self.retry_interval * (0.5 + 0.5 * self._jitter())
+        delay = max(0.0, self.retry_interval * (0.5 + 0.5 * self._jitter()) - spent)
         self._timers[index] = self._clock.callLater(delay, self._run_probe, index)
 
     def _run_probe(self, index: int) -> None:
         self._timers.pop(index, None)
         if self._stopped or self.servers[index].up:
             return
+        started = self._clock.seconds()
         running = self._probing[index] = self._probe(index)
 
         def done(_) -> None:
             del self._probing[index]
             if not self.servers[index].up:
-                self._schedule(index)
+                self._schedule(index, self._clock.seconds() - started)
 
         running.addBoth(done)
