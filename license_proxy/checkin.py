@@ -42,11 +42,16 @@ class CheckIn:
 
     log = Logger()
 
-    async def _exchange(self, timeout: Optional[float] = None) -> Answer:
+    def _headers(self) -> Headers:
         headers = Headers()
         if self._key:
             headers.setRawHeaders(b"authorization", [b"Token " + self._key.encode()])
-        return await self._upstream.exchange(b"GET", b"", headers, None, timeout)
+        return headers
+
+    async def _exchange(self, timeout: Optional[float] = None, every: bool = False) -> Answer:
+        return await self._upstream.exchange(
+            b"GET", b"", self._headers(), None, timeout, every=every
+        )
 
     async def startup(self, timeout: float) -> None:
         """
@@ -58,7 +63,8 @@ class CheckIn:
         while True:
             try:
                 left = deadline - self._clock.seconds()
-                answer = await self._exchange(max(left, MIN_ATTEMPT))
+                # Every server, down or not: nothing probes before the start.
+                answer = await self._exchange(max(left, MIN_ATTEMPT), every=True)
             except UpstreamFailure as failure:
                 # Still Ready while retrying: a slow start is not yet a failure.
                 if self._status.trusted():
@@ -100,9 +106,27 @@ class CheckIn:
             self._status.failed()
             self.log.warn("check-in failed: {failure}", failure=str(failure))
             return
+        self._checked_in(answer)
+
+    def _checked_in(self, answer: Answer) -> None:
         self._status.succeeded()
         if self._key and answer.status in _REJECTED:
             self.log.error(
                 "the license server rejected the key (HTTP {status})",
                 status=answer.status,
             )
+
+    async def probe(self, index: int) -> None:
+        """
+        The check-in with server ``index`` alone, while it is down (``Health``
+        runs it); its outcome marks the server.  A success is a check-in;
+        a failure keeps the state failed while no server is usable.
+        """
+        try:
+            answer = await self._upstream.attempt(index, b"GET", b"", self._headers(), None)
+        except UpstreamFailure:
+            if not self._upstream.health.available:
+                self._status.failed()
+            return
+        if answer.status < 500:
+            self._checked_in(answer)

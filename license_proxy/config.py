@@ -22,6 +22,7 @@ import attrs
 from hyperlink import DecodedURL, URLParseError
 
 from .egress import Proxy
+from .health import ANSWER_WITHIN, RETRY_INTERVAL
 from .hopbyhop import HOP_BY_HOP
 from .trustcache import CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES
 
@@ -52,6 +53,8 @@ class Config:
     client_key: str | None = None  # [license] client_key
     timeout: float = 30.0  # [license] timeout, seconds
     startup_timeout: float = 30.0  # [license] startup_timeout, seconds
+    answer_within: float = ANSWER_WITHIN  # [license] answer_within, seconds
+    retry_interval: float = RETRY_INTERVAL  # [license] retry_interval, seconds
     proxy: str = attrs.field(default="", repr=False)  # [license] proxy: may hold a password
     no_proxy: str = ""  # [license] no_proxy
     trust_duration: float = 86400.0  # [trust] duration, seconds
@@ -378,6 +381,8 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
     ("license", "client_key"): ("client_key", _readable_file),
     ("license", "timeout"): ("timeout", parse_duration),
     ("license", "startup_timeout"): ("startup_timeout", parse_duration),
+    ("license", "answer_within"): ("answer_within", parse_duration),
+    ("license", "retry_interval"): ("retry_interval", parse_duration),
     ("license", "proxy"): ("proxy", _proxy_url),
     ("license", "no_proxy"): ("no_proxy", _string),
     ("trust", "duration"): ("trust_duration", parse_duration),

@@ -21,22 +21,17 @@ from urllib.parse import unquote, urlsplit
 
 from attrs import field, frozen
 from hyperlink import URL
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from .connect import FastEndpoint
 from .tunnel import ConnectTunnel, Socks5Tunnel, TunnelEndpoint, netloc, resolver
 
 PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
-ATTEMPT_DELAY = 0.1
-"""Seconds between connection attempts to a host's addresses (RFC 8305's
-minimum; Twisted's default is 0.3).  HostnameEndpoint reports failure only at
-its next tick, so while the license server refuses connections this is also
-how long each relay waits before it answers from the trust cache."""
-
 _DEFAULT_PORTS = {"http": 1080, "https": 443, "socks5": 1080, "socks5h": 1080}  # curl's
 
 
@@ -229,6 +224,7 @@ class Egress:
     _reactor: object
     _tls: object  # UpstreamTLS: creatorForNetloc and creatorForProxy
     _settings: Settings
+    _connect_timeout: float = 30.0  # resolution and TCP connect, to the upstream or the proxy
 
     def endpointForURI(self, uri) -> IStreamClientEndpoint:
         if uri.scheme != b"https":
@@ -237,17 +233,13 @@ class Egress:
         route = self._settings.route(host, uri.port)
         upstream_tls = self._tls.creatorForNetloc(uri.host, uri.port)
         if route.proxy is None:
-            to_upstream = HostnameEndpoint(
-                self._reactor, host, uri.port, attemptDelay=ATTEMPT_DELAY
-            )
+            to_upstream = FastEndpoint(self._reactor, host, uri.port, self._connect_timeout)
         else:
             to_upstream = self._tunnel(route.proxy, host, uri.port)
         return _Quiet(wrapClientTLS(upstream_tls, to_upstream))
 
     def _tunnel(self, proxy: Proxy, host: str, port: int) -> TunnelEndpoint:
-        to_proxy = HostnameEndpoint(
-            self._reactor, proxy.host, proxy.port, attemptDelay=ATTEMPT_DELAY
-        )
+        to_proxy = FastEndpoint(self._reactor, proxy.host, proxy.port, self._connect_timeout)
         if proxy.scheme == "https":
             to_proxy = wrapClientTLS(self._tls.creatorForProxy(proxy.host), to_proxy)
         to_proxy = _Quiet(to_proxy)

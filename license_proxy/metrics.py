@@ -162,6 +162,14 @@ class UpstreamCollector:
             " before any answer.",
             value=self._upstream.retries,
         )
+        up = GaugeMetricFamily(
+            "license_proxy_license_server_up",
+            "1 while a server_url is used, 0 while it is down (skipped until it answers again).",
+            labels=["server_url"],
+        )
+        for server in self._upstream.health.servers:
+            up.add_metric([server.url], 1 if server.up else 0)
+        yield up
 
 
 def registry_for(clock: IReactorTime, status: Status, cache: TrustCache) -> CollectorRegistry:

@@ -2,7 +2,9 @@
 The licensing listener: every request under ``base_url`` is relayed to the
 license server; good answers are kept in the trust cache, and when the server
 can't give one, the cached answer to the same request is served while the
-proxy is inside its trust window.
+proxy is inside its trust window.  No request waits on a server known to be
+down, nor longer than ``answer_within`` when it has a trusted answer: the
+exchange then finishes in the background (rules in ``health``).
 
 It is not an open proxy: the request target is only ever appended below the
 configured upstream URL, and a target that is not a plain origin-form path
@@ -16,11 +18,12 @@ upstream decodes.  Only the methods a licensing request can use are relayed.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import ClassVar, Optional
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -90,6 +93,7 @@ class Relay:
     #: Request headers that identify a licensee, lower case, sorted: in every cache key.
     _key_headers: tuple[bytes, ...] = CREDENTIAL_HEADERS
     _inflight: set = field(factory=set, init=False)
+    _background: set = field(factory=set, init=False)
     _stopping: bool = field(default=False, init=False)
 
     isLeaf: ClassVar[bool] = True
@@ -139,47 +143,75 @@ class Relay:
         """Take no new request (keep-alive clients get 503 and ``Connection:
         close``); fires once those already in flight have answered."""
         self._stopping = True
+        for exchange in list(self._background):
+            exchange.cancel()  # its client has its answer
         return DeferredList(list(self._inflight), consumeErrors=True)
 
     async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
         started = self._clock.seconds()
         method = request.method
         headers = Headers(dict(end_to_end(request.requestHeaders, _REQUEST_OWN)))
+        key = self._key(method, rest, headers)
+        entry = self._lookup(key, headers) if self._status.trusted() else None
+        known_outage = self._upstream.unavailable()
+        if known_outage is not None:
+            # No server to ask (see health.py): answered now, logged once per
+            # transition, not per request.
+            self._answer_failure(request, entry, known_outage)
+            self._metrics.outcomes.labels(SERVED_FROM_TRUST if entry else UNAVAILABLE).inc()
+            return
         has_body = request.requestHeaders.hasHeader(
             b"content-length"
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         body = request.content.read() if has_body else None
-        key = self._key(method, rest, headers)
         path = request.path.decode("ascii")  # the query may carry secrets: not logged
-        try:
-            answer = await self._upstream.exchange(method, rest, headers, body)
-        except UpstreamFailure as failure:
-            latency = self._clock.seconds() - started
-            self._status.failed()
-            trusted = self._status.trusted()
-            entry = self._lookup(key, headers) if trusted else None
+        exchange = Deferred.fromCoroutine(self._exchange(method, rest, headers, body, key))
+        if entry is not None and not exchange.called:
+            # A trusted answer exists: never held past answer_within for it.
+            bound = self._upstream.health.answer_within
+            result = await _within(self._clock, exchange, bound)
+            if result is None:
+                self._in_background(exchange, method, path, started)
+                if not gone:
+                    self._answer_failure(request, entry, None)
+                self._metrics.outcomes.labels(SERVED_FROM_TRUST).inc()
+                self.log.warn(
+                    "relay {method} {path}: no answer within {bound:g} s; {outcome}"
+                    " (cache: {cache}); the exchange goes on in the background",
+                    method=method.decode("ascii"),
+                    path=path,
+                    bound=bound,
+                    outcome=SERVED_FROM_TRUST,
+                    cache="hit",
+                )
+                return
+        else:
+            result = await exchange
+        latency = self._clock.seconds() - started
+        if isinstance(result, UpstreamFailure):
+            entry = self._lookup(key, headers) if self._status.trusted() else None
             if not gone:
-                self._answer_failure(request, entry, failure)
+                self._answer_failure(request, entry, result)
             outcome = SERVED_FROM_TRUST if entry else UNAVAILABLE
-            self._count(outcome, latency)
+            self._metrics.outcomes.labels(outcome).inc()
+            if not result.attempted:
+                return  # a known outage: logged once, when the server went down
             self.log.warn(
                 "relay {method} {path} failed after {ms:.1f} ms: {failure}; "
                 "{outcome} (cache: {cache})",
                 method=method.decode("ascii"),
                 path=path,
-                failure=str(failure),
+                failure=str(result),
                 outcome=outcome,
-                cache="hit" if entry else "miss" if trusted else "outside trust window",
+                cache="hit" if entry else "miss" if self._status.trusted() else "outside trust window",
                 ms=latency * 1000,
             )
             return
-        latency = self._clock.seconds() - started
-        self._status.succeeded()
-        cacheable = self._store(key, headers, method, answer)
+        answer, cacheable = result
         if not gone:
             _write(request, answer.status, _relayed(method, answer), answer.body)
         outcome = UPSTREAM_4XX if 400 <= answer.status < 500 else UPSTREAM_OK
-        self._count(outcome, latency)
+        self._metrics.outcomes.labels(outcome).inc()
         self.log.info(
             "relay {method} {path} -> {status} in {ms:.1f} ms; {outcome} (cache: {cache})",
             method=method.decode("ascii"),
@@ -211,16 +243,55 @@ class Relay:
         self._cache.store(self._cache.variant(key, headers, vary), stored)
         return True
 
-    def _count(self, outcome: str, latency: float) -> None:
-        self._metrics.outcomes.labels(outcome).inc()
-        self._metrics.latency.observe(latency)
+    async def _exchange(
+        self, method: bytes, rest: bytes, headers: Headers, body: Optional[bytes], key: str
+    ):
+        """
+        The exchange, and what its result changes whether or not a client still
+        waits for it: the state, the cache, the latency histogram.  Returns the
+        ``UpstreamFailure``, or the answer and whether it was stored.
+        """
+        started = self._clock.seconds()
+        try:
+            answer = await self._upstream.exchange(method, rest, headers, body)
+        except UpstreamFailure as failure:
+            if failure.attempted:  # no server asked: nothing new about the state
+                self._metrics.latency.observe(self._clock.seconds() - started)
+                self._status.failed()
+            return failure
+        self._metrics.latency.observe(self._clock.seconds() - started)
+        self._status.succeeded()
+        return answer, self._store(key, headers, method, answer)
+
+    def _in_background(self, exchange: Deferred, method: bytes, path: str, started: float) -> None:
+        """An exchange whose client was answered from trust: logged when it
+        ends, cancelled by a stop."""
+
+        def ended(result) -> None:
+            self._background.discard(exchange)
+            if isinstance(result, UpstreamFailure):
+                what = f"failed: {result}"
+            else:
+                answer, cacheable = result
+                what = f"-> {answer.status} (cache: {'stored' if cacheable else 'not stored'})"
+            self.log.info(
+                "relay {method} {path}, answered from trust, ended after {ms:.1f} ms: {what}",
+                method=method.decode("ascii"),
+                path=path,
+                ms=(self._clock.seconds() - started) * 1000,
+                what=what,
+            )
+
+        self._background.add(exchange)
+        exchange.addCallback(ended).addErrback(lambda f: f.trap(CancelledError))
 
     def _answer_failure(
-        self, request: IRequest, entry: Optional[Entry], failure: UpstreamFailure
+        self, request: IRequest, entry: Optional[Entry], failure: Optional[UpstreamFailure]
     ) -> None:
         if entry is None:
             message = f"license server unavailable: {failure.reason}"
-            _write(request, 502, [_JSON], _error_body(message))
+            retry = str(math.ceil(self._upstream.health.retry_interval)).encode("ascii")
+            _write(request, 502, [_JSON, (b"retry-after", [retry])], _error_body(message))
             return
         age = max(0, int(self._clock.seconds() - entry.stored_at))
         headers: dict[bytes, list[bytes]] = {}
@@ -228,6 +299,22 @@ class Relay:
             headers.setdefault(name, []).append(value)
         headers[b"Age"] = [str(age).encode("ascii")]
         _write(request, entry.status, headers.items(), entry.body)
+
+
+def _within(clock: IReactorTime, exchange: Deferred, bound: float) -> Deferred:
+    """Fires with ``exchange``'s result if it comes within ``bound`` seconds,
+    else with None then; ``exchange`` itself runs on either way."""
+    first: Deferred = Deferred()
+    timer = clock.callLater(bound, first.callback, None)
+
+    def settled(result):
+        if timer.active():
+            timer.cancel()
+            first.callback(result)
+        return result
+
+    exchange.addCallback(settled)
+    return first
 
 
 def _credentials(headers: Headers, names: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:

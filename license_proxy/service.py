@@ -25,6 +25,7 @@ from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
 from .config import Config
 from .egress import Settings
+from .health import Health
 from .listener import ConnectionLimits, GuardedSite
 from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for
 from .relay import Relay
@@ -126,6 +127,7 @@ class _Lifecycle(Service):
 
     async def _stop(self) -> None:
         await self._relay.stop()
+        self._upstream.health.stop()
         if self._looping is not None:
             await self._looping  # a check-in in flight finishes before the flush
         self._cache.close()
@@ -153,11 +155,12 @@ def make_service(
     # An answer counts as one the fleet keeps asking for once asked for a check-in later.
     cache.keep_after = config.checkin_interval
     clock.not_before(cache.high_water)
-    status = Status(clock, cache, config.trust_duration)
+    health = Health.of(clock, config.server_urls, config.answer_within, config.retry_interval)
+    status = Status(clock, cache, config.trust_duration, health)
     certificate_files = CertificateFiles.read(config)  # before reading them: see CertificateReload
     upstream_certificates = upstream_tls(config)
     upstream = Upstream.build(
-        reactor, config.server_urls, config.timeout, upstream_certificates, egress
+        reactor, config.server_urls, config.timeout, upstream_certificates, egress, health
     )
     registry = registry_for(clock, status, cache)
     registry.register(UpstreamCollector(upstream))
@@ -171,6 +174,7 @@ def make_service(
         config.cache_key_headers,
     )
     checkin = CheckIn(clock, upstream, status, config.key)
+    health.probe_with(lambda index: Deferred.fromCoroutine(checkin.probe(index)))
 
     top = MultiService()
     # Added first, so it stops last: the listeners stop accepting before it
@@ -189,8 +193,9 @@ def make_service(
     if config.tls:
         listener_tls = ListenerTLS(listener_options(config, clock.seconds()))
         licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
+    # New trust roots may change the verdict on a server marked down.
     reload = CertificateReload(
-        clock, config, listener_tls, upstream_certificates, certificate_files
+        clock, config, listener_tls, upstream_certificates, certificate_files, health.try_again
     )
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     watching(reload, reactor).setServiceParent(top)

@@ -11,7 +11,8 @@ The JSON is compact and on one line, with ``state`` first, because existing
 readiness probes grep it: ``'^{.*"state":"\\(Connected\\|TrustBased\\)".*}$'``.
 Fields added since the vendor's three come after them: ``state_since``, and
 ``cache_persisted`` with ``cache_error`` (why the trust cache file cannot be
-written, or null).  A cache that cannot be persisted does not change the
+written, or null), and ``license_servers``: each ``server_url`` with ``up``,
+``down_since`` and the ``last_error`` of its last failed exchange or probe.  A cache that cannot be persisted does not change the
 state: the answers are in memory and containers are licensed as before; what
 is at stake is the next restart, which the two fields tell operators about.
 
@@ -30,6 +31,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from .health import Health
 from .trustcache import TrustCache
 
 READY = "Ready"
@@ -45,6 +47,7 @@ class Status:
     _clock: IReactorTime
     _cache: TrustCache
     _duration: float
+    _health: Optional[Health] = None
     _last_ok: Optional[bool] = field(default=None, init=False)
     _reported: str = field(default=READY, init=False)
     _since: float = field(init=False)
@@ -130,6 +133,16 @@ class Status:
             "cache_persisted": self._cache.persisted,
             "cache_error": self._cache.write_error,
         }
+        if self._health is not None:
+            report["license_servers"] = [
+                {
+                    "server_url": server.url,
+                    "up": server.up,
+                    "down_since": rfc3339(server.down_since),
+                    "last_error": server.last_error,
+                }
+                for server in self._health.servers
+            ]
         return json.dumps(report, separators=(",", ":")).encode("ascii")
 
 

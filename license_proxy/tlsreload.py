@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+from collections.abc import Callable
 
 from attrs import define, frozen
 from OpenSSL import SSL
@@ -88,6 +89,8 @@ class CertificateReload:
     of them on SIGHUP (calling it), those whose contents changed on ``check``.
     ``seen`` is what the files held when last read, taken *before* reading
     them, so that a change made while they are being read is seen next time.
+    ``upstream_reloaded`` is told (with the cause) once new trust roots are in
+    service: a server that failed verification may pass now.
     """
 
     _clock: IReactorTime
@@ -95,6 +98,7 @@ class CertificateReload:
     _listener: ListenerTLS | None  # None with [server] tls = false
     _upstream: UpstreamTLS
     _seen: CertificateFiles
+    _upstream_reloaded: Callable[[str], None]
 
     log = Logger()
 
@@ -143,6 +147,7 @@ class CertificateReload:
             )
         else:
             self._upstream.replace_with(fresh)
+            self._upstream_reloaded(f"certificates reloaded ({cause})")
             self.log.info(
                 "reload ({cause}): the license server's trust roots and client certificate"
                 " are reloaded",

@@ -23,9 +23,11 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
+
+from .connect import resolve
 
 MAX_ANSWER_HEAD = 16 * 1024
 """Largest CONNECT answer head accepted, in bytes."""
@@ -265,37 +267,14 @@ def resolver(reactor) -> Callable[[str], Awaitable[str]]:
     """Resolve a name with the reactor's resolver, for ``socks5://``:
     an IPv4 address if there is one (a SOCKS server often has no IPv6 route)."""
 
-    async def resolve(host: str) -> str:
-        try:
-            ipaddress.ip_address(host)
-            return host
-        except ValueError:
-            pass
-        receiver = _Addresses()
-        reactor.nameResolver.resolveHostName(receiver, host)
-        found = await receiver.done
+    async def resolve_one(host: str) -> str:
+        found = await resolve(reactor, host)
         if not found:
             raise error.DNSLookupError(host)
         found.sort(key=lambda a: not isinstance(a, IPv4Address))
         return found[0].host
 
-    return resolve
-
-
-@implementer(IResolutionReceiver)
-class _Addresses:
-    def __init__(self) -> None:
-        self._found: list = []
-        self.done: Deferred = Deferred()
-
-    def resolutionBegan(self, resolution) -> None:
-        pass
-
-    def addressResolved(self, address) -> None:
-        self._found.append(address)
-
-    def resolutionComplete(self) -> None:
-        self.done.callback(self._found)
+    return resolve_one
 
 
 @implementer(IStreamClientEndpoint)

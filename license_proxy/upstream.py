@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from . import ciphers
 from .egress import Egress, Settings
+from .health import ANSWER_WITHIN, DOWN_STATUSES, RETRY_INTERVAL, Health
 from .pool import BytesBody, RetryingPool
 from .tunnel import ProxyError
 
@@ -54,12 +55,14 @@ _HIDDEN_ENCODING = b"x-license-proxy-content-encoding"
 
 
 class UpstreamFailure(Exception):
-    """No usable answer: says which upstream and why, in words for a log line."""
+    """No usable answer: says which upstream and why, in words for a log line;
+    ``attempted`` False when no server was asked (all known down or busy)."""
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, attempted: bool = True) -> None:
         super().__init__(f"{url}: {reason}")
         self.url = url
         self.reason = reason
+        self.attempted = attempted
 
 
 @frozen
@@ -202,12 +205,14 @@ def _read_body(response) -> Deferred:
 
 @define
 class Upstream:
-    """The license server(s): each URL in turn until one gives a usable answer."""
+    """The license server(s): each URL in turn, skipping those ``health``
+    says not to wait for, until one gives a usable answer."""
 
     _clock: IReactorTime
     _treq: HTTPClient
     _urls: Sequence[bytes]
     _timeout: float
+    health: Health
     _pool: Optional[RetryingPool] = None
 
     @classmethod
@@ -218,13 +223,17 @@ class Upstream:
         urls: Sequence[str],
         timeout: float,
         pool: Optional[RetryingPool] = None,
+        health: Optional[Health] = None,
     ) -> Upstream:
         """The client over ``agent``, made transparent (see the module's doc)."""
+        if health is None:
+            health = Health.of(clock, urls, ANSWER_WITHIN, RETRY_INTERVAL)
         return cls(
             clock,
             HTTPClient(_Verbatim(agent), cookiejar=_no_cookies()),
             [DecodedURL.from_text(u).to_uri().to_text().encode("ascii") for u in urls],
             timeout,
+            health,
             pool,
         )
 
@@ -236,13 +245,17 @@ class Upstream:
         timeout: float,
         tls: UpstreamTLS,
         egress: Settings,
+        health: Health,
     ) -> Upstream:
         """The production client: pooled connections, verified TLS, direct
-        or through the forward proxy ``egress`` chooses."""
+        or through the forward proxy ``egress`` chooses.  A connection not
+        made within ``health.answer_within`` is a failure (see ``health``)."""
         pool = RetryingPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
-        agent = Agent.usingEndpointFactory(reactor, Egress(reactor, tls, egress), pool=pool)
-        return cls.using(agent, reactor, urls, timeout, pool)
+        connect_timeout = min(timeout, health.answer_within)
+        endpoints = Egress(reactor, tls, egress, connect_timeout)
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        return cls.using(agent, reactor, urls, timeout, pool, health)
 
     @property
     def retries(self) -> int:
@@ -262,31 +275,71 @@ class Upstream:
         headers: Headers,
         body: Optional[bytes],
         timeout: Optional[float] = None,
+        every: bool = False,
     ) -> Answer:
         """
         Send ``method`` to each upstream URL + ``rest`` (path below the URL,
         and query) until one answers below 500, each attempt under one
-        deadline (``timeout`` may shorten it).  Raises ``UpstreamFailure``
-        with the last reason when none does.
+        deadline (``timeout`` may shorten it).  Servers ``health`` finds not
+        usable are skipped unless ``every``.  Raises ``UpstreamFailure``
+        with the last reason when none answers.
         """
-        deadline = self._timeout if timeout is None else min(timeout, self._timeout)
-        reason = ""
-        for url in self._urls:
-            attempt = Deferred.fromCoroutine(
-                self._once(method, _join(url, rest), headers.copy(), body)
-            )
-            attempt.addTimeout(deadline, self._clock)
+        failure = None
+        for index in range(len(self._urls)):
+            if not (every or self.health.usable(index)):
+                if failure is None or not failure.attempted:
+                    failure = self._skipped(index)
+                continue
             try:
-                answer = await attempt
-            except CancelledError:
-                raise  # cancelled from outside (a stop): not a failure to report
-            except Exception as e:
-                reason = describe(e, deadline)
-            else:
-                if answer.status < 500:
-                    return answer
-                reason = f"answered {answer.status}"
-        raise UpstreamFailure(url.decode("ascii"), reason)
+                answer = await self.attempt(index, method, rest, headers, body, timeout)
+            except UpstreamFailure as e:
+                failure = e
+                continue
+            if answer.status < 500:
+                return answer
+            failure = UpstreamFailure(self._urls[index].decode("ascii"), f"answered {answer.status}")
+        raise failure
+
+    def unavailable(self) -> Optional[UpstreamFailure]:
+        """Why no server may be asked now (all down or busy), or None."""
+        if self.health.available:
+            return None
+        return self._skipped(len(self._urls) - 1)
+
+    def _skipped(self, index: int) -> UpstreamFailure:
+        url = self._urls[index].decode("ascii")
+        return UpstreamFailure(url, self.health.why_not(index), attempted=False)
+
+    async def attempt(
+        self,
+        index: int,
+        method: bytes,
+        rest: bytes,
+        headers: Headers,
+        body: Optional[bytes],
+        timeout: Optional[float] = None,
+    ) -> Answer:
+        """One exchange with server ``index`` (any answer, 5xx too), its
+        outcome told to ``health``; ``UpstreamFailure`` when there is none."""
+        deadline = self._timeout if timeout is None else min(timeout, self._timeout)
+        url = self._urls[index]
+        token = self.health.begin(index)
+        attempt = Deferred.fromCoroutine(
+            self._once(method, _join(url, rest), headers.copy(), body)
+        )
+        attempt.addTimeout(deadline, self._clock)
+        try:
+            answer = await attempt
+        except CancelledError:
+            self.health.abandon(index, token)
+            raise  # cancelled from outside (a stop): not a failure to report
+        except Exception as e:
+            reason = describe(e, deadline)
+            self.health.end(index, token, reason)
+            raise UpstreamFailure(url.decode("ascii"), reason) from None
+        down = answer.status in DOWN_STATUSES
+        self.health.end(index, token, f"answered {answer.status}" if down else None)
+        return answer
 
     async def _once(
         self, method: bytes, target: bytes, headers: Headers, body: Optional[bytes]

@@ -24,13 +24,18 @@ def test_a_tiny_benchmark_proves_the_nginx_config_and_has_no_errors(tmp_path):
     run = subprocess.run(
         [sys.executable, str(REPO / "bench" / "harness.py"), "--rounds", "1", "--seconds", "1",
          "--paced-seconds", "1", "--distinct", "200", "--out", str(out)],
-        capture_output=True, text=True, timeout=150,
+        capture_output=True, text=True, timeout=240,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["proof"]["passed"]
     assert result["errors"] == 0
-    assert {row["workload"] for row in result["summary"]} == {"1a", "1b", "2", "3", "4", "5"}
+    assert {row["workload"] for row in result["summary"]} == {"1a", "1b", "2", "3r", "3h", "3b", "4", "5"}
+    # Every fault was answered from trust by ours, and ours came back after each.
+    for fault in ("3r", "3h", "3b"):
+        (ours,) = [r for r in result["summary"] if (r["workload"], r["contender"]) == (fault, "ours")]
+        assert ours["requests"] > 0, ours
+    assert len(result["recoveries"]) == 3
     assert "| 1a relay, keep-alive, GET | ours |" in result["table"]
     assert result["memory"]["ours"]["trust_cache_entries"] >= 200
 

@@ -66,7 +66,10 @@ def test_connected_at_start_and_relays(proxy, upstream):
     assert PROBE.search(proxy.raw_status), proxy.raw_status
     assert list(status) == [
         "state", "last_successful_checkin", "trust_expiration", "state_since",
-        "cache_persisted", "cache_error",
+        "cache_persisted", "cache_error", "license_servers",
+    ]
+    assert status["license_servers"] == [
+        {"server_url": upstream.url, "up": True, "down_since": None, "last_error": None}
     ]
     assert status["last_successful_checkin"].endswith("Z")
     assert upstream.requests[0].method == "GET" and upstream.requests[0].path == "/"

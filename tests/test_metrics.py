@@ -10,7 +10,7 @@ from treq.testing import RequestTraversalAgent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import readBody
 
-from license_proxy.metrics import MetricsPage
+from license_proxy.metrics import MetricsPage, UpstreamCollector
 from license_proxy.status import status_resource
 from tests.test_relay import TRUST, RelayHarness
 
@@ -18,6 +18,7 @@ from tests.test_relay import TRUST, RelayHarness
 class MetricsTests(SynchronousTestCase):
     def setUp(self):
         self.h = RelayHarness(self)
+        self.h.registry.register(UpstreamCollector(self.h.upstream))
         root = status_resource(self.h.status, MetricsPage(self.h.registry))
         self.status_client = RequestTraversalAgent(root)
 
@@ -58,7 +59,7 @@ class MetricsTests(SynchronousTestCase):
         self.relay()
         self.h.server.code = 503
         self.relay()  # served from trust
-        self.relay("/v1/never-answered")  # 502
+        self.relay("/v1/never-answered")  # 502 at once: the 503 marked the server down
         self.h.answer(self, self.h.request(path="/../etc/passwd"))  # refused
         self.h.clock.advance(100)
 
@@ -68,7 +69,11 @@ class MetricsTests(SynchronousTestCase):
             relays,
             {"upstream_ok": 1, "upstream_4xx": 1, "served_from_trust": 1, "unavailable": 1, "rejected": 1},
         )
-        self.assertEqual(m["license_proxy_upstream_latency_seconds_count", ()], 4)
+        # Three exchanges: the 502 was answered without one.
+        self.assertEqual(m["license_proxy_upstream_latency_seconds_count", ()], 3)
+        self.assertEqual(
+            m["license_proxy_license_server_up", (("server_url", "https://license.example"),)], 0
+        )
         self.assertEqual(m["license_proxy_state", (("state", "TrustBased"),)], 1)
         self.assertEqual(m["license_proxy_state", (("state", "Connected"),)], 0)
         self.assertEqual(m["license_proxy_state_seconds", ()], 100)

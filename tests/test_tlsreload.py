@@ -35,7 +35,10 @@ def test_bad_new_files_keep_the_old_ones_and_good_ones_replace_them(tmp_path, pk
     config = Config(ca_file=str(ca), tls_cert=str(cert), tls_key=pki.server_key)
     listener = ListenerTLS(listener_options(config, 0))
     upstream = upstream_tls(config)
-    reload = CertificateReload(Clock(), config, listener, upstream, CertificateFiles.read(config))
+    reloaded = []
+    reload = CertificateReload(
+        Clock(), config, listener, upstream, CertificateFiles.read(config), reloaded.append
+    )
     old_options, old_creator = listener.options, upstream.creatorForNetloc(b"localhost", 443)
 
     ca.write_text("garbage")
@@ -47,6 +50,7 @@ def test_bad_new_files_keep_the_old_ones_and_good_ones_replace_them(tmp_path, pk
     assert upstream.creatorForNetloc(b"localhost", 443) is old_creator
     assert any("keeping the licensing listener's certificate: [server] tls_key:" in l for l in lines), lines
     assert any("keeping the license server's trust roots" in l and "[license] ca_file" in l for l in lines)
+    assert reloaded == []  # servers marked down stay down: the old roots are still in service
 
     ca.write_bytes(pki.pairs["ca"].cert_pem)
     cert.write_bytes(pki.pairs["server"].cert_pem)
@@ -55,6 +59,7 @@ def test_bad_new_files_keep_the_old_ones_and_good_ones_replace_them(tmp_path, pk
     assert listener.options is not old_options
     assert upstream.creatorForNetloc(b"localhost", 443) is not old_creator
     assert len([e for e in events if "are reloaded" in formatEvent(e)]) == 2
+    assert reloaded == ["certificates reloaded (SIGHUP)"]
 
 
 def test_a_key_that_does_not_match_its_certificate_is_a_config_error(pki, tmp_path):
@@ -75,7 +80,10 @@ class Watched:
         self.listener = ListenerTLS(listener_options(config, 0)) if config.tls else None
         self.upstream = upstream_tls(config)
         self.clock = Clock()
-        self.reload = CertificateReload(self.clock, config, self.listener, self.upstream, seen)
+        self.reloaded: list[str] = []
+        self.reload = CertificateReload(
+            self.clock, config, self.listener, self.upstream, seen, self.reloaded.append
+        )
         watching(self.reload, self.clock).startService()
 
     def creator(self):
@@ -161,6 +169,7 @@ def test_new_trust_roots_and_client_certificate_are_taken_when_their_files_chang
     assert "keeping the license server's trust roots" in line
     assert "client certificate: [license] ca_file: no PEM certificate" in line
     assert watched.creator() is creator
+    assert watched.reloaded == []
 
     new_ca = make_ca("rotated CA", now=now)
     client = issue(pki.pairs["client_ca"], ["rotated-client"], now=now, client=True)
@@ -170,6 +179,7 @@ def test_new_trust_roots_and_client_certificate_are_taken_when_their_files_chang
         " are reloaded"
     ]
     assert watched.creator() is not creator
+    assert watched.reloaded == ["certificates reloaded (files changed)"]  # servers tried again
     tls = TLSMemoryBIOFactory(watched.creator(), True, Factory.forProtocol(Protocol))
     connection = watched.creator().clientConnectionForTLS(tls.buildProtocol(None))
     assert connection.get_certificate().to_cryptography() == client.certificate

@@ -70,6 +70,7 @@ class ProxyProcess:
         ca_file: str | os.PathLike[str] | None = None,
         options: tuple[str, ...] = (),
         umask: int | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.tmp_path = Path(tmp_path)
         self.config_text = config_text
@@ -78,6 +79,7 @@ class ProxyProcess:
         self.env = dict(env or {})
         self.options = tuple(options)
         self.umask = -1 if umask is None else umask  # Popen's "leave it as it is"
+        self.wrapper = tuple(wrapper)
         try:
             server = tomllib.loads(config_text).get("server", {})
         except tomllib.TOMLDecodeError:
@@ -108,7 +110,7 @@ class ProxyProcess:
                 env.pop(key, None)
             else:
                 env[key] = value
-        args = [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
+        args = [*self.wrapper, TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
         with open(self.log_path, "ab", buffering=0) as log:
             self.process = subprocess.Popen(
                 args, cwd=self.tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
