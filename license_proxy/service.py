@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from functools import partial
 from typing import Callable
 
 from twisted.application import strports
@@ -17,9 +18,11 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
 
 from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
@@ -128,7 +131,7 @@ class _Lifecycle(Service):
         await self._relay.stop()
         if self._looping is not None:
             await self._looping  # a check-in in flight finishes before the flush
-        self._cache.close()
+        await self._cache.close()  # the write in flight, then the last one
         closing = self._connections.close()
         closing.addTimeout(CLOSE_TIMEOUT, self._clock)
         try:
@@ -154,7 +157,9 @@ def make_service(
         ) from None
     # Trust is measured in time that never runs back, not even across a restart.
     clock = HighWaterClock(reactor, time.time)
-    cache = TrustCache.load(clock, config.cache_path, config.cache_max_entries)
+    cache = TrustCache.load(
+        clock, config.cache_path, config.cache_max_entries, run=_writer_thread(reactor)
+    )
     clock.not_before(cache.high_water)
     status = Status(clock, cache, config.trust_duration)
     upstream_certificates = upstream_tls(config)
@@ -202,6 +207,18 @@ def make_service(
         limited = ConnectionLimits(factory, config, reactor, guarded.refused, name)
         strports.service(_tcp(config.host, port), limited, reactor=reactor).setServiceParent(top)
     return top
+
+
+def _writer_thread(reactor) -> Callable[[Callable[[], object]], Deferred]:
+    """
+    Runs the trust cache's writes on a thread of their own: a disk that takes a second
+    to fsync must not hold the reactor, nor take a thread of the reactor's pool (which
+    resolves names).  Started with the reactor, stopped after the services (the last write).
+    """
+    pool = ThreadPool(minthreads=0, maxthreads=1, name="trust-cache-writer")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    return partial(deferToThreadPool, reactor, pool)
 
 
 def _tcp(host: str, port: int) -> str:

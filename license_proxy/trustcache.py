@@ -41,8 +41,10 @@ import secrets
 from typing import Callable, Iterable, Optional
 
 from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 FLUSH_DELAY = 2.0
 """Seconds a change may wait before it is written: the bound on how far the
@@ -117,29 +119,93 @@ def _unb64(text: str) -> bytes:
 _TEMPORARY = ".tmp-"
 """A write goes to ``path + _TEMPORARY + pid`` first."""
 
+CHUNK = 1 << 16
+"""Bytes handed to one ``write(2)``: pieces are gathered, not written one call each."""
 
-def write_atomically(path: str, data: list[bytes]) -> None:
-    """Replace ``path`` with ``data`` (pieces) so that a crash leaves old or new, whole."""
+
+@define
+class Disk:
+    """
+    The system calls a durable write is made of, as one object, so that tests can record
+    their order or fail one of them; the proxy uses these, the real ones.
+    """
+
+    def create(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+    def write(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def rename(self, source: str, target: str) -> None:
+        os.replace(source, target)
+
+    def fsync_dir(self, directory: str) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+
+def _write_all(disk: Disk, fd: int, pieces: Iterable[bytes]) -> int:
+    """Write ``pieces`` in chunks of about ``CHUNK`` bytes; returns the bytes written."""
+    total = 0
+    batch: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= CHUNK:
+            disk.write(fd, b"".join(batch))
+            total += size
+            batch, size = [], 0
+    if batch:
+        disk.write(fd, b"".join(batch))
+        total += size
+    return total
+
+
+def write_atomically(path: str, data: Iterable[bytes], disk: Disk = Disk()) -> int:
+    """
+    Replace ``path`` with ``data`` (pieces) so that a crash leaves old or new, whole: the
+    new file is written and fsynced under a temporary name, renamed over the old one, and
+    the directory fsynced (the rename itself is durable only then).  Returns its size.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}{_TEMPORARY}{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.writelines(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fd = disk.create(tmp)
+        try:
+            size = _write_all(disk, fd, data)
+            disk.fsync(fd)
+        finally:
+            disk.close(fd)
+        disk.rename(tmp, path)
     except BaseException:
         try:
-            os.unlink(tmp)
+            disk.unlink(tmp)
         except OSError:
             pass
         raise
-    dirfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    disk.fsync_dir(directory)
+    return size
+
+
+def on_this_thread(work: Callable[[], object]) -> Deferred:
+    """Run ``work`` now, on the calling thread: for tools and tests with a fake clock.
+    The proxy runs its writes on a thread of their own (``service``)."""
+    return maybeDeferred(work)
 
 
 def remove_leftovers(path: str) -> list[str]:
@@ -210,8 +276,10 @@ class TrustCache:
     max_entries: int = DEFAULT_MAX_ENTRIES
     #: The latest time the file shows the clock had reached (None: empty cache).
     high_water: Optional[float] = None
-    #: How the file is written: ``write_atomically``, or a failing disk in tests.
-    _write: Callable[[str, list[bytes]], None] = write_atomically
+    #: Runs a write's disk I/O and fires with its result: off the reactor in the proxy.
+    _run: Callable[[Callable[[], object]], Deferred] = on_this_thread
+    #: The system calls writes are made of (a recording or failing one in tests).
+    _disk: Disk = field(factory=Disk)
     # Each entry as it was last written ('"key":{...}'), so that a write re-encodes only the
     # entries stored since the last one: with thousands of entries, a new check-in time alone
     # must not cost a full json.dumps (hundreds of ms, and three copies of the file in memory).
@@ -221,6 +289,12 @@ class TrustCache:
     _once: dict[str, None] = field(factory=dict, init=False)
     _pending: Optional[IDelayedCall] = field(default=None, init=False)
     _dirty: bool = field(default=False, init=False)
+    # The write in flight (one at most), whether another must follow it at once, and who
+    # waits for the end of the write in flight or of the one to follow.
+    _writing: Optional[Deferred] = field(default=None, init=False)
+    _again: bool = field(default=False, init=False)
+    _ends: list[Deferred] = field(factory=list, init=False)
+    _queued: list[Deferred] = field(factory=list, init=False)
     _retry: float = field(default=FLUSH_DELAY, init=False)
     _mark_written: Optional[float] = field(default=None, init=False)
     #: Why the last write failed; None once one succeeds.
@@ -233,12 +307,17 @@ class TrustCache:
 
     @classmethod
     def load(
-        cls, clock: IReactorTime, path: str, max_entries: int = DEFAULT_MAX_ENTRIES
+        cls,
+        clock: IReactorTime,
+        path: str,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        run: Callable[[Callable[[], object]], Deferred] = on_this_thread,
     ) -> TrustCache:
         """
-        Read ``path``.  A missing file starts an empty cache; an unusable one
-        is logged once, moved aside (so nobody loses it) and replaced.
-        Temporary files left by a crash inside a write are removed.
+        Read ``path`` (on this thread: nothing is served yet).  A missing file starts an
+        empty cache; an unusable one is logged once, moved aside (so nobody loses it) and
+        replaced.  Temporary files left by a crash inside a write are removed.  ``run``
+        runs the writes (see ``_run``).
         """
         for name in remove_leftovers(path):
             cls.log.info("removed {name}, left by a process stopped inside a write", name=name)
@@ -246,16 +325,16 @@ class TrustCache:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return cls(clock, path, max_entries=max_entries)
+            return cls(clock, path, max_entries=max_entries, run=run)
         except OSError as e:
             cls.log.error(
                 "trust cache {path} cannot be read ({reason}); starting without it",
                 path=path,
                 reason=e.strerror,
             )
-            return cls(clock, path, max_entries=max_entries)
+            return cls(clock, path, max_entries=max_entries, run=run)
         try:
-            return cls._parse(clock, path, raw, max_entries)
+            return cls._parse(clock, path, raw, max_entries, run)
         except CorruptCache as e:
             aside = f"{path}.corrupt-{int(clock.seconds())}"
             try:
@@ -269,11 +348,11 @@ class TrustCache:
                 reason=str(e),
                 where=where,
             )
-            return cls(clock, path, max_entries=max_entries)
+            return cls(clock, path, max_entries=max_entries, run=run)
 
     @classmethod
     def _parse(
-        cls, clock: IReactorTime, path: str, raw: bytes, max_entries: int
+        cls, clock: IReactorTime, path: str, raw: bytes, max_entries: int, run
     ) -> TrustCache:
         try:
             obj = json.loads(raw)
@@ -314,6 +393,7 @@ class TrustCache:
             entries=dict(entries),
             max_entries=max_entries,
             high_water=max(seen) or None,
+            run=run,
         )
 
     def key(
@@ -404,40 +484,76 @@ class TrustCache:
         """Does the file hold what memory holds, give or take ``FLUSH_DELAY``?"""
         return self.write_error is None
 
-    def flush(self) -> None:
-        """Write now if anything changed; on failure keep serving from memory."""
+    def flush(self) -> Deferred:
+        """
+        Write now if anything changed, off the reactor; on failure keep serving from
+        memory.  One write at a time: with one in flight, the next starts when it ends.
+        Fires when the write it asked for has ended (whether it succeeded or not).
+        """
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
+        ended: Deferred = Deferred()
+        if self._writing is not None:
+            self._again = True
+            self._queued.append(ended)
+            return ended
         if not self._dirty:
-            return
+            return succeed(None)
         mark = self._clock.seconds()
-        try:
-            self._write(self._path, self._serialise(mark))
-        except OSError as e:
-            self._failed(e.strerror or str(e))
-            return
-        if self.write_error is not None:
-            self.log.info(
-                "trust cache {path} is written again (it could not be: {reason})",
-                path=self._path,
-                reason=self.write_error,
-            )
-        self.write_error = None
-        self._retry = FLUSH_DELAY
+        pieces = self._serialise(mark)
         self._dirty = False
-        self._mark_written = mark
+        self._ends, self._queued = self._queued + [ended], []
+        path, disk = self._path, self._disk
+        self._writing = self._run(lambda: write_atomically(path, pieces, disk))
+        self._writing.addBoth(self._ended, mark)
+        return ended
 
-    def close(self) -> None:
+    def _ended(self, result, mark: float) -> None:
+        """Back on the reactor after a write: report it, and start the next if one waits."""
+        self._writing = None
+        again, self._again = self._again, False
+        ends, self._ends = self._ends, []
+        if isinstance(result, Failure):
+            self._dirty = True
+            if result.check(OSError):
+                self._failed(result.value.strerror or str(result.value))
+            else:
+                self.log.failure("writing trust cache {path}", result, path=self._path)
+                self._failed(result.getErrorMessage())
+            again = False
+        else:
+            if self.write_error is not None:
+                self.log.info(
+                    "trust cache {path} is written again (it could not be: {reason})",
+                    path=self._path,
+                    reason=self.write_error,
+                )
+            self.write_error = None
+            self._retry = FLUSH_DELAY
+            self._mark_written = mark
+        if again:
+            self.flush()
+        else:
+            ends += self._queued
+            self._queued = []
+        for d in ends:
+            d.callback(None)
+
+    def close(self) -> Deferred:
         """
-        Write what is left, at a stop.  If that fails too, say what is lost and
-        stop retrying: no timer is left behind the process's last write.
+        At a stop: wait for the write in flight, then write what is left.  If that fails
+        too, say what is lost and stop retrying: no timer is left behind the last write.
         """
-        self.flush()
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self) -> None:
+        await self.flush()  # with a write in flight, the next follows its end
         if self.write_error is None:
             return
-        self._pending.cancel()
-        self._pending = None
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         self.log.error(
             "trust cache {path} not written at stop ({reason}): the changes since its last"
             " write are lost",

@@ -9,6 +9,7 @@ import stat
 import subprocess
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
@@ -17,9 +18,9 @@ from license_proxy.trustcache import (
     FLUSH_DELAY,
     MARK_LAG,
     RETRY_MAX,
+    Disk,
     Entry,
     TrustCache,
-    write_atomically,
 )
 
 T0 = 1_800_000_000.0
@@ -96,18 +97,18 @@ def test_a_corrupt_file_is_moved_aside_and_logged(tmp_path, clock, content):
     assert any("is corrupt" in m and "moved aside" in m for m in messages), messages
 
 
-class Disk:
-    """The cache's writer: the real one, or while ``error`` is set, an OSError with that errno."""
+class FailingDisk(Disk):
+    """The real disk, except that while ``error`` is set, creating a file fails with it."""
 
     def __init__(self):
         self.error = None
         self.attempts = 0
 
-    def __call__(self, path, data):
+    def create(self, path):
         self.attempts += 1
         if self.error is not None:
             raise OSError(self.error, os.strerror(self.error))
-        write_atomically(path, data)
+        return super().create(path)
 
 
 def messages(events):
@@ -116,8 +117,8 @@ def messages(events):
 
 def test_a_failing_disk_is_reported_retried_and_recovers(tmp_path, clock):
     path = tmp_path / "cache.json"
-    disk = Disk()
-    cache = TrustCache(clock, str(path), write=disk)
+    disk = FailingDisk()
+    cache = TrustCache(clock, str(path), disk=disk)
     cache.store("old", ANSWER)
     cache.flush()
     before = path.read_bytes()
@@ -167,13 +168,14 @@ def test_a_failing_disk_is_reported_retried_and_recovers(tmp_path, clock):
 
 def test_a_write_failing_at_stop_says_what_is_lost_and_leaves_no_timer(tmp_path, clock):
     path = tmp_path / "cache.json"
-    disk = Disk()
-    cache = TrustCache(clock, str(path), write=disk)
+    disk = FailingDisk()
+    cache = TrustCache(clock, str(path), disk=disk)
     disk.error = errno.EROFS
     cache.store("k", ANSWER)
     cache.flush()  # failing already: a stop's attempt logs nothing new by itself
     with capturedLogs() as events:
-        cache.close()
+        closed = cache.close()
+    assert closed.called
     assert disk.attempts == 2
     assert clock.getDelayedCalls() == []
     assert messages(events) == [
@@ -313,3 +315,48 @@ def test_temporary_files_left_by_killed_writers_are_removed_at_load(tmp_path, cl
     assert set(kept) <= names  # pid 1 runs; the others are not our temporary files
     removed = sorted(e["name"] for e in events if "name" in e)
     assert removed == sorted(leftovers)
+
+
+class Later:
+    """Runs each write only when the test says so, as the writer thread does, later."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, work):
+        done = Deferred()
+        self.jobs.append((work, done))
+        return done
+
+    def finish(self):
+        work, done = self.jobs.pop(0)
+        try:
+            result = work()
+        except Exception:
+            done.errback()
+        else:
+            done.callback(result)
+
+
+def test_one_write_at_a_time_off_the_reactor_and_a_stop_waits_for_it(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    later = Later()
+    cache = TrustCache(clock, str(path), run=later)
+    cache.store("a", ANSWER)
+    clock.advance(FLUSH_DELAY)
+    assert len(later.jobs) == 1 and not path.exists()  # handed over, not written here
+    cache.store("b", ANSWER)
+    clock.advance(FLUSH_DELAY)
+    assert len(later.jobs) == 1  # due, but one is in flight: it waits for its end
+    later.finish()
+    assert len(later.jobs) == 1  # the next starts at once
+    assert TrustCache.load(clock, str(path)).lookup("b") is None
+    cache.record_checkin(T0 + 9)
+    closed = cache.close()
+    later.finish()
+    assert not closed.called and len(later.jobs) == 1  # the stop waited, then the last write
+    later.finish()
+    assert closed.called and later.jobs == []
+    again = TrustCache.load(clock, str(path))
+    assert (again.lookup("a"), again.lookup("b"), again.last_checkin) == (ANSWER, ANSWER, T0 + 9)
+    assert clock.getDelayedCalls() == []
