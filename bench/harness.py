@@ -348,8 +348,12 @@ path = "{self.cache_path}"
         return [self.proc.pid]
 
     def cached_entries(self) -> int:
-        """Entries in the trust cache file (written at most 2 s after a change)."""
-        return len(json.loads(self.cache_path.read_bytes())["entries"])
+        """Entries in the trust cache file and its journal (written at most 2 s after a change)."""
+        from twisted.internet.task import Clock
+
+        from license_proxy.trustcache import TrustCache
+
+        return len(TrustCache.load(Clock(), str(self.cache_path)))
 
 
 # -- clients -----------------------------------------------------------------------------

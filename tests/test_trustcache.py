@@ -18,6 +18,7 @@ from license_proxy.trustcache import (
     FLUSH_DELAY,
     MARK_LAG,
     RETRY_MAX,
+    STORED_AT_LAG,
     Disk,
     Entry,
     TrustCache,
@@ -50,7 +51,7 @@ def test_round_trip_survives_a_restart(tmp_path, clock):
     raw = open(path, "rb").read()
     assert b"secret-key-123" not in raw
     assert json.loads(raw)["last_successful_checkin"] == T0 + 1
-    assert os.listdir(tmp_path) == ["cache.json"]
+    assert sorted(os.listdir(tmp_path)) == ["cache.json", "cache.json.journal"]
 
 
 def test_writes_are_coalesced_and_lag_at_most_the_flush_delay(tmp_path, clock):
@@ -98,17 +99,29 @@ def test_a_corrupt_file_is_moved_aside_and_logged(tmp_path, clock, content):
 
 
 class FailingDisk(Disk):
-    """The real disk, except that while ``error`` is set, creating a file fails with it."""
+    """The real disk, except that while ``error`` is set, opening a file fails with it."""
 
     def __init__(self):
         self.error = None
         self.attempts = 0
 
     def create(self, path):
+        self._attempt()
+        return super().create(path)
+
+    def open_append(self, path):
+        self._attempt()
+        return super().open_append(path)
+
+    def _attempt(self):
         self.attempts += 1
         if self.error is not None:
             raise OSError(self.error, os.strerror(self.error))
-        return super().create(path)
+
+
+def files(path):
+    """The snapshot and the journal, as they are on disk."""
+    return path.read_bytes(), (path.parent / (path.name + ".journal")).read_bytes()
 
 
 def messages(events):
@@ -121,7 +134,7 @@ def test_a_failing_disk_is_reported_retried_and_recovers(tmp_path, clock):
     cache = TrustCache(clock, str(path), disk=disk)
     cache.store("old", ANSWER)
     cache.flush()
-    before = path.read_bytes()
+    before = files(path)
     assert (cache.persisted, cache.write_error) == (True, None)
 
     disk.error = errno.ENOSPC
@@ -146,7 +159,7 @@ def test_a_failing_disk_is_reported_retried_and_recovers(tmp_path, clock):
     ]
     assert cache.write_failures == 8
     assert cache.lookup("k") == ANSWER  # served from memory
-    assert path.read_bytes() == before
+    assert files(path) == before
 
     disk.error = None
     with capturedLogs() as events:
@@ -196,7 +209,7 @@ def test_a_missing_state_directory_is_a_write_failure_too(tmp_path, clock):
     clock.advance(FLUSH_DELAY)
     assert cache.persisted
     assert TrustCache.load(clock, str(tmp_path / "gone" / "cache.json")).lookup("k") == ANSWER
-    assert os.listdir(tmp_path / "gone") == ["cache.json"]
+    assert sorted(os.listdir(tmp_path / "gone")) == ["cache.json", "cache.json.journal"]
 
 
 def entry_at(when):
@@ -280,7 +293,7 @@ def test_the_mark_alone_is_written_at_most_once_a_minute(tmp_path, clock):
     clock.advance(1)
     cache.record_time()
     clock.advance(FLUSH_DELAY)
-    assert json.loads(path.read_bytes())["clock_high_water"] == T0 + MARK_LAG + 2 * FLUSH_DELAY
+    assert TrustCache.load(clock, str(path)).high_water == T0 + MARK_LAG + 2 * FLUSH_DELAY
 
 
 def test_a_file_without_the_mark_takes_the_latest_time_in_it(tmp_path, clock):
@@ -303,6 +316,7 @@ def test_temporary_files_left_by_killed_writers_are_removed_at_load(tmp_path, cl
     exited = subprocess.Popen(["true"])
     exited.wait()
     leftovers = [f"cache.json.tmp-{exited.pid}", f"cache.json.tmp-{os.getpid()}"]
+    leftovers += [f"cache.json.journal.tmp-{exited.pid}"]
     kept = ["cache.json.tmp-1", "cache.json.tmp-x", "other.json.tmp-99999999"]
     # Names no process id can have: kept, and no exception out of load (it stopped the start).
     kept += ["cache.json.tmp-99999999999999999999", "cache.json.tmp-\u00b2", "cache.json.tmp-0"]
@@ -360,3 +374,145 @@ def test_one_write_at_a_time_off_the_reactor_and_a_stop_waits_for_it(tmp_path, c
     again = TrustCache.load(clock, str(path))
     assert (again.lookup("a"), again.lookup("b"), again.last_checkin) == (ANSWER, ANSWER, T0 + 9)
     assert clock.getDelayedCalls() == []
+
+
+def journal_of(path):
+    return path.parent / (path.name + ".journal")
+
+
+def test_a_check_in_appends_a_line_and_leaves_the_answers_alone(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    for n in range(1000):
+        cache.store(f"k{n}", entry_at(T0 + n))
+    cache.flush()
+    snapshot, journal = files(path)
+    assert len(snapshot) > 90_000
+    cache.record_checkin(T0 + 5000)
+    clock.advance(FLUSH_DELAY)
+    assert files(path)[0] == snapshot  # not one answer rewritten
+    line = files(path)[1][len(journal):]
+    assert json.loads(line) == {
+        "last_successful_checkin": T0 + 5000, "clock_high_water": T0 + FLUSH_DELAY
+    }
+    assert len(line) < 100
+    assert TrustCache.load(clock, str(path)).last_checkin == T0 + 5000
+
+
+def test_answers_stored_and_evicted_since_the_snapshot_come_back_from_the_journal(
+    tmp_path, clock
+):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path), max_entries=2)
+    cache.store("k0", entry_at(T0))
+    cache.store("k1", entry_at(T0 + 1))
+    cache.flush()
+    cache.store("k1", entry_at(T0 + 2))  # a new answer
+    cache.store("k2", entry_at(T0 + 3))  # k0 makes room
+    cache.record_checkin(T0 + 4)
+    cache.flush()
+    assert b"k2" not in path.read_bytes()  # appended, not rewritten
+    again = TrustCache.load(clock, str(path), max_entries=2)
+    assert [again.lookup(k) for k in ("k0", "k1", "k2")] == [None, entry_at(T0 + 2), entry_at(T0 + 3)]
+    assert again.last_checkin == T0 + 4
+
+
+def test_the_journal_is_compacted_once_it_outgrows_the_snapshot(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    big = [Entry(200, (), bytes([n]) * 30_000, T0 + n) for n in range(4)]
+    cache.store("k", big[0])
+    cache.flush()
+    for entry in big[1:3]:  # each a line as big as the snapshot
+        cache.store("k", entry)
+        cache.flush()
+        assert files(path)[0].count(b'"k"') == 1 and b'"generation"' in files(path)[0]
+    assert len(files(path)[1]) > 65_536  # past the snapshot and JOURNAL_MIN: compact next
+    snapshot = files(path)[0]
+    cache.store("k", big[3])
+    cache.flush()
+    snapshot_now, journal = files(path)
+    assert snapshot_now != snapshot and len(journal) < 100
+    assert TrustCache.load(clock, str(path)).lookup("k") == big[3]
+
+
+def test_a_line_cut_short_is_ignored_and_the_next_write_starts_afresh(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k0", entry_at(T0))
+    cache.flush()
+    cache.store("k1", entry_at(T0 + 1))
+    cache.flush()
+    with open(journal_of(path), "ab") as f:
+        f.write(b'{"store":"k2","status":200,"hea')  # a kill inside an append
+    with capturedLogs() as events:
+        again = TrustCache.load(clock, str(path))
+    assert [again.lookup(k) for k in ("k0", "k1", "k2")] == [entry_at(T0), entry_at(T0 + 1), None]
+    assert [m for m in messages(events) if "cut short" in m]
+    again.store("k3", entry_at(T0 + 3))
+    again.flush()  # the first write after a start replaces the snapshot
+    assert b'"k3"' in path.read_bytes() and b"hea" not in journal_of(path).read_bytes()
+    assert len(TrustCache.load(clock, str(path))) == 3
+
+
+def test_a_journal_of_another_generation_is_ignored(tmp_path, clock):
+    """Left by a crash between the snapshot's rename and the new journal's: the snapshot
+    already holds all of it, and replaying it could bring back what was changed since."""
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k", entry_at(T0))
+    cache.flush()
+    cache.store("k", entry_at(T0 + 1))
+    cache.flush()
+    stale = journal_of(path).read_bytes()
+    cache.store("k", entry_at(T0 + 2))
+    cache.close()  # a new snapshot
+    journal_of(path).write_bytes(stale)
+    assert TrustCache.load(clock, str(path)).lookup("k") == entry_at(T0 + 2)
+
+
+def test_a_file_from_before_the_journal_loads_and_is_migrated(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    old = {
+        "format": 1, "last_successful_checkin": T0, "clock_high_water": T0 + 1, "salt": "ab" * 16,
+        "entries": {"k": {"status": 200, "headers": [["WC1B", "Yg=="]], "body": "b2s=",
+                          "stored_at": T0}},
+    }
+    path.write_text(json.dumps(old))
+    cache = TrustCache.load(clock, str(path))
+    assert cache.lookup("k") == Entry(200, ((b"X-A", b"b"),), b"ok", T0)
+    assert (cache.last_checkin, cache.high_water) == (T0, T0 + 1)
+    cache.record_checkin(T0 + 2)
+    cache.flush()
+    snapshot = json.loads(path.read_bytes())
+    assert snapshot["generation"] and snapshot["salt"] == "ab" * 16
+    assert snapshot["entries"] == old["entries"]
+    assert json.loads(journal_of(path).read_bytes()) == {"journal": snapshot["generation"]}
+
+
+def test_an_answer_stored_again_unchanged_is_written_again_only_when_its_time_is_old(
+    tmp_path, clock
+):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k", entry_at(T0))
+    cache.flush()
+    cache.store("k", Entry(200, (), b"answer at %d" % T0, T0 + STORED_AT_LAG - 1))
+    assert clock.getDelayedCalls() == []  # in memory only
+    assert cache.lookup("k").stored_at == T0 + STORED_AT_LAG - 1
+    cache.store("k", Entry(200, (), b"answer at %d" % T0, T0 + STORED_AT_LAG))
+    cache.flush()
+    assert TrustCache.load(clock, str(path)).lookup("k").stored_at == T0 + STORED_AT_LAG
+
+
+def test_a_stop_leaves_the_snapshot_holding_everything(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k0", entry_at(T0))
+    cache.flush()
+    cache.store("k1", entry_at(T0 + 1))
+    cache.flush()
+    cache.close()
+    snapshot = json.loads(path.read_bytes())
+    assert sorted(snapshot["entries"]) == ["k0", "k1"]
+    assert journal_of(path).read_bytes() == b'{"journal":"%s"}\n' % snapshot["generation"].encode()
