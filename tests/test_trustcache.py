@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from license_proxy.trustcache import (
+    CHUNK,
     EVICTION_LOG_INTERVAL,
     FLUSH_DELAY,
     MARK_LAG,
@@ -516,3 +517,115 @@ def test_a_stop_leaves_the_snapshot_holding_everything(tmp_path, clock):
     snapshot = json.loads(path.read_bytes())
     assert sorted(snapshot["entries"]) == ["k0", "k1"]
     assert journal_of(path).read_bytes() == b'{"journal":"%s"}\n' % snapshot["generation"].encode()
+
+
+class RecordingDisk(Disk):
+    """The real system calls, each recorded as (call, file name); ``fail_write`` makes that
+    write (counting from 1) write half its bytes for real, then fail with EIO."""
+
+    def __init__(self, fail_write=None):
+        self.calls = []
+        self.names = {}
+        self.writes = 0
+        self.fail_write = fail_write
+
+    def create(self, path):
+        fd = super().create(path)
+        self.names[fd] = os.path.basename(path)
+        self.calls.append(("create", self.names[fd]))
+        return fd
+
+    def open_append(self, path):
+        fd = super().open_append(path)
+        self.names[fd] = os.path.basename(path)
+        self.calls.append(("open_append", self.names[fd]))
+        return fd
+
+    def write(self, fd, data):
+        self.writes += 1
+        self.calls.append(("write", self.names[fd]))
+        if self.writes == self.fail_write:
+            super().write(fd, data[: len(data) // 2])
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().write(fd, data)
+
+    def fsync(self, fd):
+        self.calls.append(("fsync", self.names[fd]))
+        super().fsync(fd)
+
+    def close(self, fd):
+        self.calls.append(("close", self.names.pop(fd)))
+        super().close(fd)
+
+    def rename(self, source, target):
+        self.calls.append(("rename", os.path.basename(source), os.path.basename(target)))
+        super().rename(source, target)
+
+    def fsync_dir(self, directory):
+        self.calls.append(("fsync_dir", os.path.basename(directory)))
+        super().fsync_dir(directory)
+
+    def unlink(self, path):
+        self.calls.append(("unlink", os.path.basename(path)))
+        super().unlink(path)
+
+
+def test_a_snapshot_is_written_and_fsynced_under_another_name_renamed_then_its_directory_fsynced(
+    tmp_path, clock
+):
+    disk = RecordingDisk()
+    cache = TrustCache(clock, str(tmp_path / "cache.json"), disk=disk)
+    cache.store("k", ANSWER)
+    cache.flush()
+    temp = f"cache.json.tmp-{os.getpid()}"
+    journal_temp = f"cache.json.journal.tmp-{os.getpid()}"
+    assert disk.calls == [
+        ("create", temp), ("write", temp), ("fsync", temp), ("close", temp),
+        ("rename", temp, "cache.json"), ("fsync_dir", tmp_path.name),
+        # then the journal that follows it, the same way
+        ("create", journal_temp), ("write", journal_temp), ("fsync", journal_temp),
+        ("close", journal_temp), ("rename", journal_temp, "cache.json.journal"),
+        ("fsync_dir", tmp_path.name),
+    ]
+
+
+def test_a_journal_line_is_fsynced_before_the_write_counts(tmp_path, clock):
+    disk = RecordingDisk()
+    later = Later()
+    cache = TrustCache(clock, str(tmp_path / "cache.json"), disk=disk, run=later)
+    cache.store("k", ANSWER)
+    cache.flush()
+    later.finish()
+    del disk.calls[:]
+    cache.record_checkin(T0 + 1)
+    cache.flush()
+    work, done = later.jobs.pop(0)
+    work()  # the writer thread's part
+    assert disk.calls == [
+        ("open_append", "cache.json.journal"), ("write", "cache.json.journal"),
+        ("fsync", "cache.json.journal"), ("close", "cache.json.journal"),
+    ]
+    done.callback(0)
+    assert cache.persisted
+
+
+def test_a_write_failing_halfway_leaves_the_files_in_place_byte_for_byte(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    answers = {f"k{n}": Entry(200, (), b"%d" % n * 300, T0 + n) for n in range(200)}
+    cache = TrustCache.load(clock, str(path))
+    for key, entry in answers.items():
+        cache.store(key, entry)
+    cache.flush()
+    before = files(path)
+    assert len(before[0]) > 2 * CHUNK  # a snapshot of several writes
+    disk = RecordingDisk(fail_write=2)
+    failing = TrustCache(clock, str(path), disk=disk)
+    for key, entry in answers.items():
+        failing.store(key, Entry(201, (), entry.body, entry.stored_at))
+    with capturedLogs():
+        failing.flush()  # a new snapshot, which fails halfway
+    assert ("write", f"cache.json.tmp-{os.getpid()}") in disk.calls  # half of it was written
+    assert failing.write_error == "Input/output error"
+    assert files(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["cache.json", "cache.json.journal"]
+    assert TrustCache.load(clock, str(path)).lookup("k199") == answers["k199"]
