@@ -24,6 +24,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from . import runtime
 from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
 from .config import Config, ConfigError
@@ -214,11 +215,19 @@ def _writer_thread(reactor) -> Callable[[Callable[[], object]], Deferred]:
     Runs the trust cache's writes on a thread of their own: a disk that takes a second
     to fsync must not hold the reactor, nor take a thread of the reactor's pool (which
     resolves names).  Started with the reactor, stopped after the services (the last write).
+    After each write, the heap's free memory goes back to the system.
     """
     pool = ThreadPool(minthreads=0, maxthreads=1, name="trust-cache-writer")
     reactor.callWhenRunning(pool.start)
     reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-    return partial(deferToThreadPool, reactor, pool)
+
+    def then_release(work: Callable[[], object]) -> object:
+        try:
+            return work()
+        finally:
+            runtime.release_free_memory()  # here: off the reactor, every few seconds
+
+    return partial(deferToThreadPool, reactor, pool, then_release)
 
 
 def _tcp(host: str, port: int) -> str:

@@ -85,8 +85,10 @@ RETRY_MAX = 30.0
 """Longest pause, in seconds, between attempts to write while writes fail."""
 
 DEFAULT_MAX_ENTRIES = 10_000
-"""Answers kept at most: about 0.7 kB of memory each for a 300-byte answer, 3.2 kB
-for a 2 kB one (``bin/measure-cache-entry``), so ~31 MiB at most for 2 kB answers."""
+"""Answers kept at most: about 0.75 kB of memory each for a 300-byte answer, 3 kB for a
+2 kB one, 0.25 kB for one equal to an answer stored lately (``bin/measure-cache-entry``),
+so ~29 MiB at most for 2 kB answers."""
+
 
 MARK_LAG = 60.0
 """Seconds the file's high-water mark of the clock may fall behind when nothing
@@ -98,6 +100,10 @@ STORED_AT_LAG = 300.0
 same answer is journaled again only once the time on disk is this old, so a
 fleet checking in every minute does not write every answer every minute (after
 a restart, its ``Age`` may read up to this much too old)."""
+
+SHARED_ANSWERS = 16
+"""Distinct answers remembered, so that an answer equal to one of them is kept once: a
+fleet whose requests differ (by instance, by query) often gets the same answer to each."""
 
 JOURNAL_MIN = 1 << 16
 """Bytes of journal never worth a compaction, however small the snapshot."""
@@ -159,7 +165,7 @@ def _answer(entry: Entry) -> bytes:
     return text[1:-1].encode("ascii")
 
 
-@define(slots=True)
+@define(weakref_slot=False)
 class _Kept:
     """An answer in memory: its JSON, when it was stored, and the time the disk has."""
 
@@ -177,31 +183,31 @@ def _time(value) -> bytes:
     return json.dumps(value).encode("ascii")
 
 
-def _snapshot(head: bytes, entries: list[tuple[str, bytes, float]]) -> Iterator[bytes]:
+def _snapshot(head: bytes, entries: dict[str, _Kept]) -> Iterator[bytes]:
     """The snapshot's JSON, in pieces."""
     yield head
     separator = b""
-    for key, answer, stored_at in entries:
+    for key, kept in entries.items():
         yield b'%s%s:{%s,"stored_at":%s}' % (
             separator,
             _time(key),
-            answer,
-            _time(stored_at),
+            kept.answer,
+            _time(kept.stored_at),
         )
         separator = b","
     yield b"}}"
 
 
-def _lines(changes: list[tuple[str, Optional[bytes], float]], times: bytes) -> Iterator[bytes]:
+def _lines(changes: dict[str, Optional[_Kept]], times: bytes) -> Iterator[bytes]:
     """Journal lines: each answer stored or evicted, then the times."""
-    for key, answer, stored_at in changes:
-        if answer is None:
+    for key, kept in changes.items():
+        if kept is None:
             yield b'{"evict":%s}\n' % _time(key)
         else:
             yield b'{"store":%s,%s,"stored_at":%s}\n' % (
                 _time(key),
-                answer,
-                _time(stored_at),
+                kept.answer,
+                _time(kept.stored_at),
             )
     yield times
 
@@ -413,6 +419,9 @@ class TrustCache:
     # Keys stored once since start, oldest first: evicted before the answers a fleet
     # keeps asking for, so a flood of one-off requests cannot push those out.
     _once: dict[str, None] = field(factory=dict, init=False)
+    # The answers stored last, each its own key: a new one equal to one of these is kept
+    # as the same bytes (see ``SHARED_ANSWERS``).
+    _recent: dict[bytes, bytes] = field(factory=dict, init=False)
     # Answers stored (or evicted: None) since the last write: the journal's next lines.
     _changes: dict[str, Optional[_Kept]] = field(factory=dict, init=False)
     # Whether the next write replaces the snapshot, its size and the journal's.
@@ -516,16 +525,18 @@ class TrustCache:
                 max_entries=max_entries,
             )
             entries = entries[len(entries) - max_entries :]
-        return cls(
+        cache = cls(
             clock,
             path,
             salt=salt,
             last_checkin=checkin,
-            entries={k: _Kept(_answer(e), e.stored_at, e.stored_at) for k, e in entries},
             max_entries=max_entries,
             high_water=max(seen) or None,
             run=run,
         )
+        for key, entry in entries:
+            cache._entries[key] = _Kept(cache._shared(_answer(entry)), *[entry.stored_at] * 2)
+        return cache
 
     @classmethod
     def _replay(
@@ -629,7 +640,7 @@ class TrustCache:
             self._once[key] = None
         else:
             self._once.pop(key, None)
-        answer = _answer(entry)
+        answer = self._shared(_answer(entry))
         if old is not None and old.answer == answer:
             kept = self._entries[key] = old
             kept.stored_at = entry.stored_at
@@ -640,6 +651,17 @@ class TrustCache:
         kept.on_disk = entry.stored_at
         self._changes[key] = kept
         self._changed()
+
+    def _shared(self, answer: bytes) -> bytes:
+        """``answer``, or the same bytes stored recently (kept once in memory)."""
+        recent = self._recent
+        found = recent.pop(answer, None)
+        if found is None:
+            found = answer
+            if len(recent) >= SHARED_ANSWERS:
+                del recent[next(iter(recent))]
+        recent[found] = found
+        return found
 
     def _evict(self) -> None:
         """
@@ -716,11 +738,10 @@ class TrustCache:
         as they will be written); the work, for the writer thread.
         """
         path, disk, mark = self._path, self._disk, self._clock.seconds()
+        # The thread reads the answers' bytes (never changed: a new answer is a new _Kept)
+        # and times (a later one read is as good) from dicts the reactor no longer changes.
         if not self._compact:
-            changes = [
-                (key, None, 0.0) if kept is None else (key, kept.answer, kept.stored_at)
-                for key, kept in self._changes.items()
-            ]
+            changes = self._changes  # flush() starts the next
             times = b'{"last_successful_checkin":%s,"clock_high_water":%s}\n' % (
                 _time(self.last_checkin),
                 _time(mark),
@@ -735,8 +756,7 @@ class TrustCache:
             "salt": self._salt.hex(),
         }
         opening = json.dumps(head, separators=(",", ":"))[:-1].encode("ascii") + b',"entries":{'
-        entries = [(key, kept.answer, kept.stored_at) for key, kept in self._entries.items()]
-        snapshot = _snapshot(opening, entries)
+        snapshot = _snapshot(opening, self._entries.copy())
         return _Write(mark, generation), lambda: compact(path, generation, snapshot, disk)
 
     def _ended(self, result, write: _Write) -> None:
