@@ -791,7 +791,7 @@ class TrustCache:
             self.write_error = None
             self._retry = FLUSH_DELAY
             self._mark_written = write.mark
-        if again:
+        if again and self._dirty:
             self.flush()
         else:
             ends += self._queued

@@ -629,3 +629,32 @@ def test_a_write_failing_halfway_leaves_the_files_in_place_byte_for_byte(tmp_pat
     assert files(path) == before
     assert sorted(os.listdir(tmp_path)) == ["cache.json", "cache.json.journal"]
     assert TrustCache.load(clock, str(path)).lookup("k199") == answers["k199"]
+
+
+def test_answers_kept_once_when_equal_still_come_back_each_for_its_own_request(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    same = [Entry(200, (), b"the same answer", T0 + n) for n in range(3)]
+    for n, entry in enumerate(same):
+        cache.store(f"same{n}", entry)
+    for n in range(40):  # more different answers than are remembered for sharing
+        cache.store(f"other{n}", entry_at(T0 + n))
+    cache.store("same3", Entry(200, (), b"the same answer", T0 + 50))
+    cache.store("same0", Entry(200, (), b"changed", T0 + 60))
+    cache.flush()
+    for again in (cache, TrustCache.load(clock, str(path))):
+        assert [again.lookup(f"same{n}") for n in range(4)] == [
+            Entry(200, (), b"changed", T0 + 60), same[1], same[2],
+            Entry(200, (), b"the same answer", T0 + 50),
+        ]
+        assert [again.lookup(f"other{n}") for n in range(40)] == [entry_at(T0 + n) for n in range(40)]
+
+
+def test_a_flush_asked_for_during_a_write_with_nothing_new_ends_with_it(tmp_path, clock):
+    later = Later()
+    cache = TrustCache(clock, str(tmp_path / "cache.json"), run=later)
+    cache.store("k", ANSWER)
+    first = cache.flush()
+    second = cache.flush()  # nothing changed since the write in flight began
+    later.finish()
+    assert first.called and second.called and later.jobs == []
