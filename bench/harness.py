@@ -39,7 +39,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from twisted.internet.task import Clock  # noqa: E402
+
 from license_proxy import certs  # noqa: E402
+from license_proxy.trustcache import TrustCache  # noqa: E402
 
 WRK_SCRIPT = REPO / "bench" / "wrk.lua"
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -349,10 +352,6 @@ path = "{self.cache_path}"
 
     def cached_entries(self) -> int:
         """Entries in the trust cache file and its journal (written at most 2 s after a change)."""
-        from twisted.internet.task import Clock
-
-        from license_proxy.trustcache import TrustCache
-
         return len(TrustCache.load(Clock(), str(self.cache_path)))
 
 
