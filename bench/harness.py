@@ -39,7 +39,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from twisted.internet.task import Clock  # noqa: E402
+
 from license_proxy import certs  # noqa: E402
+from license_proxy.trustcache import TrustCache  # noqa: E402
 from tests.support.blackhole import BlackHole  # noqa: E402
 
 WRK_SCRIPT = REPO / "bench" / "wrk.lua"
@@ -366,8 +369,8 @@ path = "{self.cache_path}"
         return [self.proc.pid]
 
     def cached_entries(self) -> int:
-        """Entries in the trust cache file (written at most 2 s after a change)."""
-        return len(json.loads(self.cache_path.read_bytes())["entries"])
+        """Entries in the trust cache file and its journal (written at most 2 s after a change)."""
+        return len(TrustCache.load(Clock(), str(self.cache_path)))
 
 
 # -- clients -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from functools import partial
 from typing import Callable
 
 from twisted.application import strports
@@ -16,11 +17,13 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
 
-from . import statedir
+from . import runtime, statedir
 from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
 from .config import Config
@@ -130,7 +133,7 @@ class _Lifecycle(Service):
         self._upstream.health.stop()
         if self._looping is not None:
             await self._looping  # a check-in in flight finishes before the flush
-        self._cache.close()
+        await self._cache.close()  # the write in flight, then the last one
         closing = self._connections.close()
         closing.addTimeout(CLOSE_TIMEOUT, self._clock)
         try:
@@ -151,7 +154,9 @@ def make_service(
     config = statedir.prepare(config)
     # Trust is measured in time that never runs back, not even across a restart.
     clock = HighWaterClock(reactor, time.time)
-    cache = TrustCache.load(clock, config.cache_path, config.cache_max_entries)
+    cache = TrustCache.load(
+        clock, config.cache_path, config.cache_max_entries, run=_writer_thread(reactor)
+    )
     # An answer counts as one the fleet keeps asking for once asked for a check-in later.
     cache.keep_after = config.checkin_interval
     clock.not_before(cache.high_water)
@@ -209,6 +214,26 @@ def make_service(
         limited = ConnectionLimits(factory, config, reactor, guarded.refused, name)
         strports.service(_tcp(config.host, port), limited, reactor=reactor).setServiceParent(top)
     return top
+
+
+def _writer_thread(reactor) -> Callable[[Callable[[], object]], Deferred]:
+    """
+    Runs the trust cache's writes on a thread of their own: a disk that takes a second
+    to fsync must not hold the reactor, nor take a thread of the reactor's pool (which
+    resolves names).  Started with the reactor, stopped after the services (the last write).
+    After each write, the heap's free memory goes back to the system.
+    """
+    pool = ThreadPool(minthreads=0, maxthreads=1, name="trust-cache-writer")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+    def then_release(work: Callable[[], object]) -> object:
+        try:
+            return work()
+        finally:
+            runtime.release_free_memory()  # here: off the reactor, every few seconds
+
+    return partial(deferToThreadPool, reactor, pool, then_release)
 
 
 def _tcp(host: str, port: int) -> str:

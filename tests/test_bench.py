@@ -65,3 +65,15 @@ def test_the_hostile_client_figures_run_and_each_attack_is_met():
     refused = {" ".join(line.split()[1:]): int(line.split()[0])
                for line in out.splitlines() if line.strip()[:1].isdigit()}
     assert refused["HTTP/1.1 413"] > 0 and refused["over the peer limit: closed at once"] > 0, out
+
+
+def test_the_trust_cache_write_costs_run_and_a_checkin_writes_one_line():
+    out = _script("cachewrite.py", "--entries", "10", "1000", "--checkins", "3")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in out.splitlines() if line.startswith("| 1")]
+    assert [row[:2] for row in rows] == [
+        ["10", "checkin"], ["10", "compaction"], ["1,000", "checkin"], ["1,000", "compaction"]
+    ], out
+    checkin_bytes = [int(row[4].replace(",", "")) for row in rows if row[1] == "checkin"]
+    assert checkin_bytes[0] == checkin_bytes[1] < 100, out  # whatever the number of answers
+    assert int(rows[3][4].replace(",", "")) > 100 * int(rows[1][4].replace(",", "")) / 2, out

@@ -8,10 +8,12 @@ the disk does.  Mounting needs root, which CI has: no mount is a failure.
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
+from twisted.internet.task import Clock
+
+from license_proxy.trustcache import TrustCache
 
 from tests.support.proxy import ProxyProcess
 from tests.test_e2e import PROBE, config
@@ -43,15 +45,13 @@ def proxy(tmp_path, pki, upstream, state):
         p.wait_state("Connected")
         upstream.respond(body=b'{"license":"first"}')
         assert p.request("GET", "/v1/first")[0] == 200
-        p.wait_status(lambda _: len(entries(state)) == 1, "the first answer on disk")
+        p.wait_status(lambda _: len(on_disk(state)) == 1, "the first answer on disk")
         yield p
 
 
-def entries(state) -> dict:
-    try:
-        return json.loads((state / "trust-cache.json").read_bytes())["entries"]
-    except (FileNotFoundError, ValueError):
-        return {}
+def on_disk(state) -> TrustCache:
+    """The trust cache as a restart would find it (snapshot and journal)."""
+    return TrustCache.load(Clock(), str(state / "trust-cache.json"))
 
 
 def not_persisted(status: dict) -> bool:
@@ -74,22 +74,24 @@ def fill(state) -> None:
 def test_a_full_disk_keeps_the_proxy_serving_from_memory_and_it_recovers(proxy, upstream, state):
     saved = (state / "trust-cache.json").read_bytes()
     fill(state)
+    # A check-in's line may still fit in the journal's last page; a new answer of 8 kB can't.
+    second = b'{"license":"second","pad":"%s"}' % (b"x" * 8192)
+    upstream.respond(body=second)
+    assert proxy.request("GET", "/v1/second")[0] == 200
     status = proxy.wait_status(not_persisted, "cache_persisted false")
     assert status["cache_error"] == "No space left on device"
     assert status["state"] == "Connected" and PROBE.search(proxy.raw_status)
     assert scrape(proxy)["license_proxy_cache_persisted", ()] == 0
 
     # New answers are kept in memory, and served from there when the license server is gone.
-    upstream.respond(body=b'{"license":"second"}')
-    assert proxy.request("GET", "/v1/second")[0] == 200
     upstream.stop()
     code, _, body = proxy.request("GET", "/v1/second")
-    assert (code, body) == (200, b'{"license":"second"}')
+    assert (code, body) == (200, second)
     assert proxy.wait_state("TrustBased")["cache_persisted"] is False
     upstream.start()
     proxy.wait_state("Connected")
 
-    # The file in place was never touched, and no temporary file was left.
+    # The snapshot in place was never touched, and no temporary file was left.
     assert (state / "trust-cache.json").read_bytes() == saved
     assert not list(state.glob("*.tmp-*"))
 
@@ -97,7 +99,7 @@ def test_a_full_disk_keeps_the_proxy_serving_from_memory_and_it_recovers(proxy, 
     status = proxy.wait_status(persisted, "cache_persisted true", timeout=40)
     assert status["cache_error"] is None
     assert scrape(proxy)["license_proxy_cache_persisted", ()] == 1
-    assert len(entries(state)) == 2
+    assert len(on_disk(state)) == 2
     log = proxy.log_text()
     assert log.count(WRITE_FAILS) == 1
     assert f"{WRITE_FAILS} {state}/trust-cache.json: No space left on device" in log
@@ -113,10 +115,9 @@ def test_a_read_only_disk_is_reported_it_recovers_and_a_stop_is_still_clean(prox
 
     _run("mount", "-o", "remount,rw", str(state))
     proxy.wait_status(persisted, "cache_persisted true", timeout=40)
-    before = json.loads((state / "trust-cache.json").read_bytes())["last_successful_checkin"]
+    before = on_disk(state).last_checkin
     proxy.wait_status(
-        lambda _: json.loads((state / "trust-cache.json").read_bytes())["last_successful_checkin"]
-        > before,
+        lambda _: on_disk(state).last_checkin > before,
         "check-ins written again",
     )
 

@@ -115,9 +115,16 @@ def test_no_secret_in_the_cache_file_logs_status_metrics_or_502(exercised, tmp_p
     for page in PAGES:
         code, answer = status_port(proxy, "GET", page)
         assert code == 200 and not leaks(answer, cache_path), (page, answer)
+    state = tmp_path / "state"
+
+    def on_disk() -> bytes:  # the snapshot and its journal
+        return b"".join(p.read_bytes() for p in sorted(state.glob("trust-cache.json*")))
+
+    proxy.wait_status(lambda _: base64.b64encode(CACHED_BODY) in on_disk(), "the answer written")
+    running = on_disk()
     assert proxy.terminate() in (0, -15)
 
-    cache = (tmp_path / "state" / "trust-cache.json").read_bytes()
+    cache = running + on_disk()  # as written while running, and as a stop leaves them
     # The cached answer is there (base64), so the file is the one that was written ...
     assert base64.b64encode(CACHED_BODY) in cache
     # ... and none of the secrets are.

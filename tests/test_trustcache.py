@@ -9,19 +9,22 @@ import stat
 import subprocess
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.web.http_headers import Headers
 
 from license_proxy.trustcache import (
+    CHUNK,
     DEFAULT_KEEP_AFTER,
     EVICTION_LOG_INTERVAL,
     FLUSH_DELAY,
     MARK_LAG,
     RETRY_MAX,
+    STORED_AT_LAG,
+    Disk,
     Entry,
     TrustCache,
-    write_atomically,
 )
 
 T0 = 1_800_000_000.0
@@ -51,7 +54,7 @@ def test_round_trip_survives_a_restart(tmp_path, clock):
     raw = open(path, "rb").read()
     assert b"secret-key-123" not in raw
     assert json.loads(raw)["last_successful_checkin"] == T0 + 1
-    assert os.listdir(tmp_path) == ["cache.json"]
+    assert sorted(os.listdir(tmp_path)) == ["cache.json", "cache.json.journal"]
 
 
 def test_writes_are_coalesced_and_lag_at_most_the_flush_delay(tmp_path, clock):
@@ -98,18 +101,30 @@ def test_a_corrupt_file_is_moved_aside_and_logged(tmp_path, clock, content):
     assert any("is corrupt" in m and "moved aside" in m for m in messages), messages
 
 
-class Disk:
-    """The cache's writer: the real one, or while ``error`` is set, an OSError with that errno."""
+class FailingDisk(Disk):
+    """The real disk, except that while ``error`` is set, opening a file fails with it."""
 
     def __init__(self):
         self.error = None
         self.attempts = 0
 
-    def __call__(self, path, data):
+    def create(self, path):
+        self._attempt()
+        return super().create(path)
+
+    def open_append(self, path):
+        self._attempt()
+        return super().open_append(path)
+
+    def _attempt(self):
         self.attempts += 1
         if self.error is not None:
             raise OSError(self.error, os.strerror(self.error))
-        write_atomically(path, data)
+
+
+def files(path):
+    """The snapshot and the journal, as they are on disk."""
+    return path.read_bytes(), (path.parent / (path.name + ".journal")).read_bytes()
 
 
 def messages(events):
@@ -118,11 +133,11 @@ def messages(events):
 
 def test_a_failing_disk_is_reported_retried_and_recovers(tmp_path, clock):
     path = tmp_path / "cache.json"
-    disk = Disk()
-    cache = TrustCache(clock, str(path), write=disk)
+    disk = FailingDisk()
+    cache = TrustCache(clock, str(path), disk=disk)
     cache.store("old", ANSWER)
     cache.flush()
-    before = path.read_bytes()
+    before = files(path)
     assert (cache.persisted, cache.write_error) == (True, None)
 
     disk.error = errno.ENOSPC
@@ -147,7 +162,7 @@ def test_a_failing_disk_is_reported_retried_and_recovers(tmp_path, clock):
     ]
     assert cache.write_failures == 8
     assert cache.lookup("k") == ANSWER  # served from memory
-    assert path.read_bytes() == before
+    assert files(path) == before
 
     disk.error = None
     with capturedLogs() as events:
@@ -169,13 +184,14 @@ def test_a_failing_disk_is_reported_retried_and_recovers(tmp_path, clock):
 
 def test_a_write_failing_at_stop_says_what_is_lost_and_leaves_no_timer(tmp_path, clock):
     path = tmp_path / "cache.json"
-    disk = Disk()
-    cache = TrustCache(clock, str(path), write=disk)
+    disk = FailingDisk()
+    cache = TrustCache(clock, str(path), disk=disk)
     disk.error = errno.EROFS
     cache.store("k", ANSWER)
     cache.flush()  # failing already: a stop's attempt logs nothing new by itself
     with capturedLogs() as events:
-        cache.close()
+        closed = cache.close()
+    assert closed.called
     assert disk.attempts == 2
     assert clock.getDelayedCalls() == []
     assert messages(events) == [
@@ -196,7 +212,7 @@ def test_a_missing_state_directory_is_a_write_failure_too(tmp_path, clock):
     clock.advance(FLUSH_DELAY)
     assert cache.persisted
     assert TrustCache.load(clock, str(tmp_path / "gone" / "cache.json")).lookup("k") == ANSWER
-    assert os.listdir(tmp_path / "gone") == ["cache.json"]
+    assert sorted(os.listdir(tmp_path / "gone")) == ["cache.json", "cache.json.journal"]
 
 
 def entry_at(when):
@@ -326,7 +342,7 @@ def test_the_mark_alone_is_written_at_most_once_a_minute(tmp_path, clock):
     clock.advance(1)
     cache.record_time()
     clock.advance(FLUSH_DELAY)
-    assert json.loads(path.read_bytes())["clock_high_water"] == T0 + MARK_LAG + 2 * FLUSH_DELAY
+    assert TrustCache.load(clock, str(path)).high_water == T0 + MARK_LAG + 2 * FLUSH_DELAY
 
 
 def test_a_file_without_the_mark_takes_the_latest_time_in_it(tmp_path, clock):
@@ -349,6 +365,7 @@ def test_temporary_files_left_by_killed_writers_are_removed_at_load(tmp_path, cl
     exited = subprocess.Popen(["true"])
     exited.wait()
     leftovers = [f"cache.json.tmp-{exited.pid}", f"cache.json.tmp-{os.getpid()}"]
+    leftovers += [f"cache.json.journal.tmp-{exited.pid}"]
     kept = ["cache.json.tmp-1", "cache.json.tmp-x", "other.json.tmp-99999999"]
     # Names no process id can have: kept, and no exception out of load (it stopped the start).
     kept += ["cache.json.tmp-99999999999999999999", "cache.json.tmp-\u00b2", "cache.json.tmp-0"]
@@ -361,3 +378,331 @@ def test_temporary_files_left_by_killed_writers_are_removed_at_load(tmp_path, cl
     assert set(kept) <= names  # pid 1 runs; the others are not our temporary files
     removed = sorted(e["name"] for e in events if "name" in e)
     assert removed == sorted(leftovers)
+
+
+class Later:
+    """Runs each write only when the test says so, as the writer thread does, later."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, work):
+        done = Deferred()
+        self.jobs.append((work, done))
+        return done
+
+    def finish(self):
+        work, done = self.jobs.pop(0)
+        try:
+            result = work()
+        except Exception:
+            done.errback()
+        else:
+            done.callback(result)
+
+
+def test_one_write_at_a_time_off_the_reactor_and_a_stop_waits_for_it(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    later = Later()
+    cache = TrustCache(clock, str(path), run=later)
+    cache.store("a", ANSWER)
+    clock.advance(FLUSH_DELAY)
+    assert len(later.jobs) == 1 and not path.exists()  # handed over, not written here
+    cache.store("b", ANSWER)
+    clock.advance(FLUSH_DELAY)
+    assert len(later.jobs) == 1  # due, but one is in flight: it waits for its end
+    later.finish()
+    assert len(later.jobs) == 1  # the next starts at once
+    assert TrustCache.load(clock, str(path)).lookup("b") is None
+    cache.record_checkin(T0 + 9)
+    closed = cache.close()
+    later.finish()
+    assert not closed.called and len(later.jobs) == 1  # the stop waited, then the last write
+    later.finish()
+    assert closed.called and later.jobs == []
+    again = TrustCache.load(clock, str(path))
+    assert (again.lookup("a"), again.lookup("b"), again.last_checkin) == (ANSWER, ANSWER, T0 + 9)
+    assert clock.getDelayedCalls() == []
+
+
+def journal_of(path):
+    return path.parent / (path.name + ".journal")
+
+
+def test_a_check_in_appends_a_line_and_leaves_the_answers_alone(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    for n in range(1000):
+        cache.store(f"k{n}", entry_at(T0 + n))
+    cache.flush()
+    snapshot, journal = files(path)
+    assert len(snapshot) > 90_000
+    cache.record_checkin(T0 + 5000)
+    clock.advance(FLUSH_DELAY)
+    assert files(path)[0] == snapshot  # not one answer rewritten
+    line = files(path)[1][len(journal):]
+    assert json.loads(line) == {
+        "last_successful_checkin": T0 + 5000, "clock_high_water": T0 + FLUSH_DELAY
+    }
+    assert len(line) < 100
+    assert TrustCache.load(clock, str(path)).last_checkin == T0 + 5000
+
+
+def test_answers_stored_and_evicted_since_the_snapshot_come_back_from_the_journal(
+    tmp_path, clock
+):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path), max_entries=2)
+    cache.store("k0", entry_at(T0))
+    cache.store("k1", entry_at(T0 + 1))
+    cache.flush()
+    cache.store("k1", entry_at(T0 + 2))  # a new answer
+    cache.store("k2", entry_at(T0 + 3))  # k0 makes room
+    cache.record_checkin(T0 + 4)
+    cache.flush()
+    assert b"k2" not in path.read_bytes()  # appended, not rewritten
+    again = TrustCache.load(clock, str(path), max_entries=2)
+    assert [again.lookup(k) for k in ("k0", "k1", "k2")] == [None, entry_at(T0 + 2), entry_at(T0 + 3)]
+    assert again.last_checkin == T0 + 4
+
+
+def test_the_journal_is_compacted_once_it_outgrows_the_snapshot(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    big = [Entry(200, (), bytes([n]) * 30_000, T0 + n) for n in range(4)]
+    cache.store("k", big[0])
+    cache.flush()
+    for entry in big[1:3]:  # each a line as big as the snapshot
+        cache.store("k", entry)
+        cache.flush()
+        assert files(path)[0].count(b'"k"') == 1 and b'"generation"' in files(path)[0]
+    assert len(files(path)[1]) > 65_536  # past the snapshot and JOURNAL_MIN: compact next
+    snapshot = files(path)[0]
+    cache.store("k", big[3])
+    cache.flush()
+    snapshot_now, journal = files(path)
+    assert snapshot_now != snapshot and len(journal) < 100
+    assert TrustCache.load(clock, str(path)).lookup("k") == big[3]
+
+
+def test_a_line_cut_short_is_ignored_and_the_next_write_starts_afresh(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k0", entry_at(T0))
+    cache.flush()
+    cache.store("k1", entry_at(T0 + 1))
+    cache.flush()
+    with open(journal_of(path), "ab") as f:
+        f.write(b'{"store":"k2","status":200,"hea')  # a kill inside an append
+    with capturedLogs() as events:
+        again = TrustCache.load(clock, str(path))
+    assert [again.lookup(k) for k in ("k0", "k1", "k2")] == [entry_at(T0), entry_at(T0 + 1), None]
+    assert [m for m in messages(events) if "cut short" in m]
+    again.store("k3", entry_at(T0 + 3))
+    again.flush()  # the first write after a start replaces the snapshot
+    assert b'"k3"' in path.read_bytes() and b"hea" not in journal_of(path).read_bytes()
+    assert len(TrustCache.load(clock, str(path))) == 3
+
+
+def test_a_journal_of_another_generation_is_ignored(tmp_path, clock):
+    """Left by a crash between the snapshot's rename and the new journal's: the snapshot
+    already holds all of it, and replaying it could bring back what was changed since."""
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k", entry_at(T0))
+    cache.flush()
+    cache.store("k", entry_at(T0 + 1))
+    cache.flush()
+    stale = journal_of(path).read_bytes()
+    cache.store("k", entry_at(T0 + 2))
+    cache.close()  # a new snapshot
+    journal_of(path).write_bytes(stale)
+    assert TrustCache.load(clock, str(path)).lookup("k") == entry_at(T0 + 2)
+
+
+def test_a_file_from_before_the_journal_loads_and_is_migrated(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    old = {
+        "format": 1, "last_successful_checkin": T0, "clock_high_water": T0 + 1, "salt": "ab" * 16,
+        "entries": {"k": {"status": 200, "headers": [["WC1B", "Yg=="]], "body": "b2s=",
+                          "stored_at": T0}},
+    }
+    path.write_text(json.dumps(old))
+    cache = TrustCache.load(clock, str(path))
+    assert cache.lookup("k") == Entry(200, ((b"X-A", b"b"),), b"ok", T0)
+    assert (cache.last_checkin, cache.high_water) == (T0, T0 + 1)
+    cache.record_checkin(T0 + 2)
+    cache.flush()
+    snapshot = json.loads(path.read_bytes())
+    assert snapshot["generation"] and snapshot["salt"] == "ab" * 16
+    assert snapshot["entries"] == old["entries"]
+    assert json.loads(journal_of(path).read_bytes()) == {"journal": snapshot["generation"]}
+
+
+def test_an_answer_stored_again_unchanged_is_written_again_only_when_its_time_is_old(
+    tmp_path, clock
+):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k", entry_at(T0))
+    cache.flush()
+    cache.store("k", Entry(200, (), b"answer at %d" % T0, T0 + STORED_AT_LAG - 1))
+    assert clock.getDelayedCalls() == []  # in memory only
+    assert cache.lookup("k").stored_at == T0 + STORED_AT_LAG - 1
+    cache.store("k", Entry(200, (), b"answer at %d" % T0, T0 + STORED_AT_LAG))
+    cache.flush()
+    assert TrustCache.load(clock, str(path)).lookup("k").stored_at == T0 + STORED_AT_LAG
+
+
+def test_a_stop_leaves_the_snapshot_holding_everything(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k0", entry_at(T0))
+    cache.flush()
+    cache.store("k1", entry_at(T0 + 1))
+    cache.flush()
+    cache.close()
+    snapshot = json.loads(path.read_bytes())
+    assert sorted(snapshot["entries"]) == ["k0", "k1"]
+    assert journal_of(path).read_bytes() == b'{"journal":"%s"}\n' % snapshot["generation"].encode()
+
+
+class RecordingDisk(Disk):
+    """The real system calls, each recorded as (call, file name); ``fail_write`` makes that
+    write (counting from 1) write half its bytes for real, then fail with EIO."""
+
+    def __init__(self, fail_write=None):
+        self.calls = []
+        self.names = {}
+        self.writes = 0
+        self.fail_write = fail_write
+
+    def create(self, path):
+        fd = super().create(path)
+        self.names[fd] = os.path.basename(path)
+        self.calls.append(("create", self.names[fd]))
+        return fd
+
+    def open_append(self, path):
+        fd = super().open_append(path)
+        self.names[fd] = os.path.basename(path)
+        self.calls.append(("open_append", self.names[fd]))
+        return fd
+
+    def write(self, fd, data):
+        self.writes += 1
+        self.calls.append(("write", self.names[fd]))
+        if self.writes == self.fail_write:
+            super().write(fd, data[: len(data) // 2])
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().write(fd, data)
+
+    def fsync(self, fd):
+        self.calls.append(("fsync", self.names[fd]))
+        super().fsync(fd)
+
+    def close(self, fd):
+        self.calls.append(("close", self.names.pop(fd)))
+        super().close(fd)
+
+    def rename(self, source, target):
+        self.calls.append(("rename", os.path.basename(source), os.path.basename(target)))
+        super().rename(source, target)
+
+    def fsync_dir(self, directory):
+        self.calls.append(("fsync_dir", os.path.basename(directory)))
+        super().fsync_dir(directory)
+
+    def unlink(self, path):
+        self.calls.append(("unlink", os.path.basename(path)))
+        super().unlink(path)
+
+
+def test_a_snapshot_is_written_and_fsynced_under_another_name_renamed_then_its_directory_fsynced(
+    tmp_path, clock
+):
+    disk = RecordingDisk()
+    cache = TrustCache(clock, str(tmp_path / "cache.json"), disk=disk)
+    cache.store("k", ANSWER)
+    cache.flush()
+    temp = f"cache.json.tmp-{os.getpid()}"
+    journal_temp = f"cache.json.journal.tmp-{os.getpid()}"
+    assert disk.calls == [
+        ("create", temp), ("write", temp), ("fsync", temp), ("close", temp),
+        ("rename", temp, "cache.json"), ("fsync_dir", tmp_path.name),
+        # then the journal that follows it, the same way
+        ("create", journal_temp), ("write", journal_temp), ("fsync", journal_temp),
+        ("close", journal_temp), ("rename", journal_temp, "cache.json.journal"),
+        ("fsync_dir", tmp_path.name),
+    ]
+
+
+def test_a_journal_line_is_fsynced_before_the_write_counts(tmp_path, clock):
+    disk = RecordingDisk()
+    later = Later()
+    cache = TrustCache(clock, str(tmp_path / "cache.json"), disk=disk, run=later)
+    cache.store("k", ANSWER)
+    cache.flush()
+    later.finish()
+    del disk.calls[:]
+    cache.record_checkin(T0 + 1)
+    cache.flush()
+    work, done = later.jobs.pop(0)
+    work()  # the writer thread's part
+    assert disk.calls == [
+        ("open_append", "cache.json.journal"), ("write", "cache.json.journal"),
+        ("fsync", "cache.json.journal"), ("close", "cache.json.journal"),
+    ]
+    done.callback(0)
+    assert cache.persisted
+
+
+def test_a_write_failing_halfway_leaves_the_files_in_place_byte_for_byte(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    answers = {f"k{n}": Entry(200, (), b"%d" % n * 300, T0 + n) for n in range(200)}
+    cache = TrustCache.load(clock, str(path))
+    for key, entry in answers.items():
+        cache.store(key, entry)
+    cache.flush()
+    before = files(path)
+    assert len(before[0]) > 2 * CHUNK  # a snapshot of several writes
+    disk = RecordingDisk(fail_write=2)
+    failing = TrustCache(clock, str(path), disk=disk)
+    for key, entry in answers.items():
+        failing.store(key, Entry(201, (), entry.body, entry.stored_at))
+    with capturedLogs():
+        failing.flush()  # a new snapshot, which fails halfway
+    assert ("write", f"cache.json.tmp-{os.getpid()}") in disk.calls  # half of it was written
+    assert failing.write_error == "Input/output error"
+    assert files(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["cache.json", "cache.json.journal"]
+    assert TrustCache.load(clock, str(path)).lookup("k199") == answers["k199"]
+
+
+def test_answers_kept_once_when_equal_still_come_back_each_for_its_own_request(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    same = [Entry(200, (), b"the same answer", T0 + n) for n in range(3)]
+    for n, entry in enumerate(same):
+        cache.store(f"same{n}", entry)
+    for n in range(40):  # more different answers than are remembered for sharing
+        cache.store(f"other{n}", entry_at(T0 + n))
+    cache.store("same3", Entry(200, (), b"the same answer", T0 + 50))
+    cache.store("same0", Entry(200, (), b"changed", T0 + 60))
+    cache.flush()
+    for again in (cache, TrustCache.load(clock, str(path))):
+        assert [again.lookup(f"same{n}") for n in range(4)] == [
+            Entry(200, (), b"changed", T0 + 60), same[1], same[2],
+            Entry(200, (), b"the same answer", T0 + 50),
+        ]
+        assert [again.lookup(f"other{n}") for n in range(40)] == [entry_at(T0 + n) for n in range(40)]
+
+
+def test_a_flush_asked_for_during_a_write_with_nothing_new_ends_with_it(tmp_path, clock):
+    later = Later()
+    cache = TrustCache(clock, str(tmp_path / "cache.json"), run=later)
+    cache.store("k", ANSWER)
+    first = cache.flush()
+    second = cache.flush()  # nothing changed since the write in flight began
+    later.finish()
+    assert first.called and second.called and later.jobs == []

@@ -6,8 +6,9 @@ before a kill to have been written (``FLUSH_DELAY`` plus a margin); the next res
 upstream must serve each of those answers from trust, with its body and a true Age.
 
 The kill moments vary round by round: any moment; inside the flush window just after an
-answer (a change not yet written); and inside a write (as soon as the temporary file of the
-running process appears).  Restarts alternate between an unreachable upstream (answers must
+answer (a change not yet written); and inside a new snapshot (as soon as a temporary file of
+the running process appears, the snapshot's or the journal's that follows it: the first write
+after each start is one).  Journal lines are appended every 2 s in between.  Restarts alternate between an unreachable upstream (answers must
 come from trust, the state is TrustBased) and a reachable one.
 """
 
@@ -88,8 +89,12 @@ class Clients:
                 self.answers.append(Answer(path, token, body, time.monotonic()))
 
 
-def _kill(proxy: ProxyProcess, clients: Clients, moment: str, temp: Path) -> bool:
-    """SIGKILL at a ``moment`` of this kind; whether a write was under way when it landed."""
+def _kill(proxy: ProxyProcess, clients: Clients, moment: str, temps: list[Path]) -> bool:
+    """SIGKILL at a ``moment`` of this kind; whether a snapshot was being written then."""
+
+    def writing() -> bool:
+        return any(temp.exists() for temp in temps)
+
     if moment == "any":
         time.sleep(random.uniform(0.05, 3.0))
     elif moment == "flush window":  # a new answer is stored, and not yet written
@@ -99,15 +104,15 @@ def _kill(proxy: ProxyProcess, clients: Clients, moment: str, temp: Path) -> boo
         while len(clients.answers) == seen and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(random.uniform(0, FLUSH_DELAY))
-    else:  # a check-in is recorded every second: a write comes every FLUSH_DELAY
+    else:  # the first write after a start makes a new snapshot; more follow as answers add up
         for _ in range(random.randint(1, 2)):
-            while temp.exists():
+            while writing():
                 time.sleep(0.0002)
             deadline = time.monotonic() + 3 * FLUSH_DELAY
-            while not temp.exists() and time.monotonic() < deadline:
+            while not writing() and time.monotonic() < deadline:
                 time.sleep(0.0002)
     assert proxy.kill() == -9
-    return temp.exists()
+    return writing()
 
 
 def _serve_from_trust(proxy: ProxyProcess, owed: dict[str, Answer]) -> int:
@@ -158,8 +163,9 @@ def test_sigkill_while_relaying_never_loses_a_written_answer(tmp_path, pki, upst
                         assert time.monotonic() < deadline, "no trust cache file was written"
                         time.sleep(0.05)
                 moment = KILL_MOMENTS[rnd % len(KILL_MOMENTS)]
-                temp = state / f"trust-cache.json.tmp-{proxy.process.pid}"
-                figures["in writes"] += _kill(proxy, clients, moment, temp)
+                temps = [state / f"trust-cache.json{kind}.tmp-{proxy.process.pid}"
+                         for kind in ("", ".journal")]
+                figures["in writes"] += _kill(proxy, clients, moment, temps)
                 killed = time.monotonic()
                 figures["rounds"] += 1
 
@@ -192,5 +198,5 @@ def test_sigkill_while_relaying_never_loses_a_written_answer(tmp_path, pki, upst
     )
     assert figures["from trust"] == figures["owed"] > ROUNDS
     assert figures["in writes"] > 0, "no kill landed inside a cache write"
-    # A kill inside a write leaves its temporary file; the next start removes it.
+    # A kill inside a snapshot leaves its temporary file; the next start removes it.
     assert not strays, strays

@@ -55,7 +55,8 @@ class ProxyProcess:
     ``scheme`` ("https", or "http" when the config sets ``[server] tls = false``) and
     ``ca_file`` (None: do not verify the proxy's certificate, which it self-signs by default)
     decide how ``request()`` talks to the licensing listener; tests may also set them as
-    attributes.  ``options`` are added to the plugin's command line.  ``env`` is added to
+    attributes.  ``options`` are added to the plugin's command line; ``wrapper`` is a command
+    twistd runs under (strace), whose child gets the signals.  ``env`` is added to
     the test's environment (a value of None removes a variable); proxy variables of the
     test's own environment are not inherited.  ``umask`` is the process's (default: the test's).
     """
@@ -139,14 +140,29 @@ class ProxyProcess:
     def kill(self) -> int:
         return self._signal(signal.SIGKILL, 10)
 
+    @property
+    def pid(self) -> int:
+        """The proxy's process id: the wrapper's child, if it runs under one."""
+        assert self.process is not None, "not started"
+        if not self.wrapper:
+            return self.process.pid
+        deadline = time.monotonic() + 10
+        while True:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            found = children.read_text().split()
+            if found:
+                return int(found[0])
+            assert time.monotonic() < deadline, f"{self.wrapper[0]} started no process"
+            time.sleep(0.01)
+
     def _signal(self, signum: int, timeout: float) -> int:
         assert self.process is not None, "not started"
         if self.process.poll() is None:
-            self.process.send_signal(signum)
+            os.kill(self.pid, signum)  # a wrapper (strace) ends with it, with its status
             try:
                 return self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.kill(self.pid, signal.SIGKILL)
         return self.process.wait()
 
     def __enter__(self) -> "ProxyProcess":
