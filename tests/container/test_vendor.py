@@ -123,14 +123,14 @@ def test_the_vendors_invocations_run_a_working_proxy(
     port = free_port()
     volumes = [f"--volume={tmp_path / host}:{inside}:ro" for host, inside in mounts]
     before = len(license_server.requests)
-    podman(
-        podman_env, "run", "--detach", "--name", name, "--no-healthcheck",
-        "--network", NETWORK, "--add-host", f"{UPSTREAM_NAME}:{HOST_LOOPBACK}",
-        "--publish", f"127.0.0.1:{port}:8080", "--env", f"DEEPGRAM_API_KEY={KEY}",
-        f"--volume={tmp_path / 'config' / 'ca.crt'}:/ca/ca.crt:ro", *volumes, *options,
-        IMAGE, *arguments,
-    )
     try:
+        podman(
+            podman_env, "run", "--detach", "--name", name, "--no-healthcheck",
+            "--network", NETWORK, "--add-host", f"{UPSTREAM_NAME}:{HOST_LOOPBACK}",
+            "--publish", f"127.0.0.1:{port}:8080", "--env", f"DEEPGRAM_API_KEY={KEY}",
+            f"--volume={tmp_path / 'config' / 'ca.crt'}:/ca/ca.crt:ro", *volumes, *options,
+            IMAGE, *arguments,
+        )
         try:
             # Through the published port, from the host.
             wait_for("Connected on the published status port",
