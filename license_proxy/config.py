@@ -98,7 +98,7 @@ def load(path: str | None, environ: Mapping[str, str]) -> Config:
                 values[attribute] = parse(_expand(raw, environ))
             except ValueError as e:
                 raise _error(path, section, key, str(e)) from None
-    if "key" not in values:
+    if values.get("key") is None:  # unset or ""
         values["key"] = environ.get(KEY_VARIABLE) or None
     config = Config(**values)
     _check_combinations(path, config)

@@ -123,7 +123,7 @@ def _to_stdout(twistd) -> bool:
     """Whether twistd logs text on standard output (``--nodaemon`` without ``--logfile``)."""
     if twistd is None:
         return True
-    return (
+    return bool(
         twistd.get("nodaemon")
         and twistd.get("logfile") in (None, "", "-")
         and not twistd.get("syslog")

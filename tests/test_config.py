@@ -422,6 +422,8 @@ def test_without_a_key_in_the_file_the_key_is_deepgram_api_key(tmp_path):
     text = VENDOR_MINIMAL + '[license]\nkey = "file-key"\n'
     assert load_text(tmp_path, text, {"DEEPGRAM_API_KEY": "airgapped-mode"}).key == "file-key"
     assert load_text(tmp_path, VENDOR_MINIMAL, {"DEEPGRAM_API_KEY": ""}).key is None
+    empty = VENDOR_MINIMAL + '[license]\nkey = ""\n'
+    assert load_text(tmp_path, empty, {"DEEPGRAM_API_KEY": "env-key"}).key == "env-key"
 
 
 def test_no_key_anywhere_is_refused_naming_both_places(tmp_path):
