@@ -208,3 +208,21 @@ def test_podman_compose_up_runs_the_shipped_compose_file(
         assert probe.returncode == 0, probe
     finally:
         run(compose, *files, "down", "-v", env=env, cwd=tmp_path, check=False, timeout=300)
+
+
+def test_the_image_checks_its_own_default_config(image, podman_env):
+    """No config mounted: the image's /license-proxy.toml (the built-in defaults) and the key."""
+    checked = podman(
+        podman_env, "run", "--rm", "--no-healthcheck", "--network", "none",
+        "--env", f"DEEPGRAM_API_KEY={KEY}", IMAGE, "check", "/license-proxy.toml",
+    )
+    assert checked.stdout.splitlines() == [
+        "license-proxy: /license-proxy.toml: OK: licensing on https://0.0.0.0:8443/, status on"
+        " port 8080, upstream https://license.deepgram.com"
+    ]
+    refused = podman(
+        podman_env, "run", "--rm", "--no-healthcheck", "--network", "none", IMAGE, "check",
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "set [license] key in the config file or the DEEPGRAM_API_KEY" in refused.stderr
