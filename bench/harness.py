@@ -302,6 +302,8 @@ tls_key = "{key}"
 server_url = "https://127.0.0.1:{upstream_port}"
 ca_file = "{ca}"
 timeout = "30s"
+# The bench's license server takes any key; the proxy needs one.
+key = "bench-key"
 
 [trust]
 duration = "24h"

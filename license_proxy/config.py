@@ -11,6 +11,7 @@ Each key is one row of ``_KEYS``: adding a key is a Config field, a row and, if 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -40,6 +41,7 @@ class Config:
     tls: bool = True  # [server] tls: false serves plain HTTP on the licensing listener
     tls_cert: str | None = None  # [server] tls_cert: PEM path
     tls_key: str | None = None  # [server] tls_key: PEM path
+    tls_names: tuple[str, ...] = ()  # [server] tls_names: more names for the generated cert
     max_body_size: int = 1048576  # [server] max_body_size, bytes
     header_timeout: float = 10.0  # [server] header_timeout, seconds from a request's first byte
     idle_timeout: float = 60.0  # [server] idle_timeout, seconds
@@ -47,7 +49,8 @@ class Config:
     max_connections_per_peer: int = 1024  # [server] max_connections_per_peer, per listener
     fips: bool = False  # [fips] mode
     server_urls: tuple[str, ...] = ("https://license.deepgram.com",)  # [license] server_url
-    key: str | None = attrs.field(default=None, repr=False)  # [license] key: a secret
+    # [license] key, else $DEEPGRAM_API_KEY: a secret
+    key: str | None = attrs.field(default=None, repr=False)
     ca_file: str | None = None  # [license] ca_file
     client_cert: str | None = None  # [license] client_cert
     client_key: str | None = None  # [license] client_key
@@ -70,10 +73,17 @@ class Config:
         return os.path.dirname(self.cache_path) or "."
 
 
-def load(path: str, environ: Mapping[str, str]) -> Config:
-    """Read, expand and check the config file at ``path``; raise ConfigError on any mistake."""
+KEY_VARIABLE = "DEEPGRAM_API_KEY"
+"""Where the key comes from when the file sets none: the vendor's images require it."""
+
+
+def load(path: str | None, environ: Mapping[str, str]) -> Config:
+    """
+    Read, expand and check the config file at ``path`` (None: no file, the built-in
+    defaults, as the vendor's program runs without one); raise ConfigError on any mistake.
+    """
     values = {}
-    for section, table in _read_toml(path).items():
+    for section, table in (_read_toml(path) if path is not None else {}).items():
         if not isinstance(table, dict):
             raise ConfigError(
                 f"{path}: top-level key {_toml_key(section)}: keys belong in a section such as"
@@ -98,9 +108,21 @@ def load(path: str, environ: Mapping[str, str]) -> Config:
             except ValueError as e:
                 reason = _unexpanded(str(e), raw, environ)
                 raise _error(path, section, key, reason) from None
+    if values.get("key") is None:  # unset or ""
+        values["key"] = environ.get(KEY_VARIABLE) or None
     config = Config(**values)
     _check_combinations(path, config)
     return config
+
+
+def require_key(path: str | None, config: Config) -> None:
+    """A proxy without a key would relay its own check-ins unlicensed: refuse to run it."""
+    if config.key is None:
+        where = "the built-in defaults" if path is None else path
+        raise ConfigError(
+            f"{where}: no license key: set [license] key in the config file or the"
+            f" {KEY_VARIABLE} environment variable"
+        )
 
 
 def parse_duration(value: object) -> float:
@@ -184,6 +206,11 @@ def _check_combinations(path: str, config: Config) -> None:
     if not config.tls and (config.tls_cert or config.tls_key):
         raise _error(
             path, "server", "tls", "tls = false cannot be combined with tls_cert/tls_key"
+        )
+    if config.tls_names and (config.tls_cert or not config.tls):
+        raise _error(
+            path, "server", "tls_names",
+            "names the generated certificate: not with tls_cert/tls_key or tls = false",
         )
     for section, cert, key in (
         ("server", "tls_cert", "tls_key"),
@@ -313,6 +340,33 @@ def _https_url(value: object) -> str:
     return value
 
 
+def _tls_names(value: object) -> tuple[str, ...]:
+    """Host names and IP addresses, as a certificate's subjectAltName can hold them."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of host names or IP addresses, got {_show(value)}")
+    for name in value:
+        if not isinstance(name, str) or not (_is_ip(name) or _DNS_NAME.fullmatch(name)):
+            raise ValueError(
+                f"expected host names (such as proxy.example.com) or IP addresses, got"
+                f" {_show(name)}"
+            )
+    return tuple(value)
+
+
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}$)(\*\.)?([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _secret(value: object) -> str | None:
     """The license key: never shown, even when it's the wrong type. Empty means unset."""
     if not isinstance(value, str):
@@ -368,6 +422,7 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
     ("server", "tls"): ("tls", _boolean),
     ("server", "tls_cert"): ("tls_cert", _readable_file),
     ("server", "tls_key"): ("tls_key", _readable_file),
+    ("server", "tls_names"): ("tls_names", _tls_names),
     ("server", "max_body_size"): ("max_body_size", _positive_integer),
     ("server", "header_timeout"): ("header_timeout", parse_duration),
     ("server", "idle_timeout"): ("idle_timeout", parse_duration),

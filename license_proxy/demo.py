@@ -113,6 +113,9 @@ def prepare(directory: str, port: int, now: datetime) -> DemoFiles:
     return files
 
 
+DEMO_KEY = "demo-key"
+
+
 def server_url(port: int) -> str:
     return f"https://localhost:{port}"
 
@@ -140,6 +143,9 @@ status_port = 8080
 server_url = {_toml_string(server_url(port))}
 # Its certificate is signed by the demo CA, which only this config trusts.
 ca_file = {_toml_string(files.ca_cert)}
+# The demo license server takes any key.  A real deployment leaves this out and passes the key
+# in DEEPGRAM_API_KEY; with no key at all the proxy refuses to start.
+key = "{DEMO_KEY}"
 
 [trust]
 # Short on purpose, so the states change within minutes: once the demo server is stopped the

@@ -1,7 +1,8 @@
 """
 The twistd entry point (``twistd license-proxy --config PATH``): parses the
 command line, loads the config, and builds the service.  This is the Twisted
-boundary, so it is the one place that takes the global reactor.
+boundary, so it is the one place that takes the global reactor.  ``--config ""``
+runs on the built-in defaults, as the vendor's program does without a file.
 """
 
 from __future__ import annotations
@@ -10,18 +11,25 @@ import os
 import sys
 
 import attrs
-from OpenSSL import SSL
 from twisted.application.service import MultiService
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    Logger,
+    textFileLogObserver,
+)
 from twisted.python import usage
 
 from . import config as configuration
-from . import runtime
+from . import fips, runtime
 from .egress import Settings
 from .logformat import FORMATS, JSON, json_observer
 from .service import make_service
 
 DEFAULT_CONFIG = "/etc/license-proxy/license-proxy.toml"
+LOG_LEVELS = ("error", "warn", "info", "debug")
 
 log = Logger()
 
@@ -30,14 +38,22 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", DEFAULT_CONFIG, "Path of the TOML configuration file."],
         ["log-format", None, None, "text or json (one object per line); overrides [log] format."],
+        ["log-level", None, "info", "error, warn, info or debug: the least severe events logged."],
     ]
 
     def postOptions(self) -> None:
         given = self["log-format"]
         if given is not None and given not in FORMATS:
             raise usage.UsageError(f"--log-format: expected text or json, got {given!r}")
+        if self["log-level"] not in LOG_LEVELS:
+            raise usage.UsageError(
+                f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {self['log-level']!r}"
+            )
+        self.path = self["config"] or None
         try:
-            self.loaded = configuration.load(self["config"], os.environ)
+            self.loaded = configuration.load(self.path, os.environ)
+            configuration.require_key(self.path, self.loaded)
+            fips.require(self.path, self.loaded, fips.in_fips_mode(), fips.openssl_version())
         except configuration.ConfigError as e:
             _config_exit(e)
         if given is not None:
@@ -85,15 +101,33 @@ def makeService(options: Options):
     )
     for url, route in routes:
         log.info("egress to {url}: {route}", url=url, route=str(route))
+    log.debug(
+        "configuration from {source}: {config!r}",
+        source=options.path or "the built-in defaults",
+        config=config,
+    )
     if config.fips:
-        log.warn(
-            "[fips] mode = enabled is accepted for compatibility but changes nothing: "
-            "TLS uses the system's {openssl}, not a FIPS-validated module",
-            openssl=SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode(),
-        )
+        log.info("FIPS mode: {openssl} in FIPS mode", openssl=fips.openssl_version())
     if config.log_format == JSON:
-        return _LoggingTo(json_observer(), service)
-    return service
+        observer = json_observer()
+    elif _to_stdout(options.parent):
+        observer = textFileLogObserver(sys.stdout)
+    else:
+        return service  # twistd's --logfile or --syslog, every level
+    level = LogLevel.levelWithName(options["log-level"])
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    return _LoggingTo(FilteringLogObserver(observer, [predicate]), service)
+
+
+def _to_stdout(twistd) -> bool:
+    """Whether twistd logs text on standard output (``--nodaemon`` without ``--logfile``)."""
+    if twistd is None:
+        return True
+    return bool(
+        twistd.get("nodaemon")
+        and twistd.get("logfile") in (None, "", "-")
+        and not twistd.get("syslog")
+    )
 
 
 class _LoggingTo(MultiService):

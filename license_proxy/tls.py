@@ -10,6 +10,7 @@ certificate stops the proxy with one line instead of a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from datetime import datetime, timezone
@@ -75,13 +76,72 @@ def _public(public_key) -> bytes:
     )
 
 
+VENDOR_NAMES = ("license-proxy", "deepgram-license-proxy-internal")
+"""What the vendor's files call the proxy: its compose service, its Helm chart's Service."""
+
+NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def generated_names(
+    config: Config, namespace: str | None, hostname: str | None = None
+) -> list[str]:
+    """
+    The names of the generated certificate: the host name, loopback, the vendor's names, in a
+    Kubernetes ``namespace`` the Service's ``.svc`` and ``.svc.cluster.local`` forms, and
+    ``[server] tls_names``.
+    """
+    names = [*([hostname] if hostname else []), "localhost", "127.0.0.1", "::1", *VENDOR_NAMES]
+    if namespace:
+        service = VENDOR_NAMES[1]
+        names += [f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"]
+    return list(dict.fromkeys([*names, *config.tls_names]))
+
+
+def pod_namespace() -> str | None:
+    """The pod's namespace: POD_NAMESPACE (the downward API), else the service account's."""
+    namespace = os.environ.get("POD_NAMESPACE")
+    if namespace:
+        return namespace
+    try:
+        with open(NAMESPACE_FILE) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _normal(name: str) -> str:
+    """An IP address as a certificate gives it back (``::1``, not ``0::1``)."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def _names_in(cert_path: str) -> set[str]:
+    try:
+        with open(cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return set()
+    return {*san.get_values_for_type(x509.DNSName)} | {
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+    }
+
+
 def _generated_pair(config: Config, now: float) -> tuple[str, str]:
     """The self-signed pair in the state directory (which ``make_service``
-    creates), made on first start."""
+    creates), made on first start, and again when it lacks a name it must have
+    (the host name aside: a container's changes with every new container)."""
     cert_path = os.path.join(config.state_dir, GENERATED_CERT)
     key_path = os.path.join(config.state_dir, GENERATED_KEY)
-    if not (os.path.exists(cert_path) and os.path.exists(key_path)):
-        hosts = [socket.gethostname(), "localhost", "127.0.0.1", "::1"]
+    required = generated_names(config, pod_namespace())
+    if not (
+        os.path.exists(cert_path)
+        and os.path.exists(key_path)
+        and _names_in(cert_path).issuperset(map(_normal, required))
+    ):
+        hosts = generated_names(config, pod_namespace(), socket.gethostname())
         pair = certs.self_signed(hosts, now=datetime.fromtimestamp(now, timezone.utc))
         try:
             pair.write(cert_path, key_path, cert_mode=0o600)  # the state directory's rule

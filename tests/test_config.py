@@ -10,7 +10,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from license_proxy.config import _KEYS, Config, ConfigError, load, parse_duration
+from license_proxy.config import _KEYS, Config, ConfigError, load, parse_duration, require_key
 
 DEFAULT_FILE = Path(__file__).parent.parent / "etc" / "license-proxy.toml"
 
@@ -238,6 +238,31 @@ def test_host_must_be_a_string(tmp_path):
     )
 
 
+def test_tls_names_add_names_to_the_generated_certificate(tmp_path):
+    names = '["proxy.example.com", "*.example.org", "10.0.0.7", "fd00::7"]'
+    config = load_text(tmp_path, f"[server]\ntls_names = {names}\n")
+    assert config.tls_names == ("proxy.example.com", "*.example.org", "10.0.0.7", "fd00::7")
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [('"a.example"', "got 'a.example'"), ('["a b"]', "got 'a b'"), ("[1]", "got 1"),
+     ('["-x.example"]', "got '-x.example'"), ('[""]', "got ''")],
+)
+def test_tls_names_must_be_a_list_of_names(tmp_path, value, shown):
+    message = error(tmp_path, f"[server]\ntls_names = {value}\n")
+    assert message.startswith("[server] tls_names: expected ") and message.endswith(shown)
+
+
+def test_tls_names_are_refused_with_a_certificate_of_ones_own(tmp_path):
+    cert, key = touch(tmp_path, "c.pem"), touch(tmp_path, "k.pem")
+    for server in (f'tls_cert = "{cert}"\ntls_key = "{key}"', "tls = false"):
+        assert error(tmp_path, f'[server]\n{server}\ntls_names = ["a.example"]\n') == (
+            "[server] tls_names: names the generated certificate: not with tls_cert/tls_key"
+            " or tls = false"
+        )
+
+
 def test_tls_must_be_a_boolean(tmp_path):
     assert error(tmp_path, '[server]\ntls = "yes"\n') == (
         "[server] tls: expected true or false, got 'yes'"
@@ -388,6 +413,31 @@ def test_server_url_with_userinfo_is_refused_without_echoing_it(tmp_path):
 
 def test_empty_key_is_none(tmp_path):
     assert load_text(tmp_path, '[license]\nkey = ""\n').key is None
+
+
+def test_without_a_key_in_the_file_the_key_is_deepgram_api_key(tmp_path):
+    assert load_text(tmp_path, VENDOR_MINIMAL, {"DEEPGRAM_API_KEY": "env-key"}).key == "env-key"
+    assert load(None, {"DEEPGRAM_API_KEY": "env-key"}) == Config(key="env-key")
+    # The file's key wins (the vendor's airgapped mode sets DEEPGRAM_API_KEY=airgapped-mode too).
+    text = VENDOR_MINIMAL + '[license]\nkey = "file-key"\n'
+    assert load_text(tmp_path, text, {"DEEPGRAM_API_KEY": "airgapped-mode"}).key == "file-key"
+    assert load_text(tmp_path, VENDOR_MINIMAL, {"DEEPGRAM_API_KEY": ""}).key is None
+    empty = VENDOR_MINIMAL + '[license]\nkey = ""\n'
+    assert load_text(tmp_path, empty, {"DEEPGRAM_API_KEY": "env-key"}).key == "env-key"
+
+
+def test_no_key_anywhere_is_refused_naming_both_places(tmp_path):
+    path = write(tmp_path, VENDOR_MINIMAL)
+    config = load(path, {})
+    with pytest.raises(ConfigError) as info:
+        require_key(path, config)
+    assert str(info.value) == (
+        f"{path}: no license key: set [license] key in the config file or the DEEPGRAM_API_KEY"
+        " environment variable"
+    )
+    with pytest.raises(ConfigError, match="^the built-in defaults: no license key"):
+        require_key(None, load(None, {}))
+    require_key(path, load(path, {"DEEPGRAM_API_KEY": "k"}))
 
 
 def test_key_is_not_in_repr(tmp_path):
@@ -609,7 +659,7 @@ def test_bad_key_headers(tmp_path, value, reason):
 def test_unknown_key(tmp_path):
     assert error(tmp_path, "[server]\nprot = 8443\n") == (
         "unknown key [server] prot (known: host, port, base_url, status_port, tls, tls_cert,"
-        " tls_key, max_body_size, header_timeout, idle_timeout, max_connections,"
+        " tls_key, tls_names, max_body_size, header_timeout, idle_timeout, max_connections,"
         " max_connections_per_peer)"
     )
 

@@ -144,9 +144,10 @@ def test_generated_config_points_the_proxy_at_it(demo):
     assert loaded.cache_path == str(demo.directory / "state" / "trust-cache.json")
     assert (loaded.host, loaded.port, loaded.status_port) == ("127.0.0.1", 8443, 8080)
     assert (loaded.trust_duration, loaded.checkin_interval) == (120, 5)
+    assert loaded.key == "demo-key"  # the proxy needs one, and demo.sh passes none
     # The demo values are explained where they are set.
     text = demo.config_path.read_text()
-    for key in ("duration", "checkin_interval"):
+    for key in ("duration", "checkin_interval", "key"):
         before = text[: text.index(f"\n{key} =")]
         assert before.rsplit("\n", 1)[-1].startswith("#"), key
 
@@ -190,7 +191,8 @@ def test_proxy_on_the_generated_config_goes_connected_then_trust_based(demo, tmp
     text, n_path = re.subn(r"(?m)^path = .*$", f"path = {json.dumps(str(cache))}", text)
     assert (n_port, n_status, n_path) == (1, 1, 1)
     (tmp_path / "proxy").mkdir()
-    with ProxyProcess(tmp_path / "proxy", text) as proxy:
+    # As demo.sh runs it: the key is the config's, with none in the environment.
+    with ProxyProcess(tmp_path / "proxy", text, env={"DEEPGRAM_API_KEY": None}) as proxy:
         proxy.wait_state("Connected", timeout=30)
         status, _, fresh = proxy.request("GET", "/v1/anything")
         assert status == 200, fresh

@@ -60,7 +60,8 @@ def test_containerfile_says_what_operators_rely_on():
     assert 'VOLUME ["/var/lib/license-proxy"]' in text
     assert re.search(r"^EXPOSE 8443 8080$", text, re.M)
     assert "HEALTHCHECK" in text and "/v1/status" in text
-    assert '"--config", "/license-proxy.toml"]' in text
+    assert re.search(r'^ENTRYPOINT \["license-proxy"\]$', text, re.M)
+    assert re.search(r'^CMD \["serve", "/license-proxy.toml"\]$', text, re.M)
 
 
 # -- systemd ------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def test_systemd_unit_runs_twistd_in_the_foreground_as_a_dynamic_user():
 
 # -- Kubernetes ---------------------------------------------------------------------------
 
-MANIFESTS = ["configmap.yaml", "deployment.yaml", "services.yaml", "pdb.yaml"]
+MANIFESTS = ["deployment.yaml", "services.yaml", "pdb.yaml"]
 
 
 def resources() -> dict[str, dict]:
@@ -152,9 +153,18 @@ def test_kubernetes_manifests_validate_against_the_schema(tmp_path):
     validate = tool("kubernetes-validate")
     result = run(validate, "--strict", *[str(K8S / n) for n in MANIFESTS])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == 5, result.stdout
+    assert result.stdout.count("passed") == 4, result.stdout
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == sorted(MANIFESTS)
+    # The ConfigMap kustomize generates from license-proxy.toml, as kubectl apply -k makes it.
+    (generator,) = kustomization["configMapGenerator"]
+    configmap = tmp_path / "configmap.yaml"
+    configmap.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
+        "data": {name: (K8S / name).read_text() for name in generator["files"]},
+    }))
+    result = run(validate, "--strict", str(configmap))
+    assert result.returncode == 0 and "passed" in result.stdout, result.stdout + result.stderr
     # A misspelt field must fail.
     bad = tmp_path / "deployment.yaml"
     bad.write_text((K8S / "deployment.yaml").read_text().replace("readinessProbe:", "readinesProbe:"))
@@ -163,16 +173,26 @@ def test_kubernetes_manifests_validate_against_the_schema(tmp_path):
 
 def test_deployment_upgrades_blue_green_and_runs_locked_down():
     found = resources()
-    deployment = found["Deployment/license-proxy"]
+    deployment = found["Deployment/deepgram-license-proxy"]
     spec = deployment["spec"]
     assert spec["replicas"] == 2
     assert spec["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert spec["selector"]["matchLabels"] == {"app": "deepgram-license-proxy"}
+    assert spec["template"]["metadata"]["labels"] == {"app": "deepgram-license-proxy"}
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["readinessProbe"]["exec"]["command"] == ["sh", "-c", VENDOR_PROBE]
-    assert container["livenessProbe"]["tcpSocket"]["port"] == "status"
+    # The vendor chart's command line, probe and timings.
+    assert container["command"] == ["hermes"]
+    assert container["args"] == ["-v", "serve", "/etc/config/license-proxy.toml"]
+    readiness = container["readinessProbe"]
+    assert readiness.pop("exec")["command"] == ["sh", "-c", VENDOR_PROBE]
+    assert readiness == {"initialDelaySeconds": 5, "periodSeconds": 10, "failureThreshold": 1}
+    assert container["livenessProbe"] == {
+        "tcpSocket": {"port": 8080}, "initialDelaySeconds": 5, "periodSeconds": 10,
+        "failureThreshold": 3,
+    }
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
-        "licensing": 8443, "status": 8080,
+        "primary": 8443, "status": 8080,
     }
     assert pod["securityContext"]["runAsNonRoot"] is True
     security = container["securityContext"]
@@ -183,16 +203,31 @@ def test_deployment_upgrades_blue_green_and_runs_locked_down():
     assert container["resources"]["limits"]["memory"] == "256Mi"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts["/var/lib/license-proxy"] == "state"  # the directory, not the file
-    assert container["command"][-1] == "/etc/license-proxy/license-proxy.toml"
-    assert mounts["/etc/license-proxy"] == "config"
-    config = found["ConfigMap/license-proxy"]["data"]["license-proxy.toml"]
-    assert 'key = "${DEEPGRAM_API_KEY}"' in config
-    ports = {
-        name: svc["spec"]["ports"][0]["port"]
+    assert mounts["/etc/config"] == "config"
+    (config_volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    # The generated ConfigMap, whose name kustomize suffixes with a hash of the config: a
+    # changed config changes the pod template, and the pods roll.
+    assert config_volume["configMap"]["name"] == generator["name"]
+    assert generator["files"] == ["license-proxy.toml"]
+    assert not kustomization.get("generatorOptions", {}).get("disableNameSuffixHash")
+    assert not generator.get("options", {}).get("disableNameSuffixHash")
+    # The key is DEEPGRAM_API_KEY from the Secret, as in the vendor's chart; none in the file.
+    assert "\nkey" not in (K8S / "license-proxy.toml").read_text()
+    (key,) = [e for e in container["env"] if e["name"] == "DEEPGRAM_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"]["name"] == "deepgram-license-proxy"
+    services = {
+        name: [(p["name"], p["port"]) for p in svc["spec"]["ports"]]
         for name, svc in found.items() if name.startswith("Service/")
     }
-    assert ports == {"Service/license-proxy-internal": 8443, "Service/license-proxy-status": 8080}
-    assert found["PodDisruptionBudget/license-proxy"]["spec"]["minAvailable"] == 1
+    assert services == {
+        "Service/deepgram-license-proxy-internal": [("primary", 8443)],
+        "Service/deepgram-license-proxy-status": [("status", 8080)],
+    }
+    for name, svc in found.items():
+        assert svc["metadata"]["labels"] == {"app": "deepgram-license-proxy"}, name
+    assert found["PodDisruptionBudget/deepgram-license-proxy"]["spec"]["minAvailable"] == 1
 
 
 # -- compose ------------------------------------------------------------------------------
@@ -205,7 +240,9 @@ def test_podman_compose_config_accepts_the_compose_file(tmp_path):
     env = dict(os.environ, DEEPGRAM_API_KEY="not-a-real-key")
     result = run(compose, "-f", str(ETC / "compose.yaml"), "config", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    # The service name the vendor's API and Engine configs use, and its compose arguments.
     service = yaml.safe_load(result.stdout)["services"]["license-proxy"]
+    assert service["command"] == ["-v", "serve", "/license-proxy.toml"]
     assert service["ports"] == ["8089:8080"]
     assert "./license-proxy.toml:/license-proxy.toml:ro" in service["volumes"]
     assert "license-proxy-state:/var/lib/license-proxy" in service["volumes"]

@@ -343,6 +343,49 @@ def test_the_generated_certificate_survives_a_restart(tmp_path, pki, upstream):
     assert served.strip() == first.decode().strip()
 
 
+def test_the_generated_certificate_names_the_vendors_names_and_tls_names(tmp_path, pki, upstream):
+    import ssl
+
+    text = config(tmp_path, pki, upstream.url)
+    env = {"POD_NAMESPACE": "licensing"}
+    names = [
+        "localhost", "license-proxy", "deepgram-license-proxy-internal",
+        "deepgram-license-proxy-internal.licensing.svc",
+        "deepgram-license-proxy-internal.licensing.svc.cluster.local", socket.gethostname(),
+    ]
+    with ProxyProcess(tmp_path, text, env) as proxy:
+        proxy.wait_state("Connected")
+        first = (tmp_path / "state" / "tls.crt").read_bytes()
+        context = ssl.create_default_context(cadata=first.decode())
+        for name in names:  # a client verifying the certificate and the name it dialled
+            with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+                with context.wrap_socket(sock, server_hostname=name):
+                    pass
+        with pytest.raises(ssl.SSLCertVerificationError):
+            with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+                context.wrap_socket(sock, server_hostname="proxy.example.com")
+    # A name added to tls_names makes a new certificate at the next start; no change, none.
+    more = text.replace("[server]\n", '[server]\ntls_names = ["proxy.example.com", "10.9.8.7"]\n')
+    with ProxyProcess(tmp_path, more, env) as proxy:
+        proxy.wait_state("Connected")
+        second = (tmp_path / "state" / "tls.crt").read_bytes()
+        assert second != first
+        from cryptography import x509
+
+        san = x509.load_pem_x509_certificate(second).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+        assert "10.9.8.7" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+        context = ssl.create_default_context(cadata=second.decode())
+        for name in [*names, "proxy.example.com"]:
+            with socket.create_connection((proxy.host, proxy.port), timeout=5) as sock:
+                with context.wrap_socket(sock, server_hostname=name):
+                    pass
+    with ProxyProcess(tmp_path, more, env) as proxy:
+        proxy.wait_state("Connected")
+    assert (tmp_path / "state" / "tls.crt").read_bytes() == second
+
+
 def _peer_certificate(proxy) -> str:
     import ssl
 

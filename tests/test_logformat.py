@@ -47,7 +47,7 @@ def test_a_failure_carries_its_traceback_and_objects_are_left_out():
 
 def test_log_format_option_overrides_the_config(tmp_path):
     path = tmp_path / "license-proxy.toml"
-    path.write_text('[log]\nformat = "text"\n')
+    path.write_text('[log]\nformat = "text"\n[license]\nkey = "k"\n')
     options = tap.Options()
     options.parseOptions(["--config", str(path), "--log-format", "json"])
     assert options.loaded.log_format == "json"

@@ -1,4 +1,5 @@
-"""The built wheel carries the twistd plugin, and an installed copy lists it."""
+"""The built wheel carries the twistd plugin, and an installed copy lists it and has the
+license-proxy and hermes commands."""
 
 from __future__ import annotations
 
@@ -47,3 +48,11 @@ def test_wheel_ships_the_plugin_and_twistd_lists_it(tmp_path):
         [str(venv / "bin" / "license-proxy-status"), "--help"], capture_output=True, text=True
     )
     assert "--warn-after" in status.stdout, status.stdout + status.stderr
+    # The vendor's command line, under both names: a check of the built-in defaults.
+    for name in ("license-proxy", "hermes"):
+        checked = subprocess.run(
+            [str(venv / "bin" / name), "-v", "check"], capture_output=True, text=True,
+            env={"DEEPGRAM_API_KEY": "k", "PATH": "/usr/bin:/bin"},
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert checked.stdout.startswith("license-proxy: the built-in defaults: OK"), checked

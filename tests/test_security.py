@@ -3,7 +3,8 @@ Nobody in, nothing out, over a real ``twistd license-proxy`` that holds secrets:
 key, and cached answers to clients that sent Authorization, X-Api-Key and Cookie headers
 and a token in the query.  The status listener answers its four pages and nothing else, whatever the path or method;
 no answer of it, no 502 body, no log line (text or JSON) and no byte of the trust cache
-holds a secret (nor its base64 or hex), and the status listener never shows a cached body.
+holds a secret (nor its base64 or hex), and the status listener never shows a cached body; the
+same with the key in DEEPGRAM_API_KEY instead of the file, and debug level logging.
 """
 
 from __future__ import annotations
@@ -51,11 +52,18 @@ def leaks(text: bytes, cache_path: str) -> list[bytes]:
 
 @pytest.fixture
 def exercised(request, tmp_path, pki, upstream):
-    """A proxy (log format: the parameter, else text) that checked in with its key, stored
-    an answer for CLIENT, answered it from trust and gave OTHER_CLIENT a 502: (proxy, 502 body)."""
-    log_format = getattr(request, "param", "text")
-    text = config(tmp_path, pki, upstream.url, license=f'key = "{KEY}"')
-    with ProxyProcess(tmp_path, text, options=("--log-format", log_format)) as proxy:
+    """A proxy that checked in with its key, stored an answer for CLIENT, answered it from
+    trust and gave OTHER_CLIENT a 502: (proxy, 502 body).  The parameter: the log format, and
+    where the key is (the file's [license] key, or DEEPGRAM_API_KEY, logging at debug level)."""
+    log_format, where = getattr(request, "param", ("text", "file"))
+    if where == "file":
+        text = config(tmp_path, pki, upstream.url, license=f'key = "{KEY}"')
+        options, env = ("--log-format", log_format), {}
+    else:
+        text = config(tmp_path, pki, upstream.url)
+        options = ("--log-format", log_format, "--log-level", "debug")
+        env = {"DEEPGRAM_API_KEY": KEY}
+    with ProxyProcess(tmp_path, text, env, options=options) as proxy:
         proxy.wait_state("Connected")
         assert upstream.requests[0].header("Authorization") == f"Token {KEY}"
         upstream.respond(body=CACHED_BODY)
@@ -106,7 +114,11 @@ def test_status_listener_serves_its_four_pages_and_nothing_else(exercised, tmp_p
     assert proxy.running and "Traceback" not in proxy.log_text()
 
 
-@pytest.mark.parametrize("exercised", ["text", "json"], indirect=True)
+@pytest.mark.parametrize(
+    "exercised",
+    [("text", "file"), ("json", "file"), ("text", "environment"), ("json", "environment")],
+    indirect=True,
+)
 def test_no_secret_in_the_cache_file_logs_status_metrics_or_502(exercised, tmp_path):
     proxy, unavailable = exercised
     cache_path = str(tmp_path / "state" / "trust-cache.json")
@@ -131,4 +143,6 @@ def test_no_secret_in_the_cache_file_logs_status_metrics_or_502(exercised, tmp_p
     assert not leaks(cache.replace(base64.b64encode(CACHED_BODY), b""), "no such path")
     log = proxy.log_text().encode()
     assert b"/v1/license" in log  # the relays were logged
+    if "debug" in proxy.options:  # and the configuration, at debug level
+        assert b"configuration from" in log
     assert not leaks(log.replace(cache_path.encode(), b""), "no such path")

@@ -2,8 +2,10 @@
 Run a real ``twistd license-proxy`` process for end-to-end tests.
 
 The process is started exactly as an operator would (``twistd --nodaemon license-proxy --config
-FILE``), from the twistd next to the running interpreter, with the repository on PYTHONPATH so
-twistd finds the plugin without an install.  Tests talk to it only over the network: the status
+FILE``, or the ``license-proxy`` command's ``serve FILE``), from the interpreter running the tests,
+with the repository on PYTHONPATH so twistd finds the plugin without an install.  The license key
+is ``TEST_KEY`` in ``DEEPGRAM_API_KEY``, as the vendor's deployments pass it, unless the test says
+otherwise: the proxy refuses to start without one.  Tests talk to it only over the network: the status
 port (plain HTTP) and the licensing listener (HTTPS, or HTTP when the config disables TLS).
 """
 
@@ -27,6 +29,9 @@ from tests.support.client import exchange
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+#: The ``license-proxy`` console script, run from the checkout.
+COMMAND = (sys.executable, "-m", "license_proxy.cli")
+TEST_KEY = "test-key-0123456789"
 
 #: Proxy settings inherited from the developer's or CI's environment would send the proxy's
 #: upstream traffic elsewhere; tests that want them pass them in ``env`` explicitly.
@@ -58,7 +63,9 @@ class ProxyProcess:
     attributes.  ``options`` are added to the plugin's command line; ``wrapper`` is a command
     twistd runs under (strace), whose child gets the signals.  ``env`` is added to
     the test's environment (a value of None removes a variable); proxy variables of the
-    test's own environment are not inherited.  ``umask`` is the process's (default: the test's).
+    test's own environment are not inherited, and DEEPGRAM_API_KEY is ``TEST_KEY``.  ``cli``,
+    when given, runs ``license-proxy *cli FILE`` (e.g. ``("-v", "serve")``) instead of twistd.
+    ``umask`` is the process's (default: the test's).
     """
 
     def __init__(
@@ -72,6 +79,7 @@ class ProxyProcess:
         options: tuple[str, ...] = (),
         umask: int | None = None,
         wrapper: tuple[str, ...] = (),
+        cli: tuple[str, ...] | None = None,
     ) -> None:
         self.tmp_path = Path(tmp_path)
         self.config_text = config_text
@@ -81,6 +89,7 @@ class ProxyProcess:
         self.options = tuple(options)
         self.umask = -1 if umask is None else umask  # Popen's "leave it as it is"
         self.wrapper = tuple(wrapper)
+        self.cli = cli
         try:
             server = tomllib.loads(config_text).get("server", {})
         except tomllib.TOMLDecodeError:
@@ -103,6 +112,7 @@ class ProxyProcess:
         self.config_path.write_text(self.config_text)
         env = {k: v for k, v in os.environ.items() if k.upper() not in _PROXY_VARIABLES}
         env["PYTHONUNBUFFERED"] = "1"
+        env["DEEPGRAM_API_KEY"] = TEST_KEY
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p
         )
@@ -111,7 +121,11 @@ class ProxyProcess:
                 env.pop(key, None)
             else:
                 env[key] = value
-        args = [*self.wrapper, TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
+        if self.cli is None:
+            command = [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
+        else:
+            command = [*COMMAND, *self.cli, str(self.config_path)]
+        args = [*self.wrapper, *command]
         with open(self.log_path, "ab", buffering=0) as log:
             self.process = subprocess.Popen(
                 args, cwd=self.tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
