@@ -38,15 +38,12 @@ class CheckIn:
     _clock: IReactorTime
     _upstream: Upstream
     _status: Status
-    _key: Optional[str] = field(repr=False)
+    _key: str = field(repr=False)  # never None: a start without a key is refused (config)
 
     log = Logger()
 
     def _headers(self) -> Headers:
-        headers = Headers()
-        if self._key:
-            headers.setRawHeaders(b"authorization", [b"Token " + self._key.encode()])
-        return headers
+        return Headers({b"authorization": [b"Token " + self._key.encode()]})
 
     async def _exchange(self, timeout: Optional[float] = None, every: bool = False) -> Answer:
         return await self._upstream.exchange(
@@ -90,7 +87,7 @@ class CheckIn:
                 )
                 await deferLater(self._clock, min(pause, left))
                 continue
-            if self._key and answer.status in _REJECTED:
+            if answer.status in _REJECTED:
                 raise StartupFailed(
                     f"the license server rejected the key (HTTP {answer.status})"
                 )
@@ -110,7 +107,7 @@ class CheckIn:
 
     def _checked_in(self, answer: Answer) -> None:
         self._status.succeeded()
-        if self._key and answer.status in _REJECTED:
+        if answer.status in _REJECTED:
             self.log.error(
                 "the license server rejected the key (HTTP {status})",
                 status=answer.status,
