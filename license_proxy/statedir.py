@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from .config import Config, ConfigError
 from .tls import GENERATED_CERT, GENERATED_KEY
+from .trustcache import JOURNAL
 
 PRIVATE = "private"
 """The subdirectory used when the state directory is writable by others."""
@@ -60,7 +61,8 @@ def prepare(config: Config) -> Config:
             " could have put a trust cache of their own in it; remove it",
         )
     os.chmod(private, 0o700)  # fsGroup's kubelet adds g+rwx at every mount
-    for name in (os.path.basename(config.cache_path), GENERATED_CERT, GENERATED_KEY):
+    cache = os.path.basename(config.cache_path)
+    for name in (cache, cache + JOURNAL, GENERATED_CERT, GENERATED_KEY):
         _move_in(os.path.join(directory, name), os.path.join(private, name))
     log.warn(
         "state directory {directory} is writable by other users (mode {mode:o}), who could"

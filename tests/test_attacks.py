@@ -232,8 +232,8 @@ def test_a_state_directory_the_proxy_creates_is_private_whatever_the_umask(tmp_p
         proxy.wait_state("Connected")
         assert proxy.request("GET", "/v1/lic")[0] == 200
     state = tmp_path / "state"
-    assert modes(state) == {"state": 0o700, "trust-cache.json": 0o600, "tls.crt": 0o600,
-                            "tls.key": 0o600}
+    assert modes(state) == {"state": 0o700, "trust-cache.json": 0o600,
+                            "trust-cache.json.journal": 0o600, "tls.crt": 0o600, "tls.key": 0o600}
 
 
 def test_a_state_directory_others_can_write_keeps_the_files_in_a_private_one(tmp_path, pki, upstream):
@@ -253,7 +253,8 @@ def test_a_state_directory_others_can_write_keeps_the_files_in_a_private_one(tmp
     ) in proxy.log_text()
     assert modes(state) == {"state": 0o777, "private": 0o700}
     assert modes(state / "private") == {"private": 0o700, "trust-cache.json": 0o600,
-                                        "tls.crt": 0o600, "tls.key": 0o600}
+                                        "trust-cache.json.journal": 0o600, "tls.crt": 0o600,
+                                        "tls.key": 0o600}
 
 
 def test_a_private_directory_another_user_made_stops_the_start(tmp_path, pki, upstream):

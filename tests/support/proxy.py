@@ -125,6 +125,7 @@ class ProxyProcess:
             command = [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
         else:
             command = [*COMMAND, *self.cli, str(self.config_path)]
+        self._command = command
         args = [*self.wrapper, *command]
         with open(self.log_path, "ab", buffering=0) as log:
             self.process = subprocess.Popen(
@@ -156,17 +157,26 @@ class ProxyProcess:
 
     @property
     def pid(self) -> int:
-        """The proxy's process id: the wrapper's child, if it runs under one."""
+        """
+        The proxy's process id.  Under a wrapper, the process that runs the proxy's
+        command line itself (its script run by an interpreter): the wrapper's child
+        when the wrapper forks (strace), the wrapper's own process once it has
+        exec'd the command (unshare, sh -c 'exec ...').
+        """
         assert self.process is not None, "not started"
         if not self.wrapper:
             return self.process.pid
         deadline = time.monotonic() + 10
         while True:
             children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-            found = children.read_text().split()
-            if found:
-                return int(found[0])
-            assert time.monotonic() < deadline, f"{self.wrapper[0]} started no process"
+            for pid in [self.process.pid, *map(int, children.read_text().split())]:
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+                except FileNotFoundError:
+                    continue
+                if self._command in (cmdline, cmdline[1:]):
+                    return pid
+            assert time.monotonic() < deadline, f"{self.wrapper[0]} started no proxy process"
             time.sleep(0.01)
 
     def _signal(self, signum: int, timeout: float) -> int:
