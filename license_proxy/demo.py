@@ -32,7 +32,7 @@ from twisted.web.resource import Resource
 from . import certs
 from .listener import QuietSite
 from .status import rfc3339
-from .trustcache import write_atomically
+from .durable import write_atomically
 
 __all__ = ["DemoFiles", "prepare", "serve", "main"]
 

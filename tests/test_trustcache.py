@@ -14,15 +14,14 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.web.http_headers import Headers
 
+from license_proxy.durable import CHUNK, Disk
 from license_proxy.trustcache import (
-    CHUNK,
     DEFAULT_KEEP_AFTER,
     EVICTION_LOG_INTERVAL,
     FLUSH_DELAY,
     MARK_LAG,
     RETRY_MAX,
     STORED_AT_LAG,
-    Disk,
     Entry,
     TrustCache,
 )
