@@ -108,13 +108,17 @@ class ProxyProcess:
                 env.pop(key, None)
             else:
                 env[key] = value
-        args = [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path), *self.options]
+        args = [*self.command(), *self.options]
         with open(self.log_path, "ab", buffering=0) as log:
             self.process = subprocess.Popen(
                 args, cwd=self.tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 umask=self.umask,
             )
         return self
+
+    def command(self) -> list[str]:
+        """How the process is started, less ``options`` (a subclass may start it otherwise)."""
+        return [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(self.config_path)]
 
     @property
     def running(self) -> bool:
