@@ -444,7 +444,8 @@ class Day:
         await asyncio.to_thread(a.wait_exit, 30)
         if result.returncode != 0:
             raise SystemExit(f"fleet: blue-green failed:\n{result.stdout}{result.stderr}")
-        return f"done in {self.sim(time.monotonic()) - self.events[-1]['minute']:.1f} min"
+        took = time.monotonic() - self.t0 - self.events[-1]["minute"] * self.minute
+        return f"done in {took:.1f} s"
 
     async def kill_restart(self) -> str:
         c = self.proxies["c"]
