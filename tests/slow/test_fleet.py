@@ -1,0 +1,83 @@
+"""
+A day in the life, short: ``bench/fleet.py --short`` (60 containers through two real proxies
+behind a real HAProxy, every fault shape, a crash, a wiped restart, a blue-green swap, an outage
+longer than the trust window; about 4 minutes) runs once for the module.  The day must run to
+its end and account for every check-in; not one container may be unlicensed inside the trust
+window, and after it every check-in must fail until the license server answers again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.proxy import REPO_ROOT
+
+FINAL = re.compile(r"unlicensed container-minutes: (\d+) inside the trust window, (\d+) after it")
+#: Issue 12 (answers within `answer_within` whatever the license server does) adds this key.
+ISSUE_12 = "answer_within" in (REPO_ROOT / "license_proxy" / "config.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def day(tmp_path_factory):
+    assert shutil.which("haproxy"), "needs haproxy: apt-get install -y haproxy"
+    out = tmp_path_factory.mktemp("fleet") / "day"
+    run = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "fleet.py"), "--short", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    print(run.stdout)
+    return run, out
+
+
+@pytest.mark.timeout(700)
+def test_the_day_runs_to_its_end_and_accounts_for_every_check_in(day):
+    run, out = day
+    assert run.returncode in (0, 1), run.stdout[-4000:] + run.stderr[-4000:]
+    assert "Traceback" not in run.stderr, run.stderr[-4000:]
+    last = run.stdout.rstrip("\n").splitlines()[-1]
+    match = FINAL.fullmatch(last)
+    assert match, last
+    n, m = map(int, match.groups())
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(out.with_suffix(".json").read_text())
+    meta = result["meta"]
+    assert (meta["unlicensed_inside"], meta["unlicensed_after"]) == (n, m)
+    assert meta["containers"] == 60
+    assert run.returncode == (0 if n == 0 and meta["consistent"] else 1)
+    # Every event of the script happened, in order, and the fleet checked in all day.
+    actions = [p["action"] for p in result["phases"]]
+    for kind in ("storm", "refused", "hang", "blackhole", "wrong_host", "flapping",
+                 "blue_green", "kill_restart", "wipe_restart", "restart_b", "end"):
+        assert kind in actions, kind
+    rows = result["checkins"]["rows"]
+    assert len(rows) == sum(p["checkins"] for p in result["phases"]) > 60 * 60
+    assert len({r[0] for r in rows}) == 60
+    # The wiped proxy refused to start; the SIGKILLed one came back from its own cache.
+    notes = {p["action"]: p.get("note", "") for p in result["phases"]}
+    assert notes["wipe_restart"] == "restarted"
+    assert notes["restart_b"].startswith("it had exited with status 1; now Connected")
+    assert notes["kill_restart"] in ("back TrustBased", "back Connected")
+    # The long outage outlasted the window: it closed once, and M is what the window says.
+    assert len(result["closed"]) == 1
+    assert m > 0
+    assert meta["consistent"], run.stdout[-3000:]
+    assert "M is consistent with the trust window" in run.stdout
+
+
+@pytest.mark.xfail(
+    not ISSUE_12, strict=True,
+    reason="issue 12: a hung or black-holed license server holds each relay for [license] "
+    "timeout (30 s), past the containers' 5-15 s",
+)
+@pytest.mark.timeout(700)
+def test_no_container_is_unlicensed_inside_the_trust_window(day):
+    run, out = day
+    match = FINAL.fullmatch(run.stdout.rstrip("\n").splitlines()[-1])
+    assert match and match.group(1) == "0", run.stdout[-4000:]
+    assert run.returncode == 0
