@@ -15,6 +15,7 @@ from typing import Callable
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -74,7 +75,14 @@ class _Connections(WrappingFactory):
 
 
 class _Lifecycle(Service):
-    """Start-up check-in, then the periodic one; on stop, drain and flush."""
+    """
+    Start-up check-in, then the licensing listener and the periodic check-in; on
+    stop, drain and flush.  The licensing port opens only once the start-up rule
+    holds: an instance that is about to refuse to start must not answer anyone in
+    the meantime (a load balancer that has not yet seen it go would send it the
+    fleet's check-ins, to get 502s; a port that refuses the connection sends them
+    to the other instance, or to the next ``server_url`` of the containers).
+    """
 
     log = Logger()
 
@@ -85,6 +93,7 @@ class _Lifecycle(Service):
         cache: TrustCache,
         upstream: Upstream,
         connections: _Connections,
+        licensing: Service,
         config: Config,
         clock,
         fatal: Callable[[str], None],
@@ -94,6 +103,7 @@ class _Lifecycle(Service):
         self._cache = cache
         self._upstream = upstream
         self._connections = connections
+        self._licensing = licensing
         self._startup_timeout = config.startup_timeout
         self._interval = config.checkin_interval
         self._clock = clock
@@ -114,6 +124,13 @@ class _Lifecycle(Service):
             self._fatal(str(e))
             return
         except CancelledError:
+            return
+        try:
+            # Added to the running parent: started now, and stopped before this service.
+            self._licensing.setServiceParent(self.parent)
+        except CannotListenError as e:
+            where = f"{e.interface or '*'}:{e.port}"
+            self._fatal(f"cannot listen for licensing requests on {where}: {e.socketError}")
             return
         self._looping = self._loop.start(self._interval, now=False)
         self._looping.addErrback(
@@ -181,38 +198,39 @@ def make_service(
     checkin = CheckIn(clock, upstream, status, config.key)
     health.probe_with(lambda index: Deferred.fromCoroutine(checkin.probe(index)))
 
-    top = MultiService()
-    # Added first, so it stops last: the listeners stop accepting before it
-    # waits for the requests in flight.
     # Bodies are relayed as they are: never parsed as forms (a multipart body twisted.web
     # cannot parse would otherwise get its 400 instead of the license server's answer).
     guarded = ListenerMetrics.on(registry)
     connections = _Connections(
         GuardedSite(relay, config, reactor, guarded.rejected, parsePOSTFormSubmission=False)
     )
-    _Lifecycle(
-        checkin, relay, cache, upstream, connections, config, reactor, fatal
-    ).setServiceParent(top)
     licensing = connections
     listener_tls = None
     if config.tls:
         listener_tls = ListenerTLS(listener_options(config, clock.seconds()))
         licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
+    status_site = GuardedSite(
+        status_resource(status, MetricsPage(registry)), config, reactor, guarded.rejected
+    )
+
+    def listener(port: int, factory, name: str) -> Service:
+        limited = ConnectionLimits(factory, config, reactor, guarded.refused, name)
+        return strports.service(_tcp(config.host, port), limited, reactor=reactor)
+
+    top = MultiService()
+    # Added first, so it stops last: the listeners stop accepting before it
+    # waits for the requests in flight (it adds the licensing listener itself).
+    _Lifecycle(
+        checkin, relay, cache, upstream, connections,
+        listener(config.port, licensing, "licensing"), config, reactor, fatal,
+    ).setServiceParent(top)
     # New trust roots may change the verdict on a server marked down.
     reload = CertificateReload(
         clock, config, listener_tls, upstream_certificates, certificate_files, health.try_again
     )
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     watching(reload, reactor).setServiceParent(top)
-    status_site = GuardedSite(
-        status_resource(status, MetricsPage(registry)), config, reactor, guarded.rejected
-    )
-    for port, factory, name in (
-        (config.port, licensing, "licensing"),
-        (config.status_port, status_site, "status"),
-    ):
-        limited = ConnectionLimits(factory, config, reactor, guarded.refused, name)
-        strports.service(_tcp(config.host, port), limited, reactor=reactor).setServiceParent(top)
+    listener(config.status_port, status_site, "status").setServiceParent(top)
     return top
 
 

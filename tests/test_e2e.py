@@ -265,6 +265,22 @@ def test_startup_fails_without_upstream_or_cache(tmp_path, pki, upstream):
     assert len(lines) == 1 and "connection refused" in lines[0], proxy.log_text()
 
 
+def test_the_licensing_port_opens_only_once_the_start_up_rule_holds(tmp_path, pki, upstream):
+    """An instance still trying to reach the license server (and that may yet refuse to
+    start) refuses connections: a load balancer or a container moves on at once, instead of
+    getting a 502 from it."""
+    upstream.stop()
+    text = config(tmp_path, pki, upstream.url).replace('startup_timeout = "3s"', 'startup_timeout = "60s"')
+    with ProxyProcess(tmp_path, text) as proxy:
+        proxy.wait_status(lambda s: s.get("state") == "Ready", "state Ready")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((proxy.host, proxy.port), timeout=5).close()
+        assert proxy.status()["state"] == "Ready"
+        upstream.start()
+        proxy.wait_state("Connected", timeout=30)
+        assert proxy.request("GET", "/v1/opened")[0] == 200
+
+
 def test_a_rejected_key_stops_the_start(tmp_path, pki, upstream):
     upstream.respond(status=401, body=b'{"error":"bad key"}')
     text = config(tmp_path, pki, upstream.url, license=f'key = "{KEY}"')
