@@ -134,8 +134,10 @@ def _first_to_connect(clock, endpoints: list, factory) -> Deferred:
         if winner.called:
             protocol.transport.abortConnection()
             return
-        give_up(None)
+        # Settled before the others are cancelled: a cancelled attempt fails at once,
+        # and must not find the race still open (it would report its own cancel).
         winner.callback(protocol)
+        give_up(None)
 
     def lost(failure, attempt) -> None:
         pending.remove(attempt)

@@ -12,7 +12,7 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -276,6 +276,15 @@ class FastConnectTests(SynchronousTestCase):
         FastEndpoint(self.reactor, "license.example", 443, 2.0).connect(self.factory)
         self.reactor.advance(ATTEMPT_DELAY)
         self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_an_address_that_connects_while_another_is_pending_wins(self):
+        self.reactor.nameResolver = _Resolver([IPv6Address("TCP", "::1", 0), IPv4Address("TCP", "127.0.0.1", 0)])
+        d = FastEndpoint(self.reactor, "license.example", 443, 2.0).connect(self.factory)
+        self.reactor.advance(ATTEMPT_DELAY)  # ::1 still connecting when 127.0.0.1 is tried
+        _, _, factory, _, _ = self.reactor.tcpClients[1]
+        factory.buildProtocol(None).makeConnection(StringTransport())
+        self.assertIsInstance(self.successResultOf(d), Protocol)
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)  # the loser is cancelled
 
     def test_a_hanging_resolver_is_bounded_by_the_timeout(self):
         self.reactor.nameResolver = _Resolver(None)
