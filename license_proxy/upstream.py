@@ -327,13 +327,15 @@ class Upstream:
         attempt = Deferred.fromCoroutine(
             self._once(method, _join(url, rest), headers.copy(), body)
         )
-        attempt.addTimeout(deadline, self._clock)
+        attempt.addTimeout(deadline, self._clock, onTimeoutCancel=_deadline_passed)
         try:
             answer = await attempt
-        except CancelledError:
-            self.health.abandon(index, token)
-            raise  # cancelled from outside (a stop): not a failure to report
         except Exception as e:
+            if _cancelled(e):
+                # From outside (a stop): not a failure to report.  Its own deadline
+                # is a TimeoutError by then (``_deadline_passed``).
+                self.health.abandon(index, token)
+                raise CancelledError() from None
             reason = describe(e, deadline)
             self.health.end(index, token, reason)
             raise UpstreamFailure(url.decode("ascii"), reason) from None
@@ -377,6 +379,20 @@ def _join(base: bytes, rest: bytes) -> bytes:
     if not rest:
         return base
     return base.rstrip(b"/") + b"/" + rest
+
+
+def _deadline_passed(result, timeout: float) -> Failure:
+    """The result of an exchange its deadline cancelled, whatever the cancel
+    became on the way (the client reports one before the answer as
+    ``ResponseNeverReceived([CancelledError])``)."""
+    return Failure(TimeoutError(f"no complete answer within {timeout:g} s"))
+
+
+def _cancelled(e: BaseException) -> bool:
+    """Whether ``e`` is a cancel, bare or as the client reports it."""
+    if isinstance(e, (ResponseFailed, RequestTransmissionFailed)):
+        return any(reason.check(CancelledError) for reason in e.reasons)
+    return isinstance(e, CancelledError)
 
 
 def describe(e: BaseException, timeout: float) -> str:

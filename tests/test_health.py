@@ -178,6 +178,18 @@ class OutageTests(SynchronousTestCase):
         self.assertFalse(self.h.health.servers[0].up)
         self.assertEqual(self.h.status.state, "TrustBased")
 
+    def test_a_stop_is_not_taken_for_a_failure_of_the_exchange_it_cancels(self):
+        self.server.hang = True
+        d = self.get()
+        self.h.advance(ANSWER_WITHIN)
+        self.assertEqual(self.h.answer(self, d)[1], b'{"license":"ok"}')  # from trust
+        with capturedLogs() as events:
+            self.successResultOf(self.h.relay.stop())  # cancels the exchange going on
+            self.h.pump()
+        self.assertTrue(self.h.health.servers[0].up)
+        self.assertEqual(self.h.status.state, "Connected")
+        self.assertEqual([e["log_format"] for e in events if "down" in e["log_format"]], [])
+
     def test_a_slow_but_healthy_server_is_not_taken_for_dead(self):
         self.server.hang = True
         d = self.get()
