@@ -718,11 +718,11 @@ class TrustCache:
         return Deferred.fromCoroutine(self._close())
 
     async def _close(self) -> None:
-        self._compact = True
         while self._writing is not None:
             ended: Deferred = Deferred()
             self._ends.append(ended)
             await ended
+        self._compact = True  # after the writes in flight, whose ends decide it too
         self._dirty = self._dirty or self._journaled
         await self.flush()
         if self.write_error is None:

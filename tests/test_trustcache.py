@@ -428,6 +428,23 @@ def journal_of(path):
     return path.parent / (path.name + ".journal")
 
 
+def test_a_stop_during_a_journal_append_still_ends_with_a_snapshot_holding_everything(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    later = Later()
+    cache = TrustCache(clock, str(path), run=later)
+    cache.store("a", ANSWER)
+    cache.flush()
+    later.finish()  # the first write after a start: a snapshot
+    cache.store("b", ANSWER)
+    cache.flush()  # an append to the journal, held in flight
+    closed = cache.close()
+    while later.jobs:
+        later.finish()
+    assert closed.called
+    assert journal_of(path).read_bytes().count(b"\n") == 1  # the header alone
+    assert sorted(json.loads(path.read_bytes())["entries"]) == ["a", "b"]
+
+
 def test_a_check_in_appends_a_line_and_leaves_the_answers_alone(tmp_path, clock):
     path = tmp_path / "cache.json"
     cache = TrustCache.load(clock, str(path))
