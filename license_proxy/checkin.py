@@ -100,8 +100,9 @@ class CheckIn:
         try:
             answer = await self._exchange()
         except UpstreamFailure as failure:
-            self._status.failed()
-            self.log.warn("check-in failed: {failure}", failure=str(failure))
+            if failure.attempted:  # else no server may be asked now: probes are on it
+                self._status.failed()
+                self.log.warn("check-in failed: {failure}", failure=str(failure))
             return
         self._checked_in(answer)
 

@@ -284,6 +284,8 @@ class Relay:
 
         self._background.add(exchange)
         exchange.addCallback(ended).addErrback(lambda f: f.trap(CancelledError))
+        if self._stopping:
+            exchange.cancel()  # answered after stop() began: it must not outlive the stop
 
     def _answer_failure(
         self, request: IRequest, entry: Optional[Entry], failure: Optional[UpstreamFailure]

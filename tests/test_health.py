@@ -190,6 +190,27 @@ class OutageTests(SynchronousTestCase):
         self.assertEqual(self.h.status.state, "Connected")
         self.assertEqual([e["log_format"] for e in events if "down" in e["log_format"]], [])
 
+    def test_an_exchange_sent_to_the_background_after_a_stop_began_is_cancelled(self):
+        self.server.hang = True
+        d = self.get()
+        stopped = self.h.relay.stop()  # the request above is still within answer_within
+        self.h.advance(ANSWER_WITHIN)
+        self.assertEqual(self.h.answer(self, d)[1], b'{"license":"ok"}')
+        self.successResultOf(stopped)
+        self.h.advance(30)  # its deadline: had it run on, the server would be down now
+        self.assertTrue(self.h.health.servers[0].up)
+        self.assertEqual(self.h.status.state, "Connected")
+
+    def test_a_periodic_check_in_while_the_server_is_busy_is_no_failure(self):
+        self.server.hang = True
+        d = self.get()
+        self.h.advance(ANSWER_WITHIN)
+        self.h.answer(self, d)  # the server is busy now, not down
+        with capturedLogs() as events:
+            self.successResultOf(Deferred.fromCoroutine(self.h.checkin.periodic()))
+        self.assertEqual(self.h.status.state, "Connected")
+        self.assertEqual([e for e in events if "check-in failed" in e["log_format"]], [])
+
     def test_a_slow_but_healthy_server_is_not_taken_for_dead(self):
         self.server.hang = True
         d = self.get()
