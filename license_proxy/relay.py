@@ -32,7 +32,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from .hopbyhop import HOP_BY_HOP
+from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN
 from .metrics import (
     REJECTED,
     SERVED_FROM_TRUST,
@@ -46,7 +46,6 @@ from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
 
 #: Set again by the relay or its client for each message.
-_REQUEST_OWN = frozenset({b"host", b"content-length"})
 _ANSWER_OWN = frozenset({b"content-length"})
 #: Never replayed from the cache to a later client.
 _NOT_CACHED = frozenset({b"set-cookie", b"age", b"date"})
@@ -61,7 +60,6 @@ _TARGET = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()
 # or an encoded "/" or "\" (nginx decodes %2F before it routes).
 _ESCAPE = re.compile(rb"(^|/)(\.|%2e){1,2}(;[^/]*)?(/|$)|%2f|%5c", re.IGNORECASE)
 # A Vary field's names: tokens (RFC 9110 5.6.2).
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def end_to_end(headers: Headers, own: frozenset) -> list[tuple[bytes, list[bytes]]]:
@@ -150,7 +148,7 @@ class Relay:
     async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
         started = self._clock.seconds()
         method = request.method
-        headers = Headers(dict(end_to_end(request.requestHeaders, _REQUEST_OWN)))
+        headers = Headers(dict(end_to_end(request.requestHeaders, REQUEST_OWN)))
         key = self._key(method, rest, headers)
         entry = self._lookup(key, headers) if self._status.trusted() else None
         known_outage = self._upstream.unavailable()
@@ -335,7 +333,7 @@ def _vary(headers: Headers) -> Optional[tuple[bytes, ...]]:
         for name in value.split(b",")
         if name.strip()
     }
-    if b"*" in names or not all(_TOKEN.fullmatch(name) for name in names):
+    if b"*" in names or not all(TOKEN.fullmatch(name) for name in names):
         return None
     return tuple(sorted(names))
 

@@ -1,0 +1,30 @@
+"""
+What the relay knows of header names, shared with the config, which refuses as cache key
+headers those the relay never sends as the client sent them: a header that does not reach
+the license server as sent can't tell licensees apart.
+"""
+
+import re
+
+#: A field name (RFC 9110 5.1: a token).
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+#: Headers that belong to one connection (RFC 9110 7.6.1): never relayed, either way,
+#: whether or not the message's ``Connection`` names them.
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers the relay's client sets again for each request.
+REQUEST_OWN = frozenset({b"host", b"content-length"})
