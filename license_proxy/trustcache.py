@@ -369,7 +369,7 @@ class TrustCache:
             salt = bytes.fromhex(obj["salt"])
             checkin = obj["last_successful_checkin"]
             checkin = None if checkin is None else float(checkin)
-            found = {k: Entry.from_json(v) for k, v in obj["entries"].items()}
+            found = {_ascii(k): Entry.from_json(v) for k, v in obj["entries"].items()}
             # Files written before the mark existed: the times in them were seen too.
             seen = [float(obj.get("clock_high_water") or 0), checkin or 0]
             _finite(seen + [entry.stored_at for entry in found.values()])
@@ -441,7 +441,7 @@ class TrustCache:
             try:
                 record = json.loads(line)
                 if "store" in record:
-                    key = record.pop("store")
+                    key = _ascii(record.pop("store"))
                     entry = Entry.from_json(record)
                     _finite([entry.stored_at])
                     entries.pop(key, None)
@@ -749,6 +749,13 @@ class TrustCache:
         self.write_error = reason
         self._pending = self._clock.callLater(self._retry, self._scheduled_flush)
         self._retry = min(self._retry * 2, RETRY_MAX)
+
+
+def _ascii(key: str) -> str:
+    """A key as this module makes them (hex digests, header names): anything else in
+    the file is corruption, found at load rather than when a variant reads it."""
+    key.encode("ascii")
+    return key
 
 
 def _finite(times: Iterable[float]) -> None:

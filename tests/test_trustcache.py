@@ -85,7 +85,10 @@ def test_an_identical_answer_does_not_dirty_the_file(tmp_path, clock):
      # An integer too large for a float: OverflowError, which is not a ValueError.
      b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1%s}' % (b"0" * 400),
      # Finite, but past what a date can show: as the clock's floor it broke every status.
-     b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1,"clock_high_water":1e15}'],
+     b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1,"clock_high_water":1e15}',
+     # A key no cache makes (a variant naming a header that is not ASCII) broke the start.
+     b'{"format":1,"salt":"00","last_successful_checkin":1,"entries":{"k;\xc3\xa9;0":'
+     b'{"status":200,"headers":[],"body":"","stored_at":1}}}'],
 )
 def test_a_corrupt_file_is_moved_aside_and_logged(tmp_path, clock, content):
     path = tmp_path / "cache.json"
