@@ -381,11 +381,14 @@ def _join(base: bytes, rest: bytes) -> bytes:
     return base.rstrip(b"/") + b"/" + rest
 
 
-def _deadline_passed(result, timeout: float) -> Failure:
-    """The result of an exchange its deadline cancelled, whatever the cancel
+def _deadline_passed(result, timeout: float):
+    """The result of an exchange its deadline cancelled: a cancel, whatever it
     became on the way (the client reports one before the answer as
-    ``ResponseNeverReceived([CancelledError])``)."""
-    return Failure(TimeoutError(f"no complete answer within {timeout:g} s"))
+    ``ResponseNeverReceived([CancelledError])``), is the deadline's; a failure
+    that says more (a proxy's CONNECT never answered) stays as it is."""
+    if isinstance(result, Failure) and _cancelled(result.value):
+        return Failure(TimeoutError(f"no complete answer within {timeout:g} s"))
+    return result
 
 
 def _cancelled(e: BaseException) -> bool:
