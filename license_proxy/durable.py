@@ -91,12 +91,7 @@ def write_atomically(path: str, data: Iterable[bytes], disk: Disk = Disk()) -> i
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}{_TEMPORARY}{os.getpid()}"
     try:
-        fd = disk.create(tmp)
-        try:
-            size = _write_all(disk, fd, data)
-            disk.fsync(fd)
-        finally:
-            disk.close(fd)
+        size = _write_synced(disk, disk.create(tmp), data)
         disk.rename(tmp, path)
     except BaseException:
         try:
@@ -113,7 +108,11 @@ def append(path: str, data: Iterable[bytes], disk: Disk = Disk()) -> int:
     Add ``data`` at the end of ``path`` and fsync it; returns the bytes written.  A
     failure may leave part of it (a line cut short): the next write compacts.
     """
-    fd = disk.open_append(path)
+    return _write_synced(disk, disk.open_append(path), data)
+
+
+def _write_synced(disk: Disk, fd: int, data: Iterable[bytes]) -> int:
+    """Write ``data`` to ``fd``, fsync and close it; returns the bytes written."""
     try:
         size = _write_all(disk, fd, data)
         disk.fsync(fd)

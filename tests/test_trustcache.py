@@ -504,13 +504,19 @@ def test_the_journal_is_compacted_once_it_outgrows_the_snapshot(tmp_path, clock)
     assert TrustCache.load(clock, str(path)).lookup("k") == big[3]
 
 
-def test_a_line_cut_short_is_ignored_and_the_next_write_starts_afresh(tmp_path, clock):
-    path = tmp_path / "cache.json"
+def two_journaled(path, clock):
+    """A cache at ``path`` whose first answer is in the snapshot, the second in the journal."""
     cache = TrustCache.load(clock, str(path))
     cache.store("k0", entry_at(T0))
     cache.flush()
     cache.store("k1", entry_at(T0 + 1))
     cache.flush()
+    return cache
+
+
+def test_a_line_cut_short_is_ignored_and_the_next_write_starts_afresh(tmp_path, clock):
+    path = tmp_path / "cache.json"
+    two_journaled(path, clock)
     with open(journal_of(path), "ab") as f:
         f.write(b'{"store":"k2","status":200,"hea')  # a kill inside an append
     with capturedLogs() as events:
@@ -575,11 +581,7 @@ def test_an_answer_stored_again_unchanged_is_written_again_only_when_its_time_is
 
 def test_a_stop_leaves_the_snapshot_holding_everything(tmp_path, clock):
     path = tmp_path / "cache.json"
-    cache = TrustCache.load(clock, str(path))
-    cache.store("k0", entry_at(T0))
-    cache.flush()
-    cache.store("k1", entry_at(T0 + 1))
-    cache.flush()
+    cache = two_journaled(path, clock)
     cache.close()
     snapshot = json.loads(path.read_bytes())
     assert sorted(snapshot["entries"]) == ["k0", "k1"]
