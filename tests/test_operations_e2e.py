@@ -156,6 +156,24 @@ def _pem(proxy) -> str:
     return ssl.get_server_certificate((proxy.host, proxy.port)).strip()
 
 
+def _keep_open(proxy, cafile) -> http.client.HTTPSConnection:
+    """A connection to the licensing listener, used once and kept open."""
+    kept = http.client.HTTPSConnection(
+        proxy.host, proxy.port, timeout=10, context=ssl.create_default_context(cafile=cafile)
+    )
+    kept.request("GET", "/v1/before")
+    assert kept.getresponse().read()
+    return kept
+
+
+def _still_works(kept: http.client.HTTPSConnection, sock) -> None:
+    """``kept`` answers again, on the same socket (not silently reconnected)."""
+    kept.request("GET", "/v1/after")
+    response = kept.getresponse()
+    assert response.status == 200 and response.read()
+    assert kept.sock is sock
+
+
 def _wait(predicate, timeout=10):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -172,11 +190,7 @@ def test_sighup_reloads_the_listener_certificate_and_keeps_connections(tmp_path,
     with ProxyProcess(tmp_path, text, ca_file=pki.ca_cert) as proxy:
         proxy.wait_state("Connected")
         assert _pem(proxy) == first.cert_pem.decode().strip()
-        kept = http.client.HTTPSConnection(
-            proxy.host, proxy.port, timeout=10, context=ssl.create_default_context(cafile=pki.ca_cert)
-        )
-        kept.request("GET", "/v1/before")
-        assert kept.getresponse().read()
+        kept = _keep_open(proxy, pki.ca_cert)
         sock = kept.sock
         assert sock is not None
 
@@ -185,10 +199,7 @@ def test_sighup_reloads_the_listener_certificate_and_keeps_connections(tmp_path,
         proxy.process.send_signal(signal.SIGHUP)
         _wait(lambda: _pem(proxy) == second.cert_pem.decode().strip())
         # The connection opened before the reload is still open and still works.
-        kept.request("GET", "/v1/after")
-        response = kept.getresponse()
-        assert response.status == 200 and response.read()
-        assert kept.sock is sock  # not silently reconnected
+        _still_works(kept, sock)
         assert ssl.DER_cert_to_PEM_cert(sock.getpeercert(binary_form=True)).strip() == (
             first.cert_pem.decode().strip()
         )
@@ -243,21 +254,14 @@ def test_a_secret_volume_update_changes_the_listener_certificate_without_sighup(
     with ProxyProcess(tmp_path, text, ca_file=pki.ca_cert) as proxy:
         proxy.wait_state("Connected")
         assert _pem(proxy) == first.cert_pem.decode().strip()
-        kept = http.client.HTTPSConnection(
-            proxy.host, proxy.port, timeout=10, context=ssl.create_default_context(cafile=pki.ca_cert)
-        )
-        kept.request("GET", "/v1/before")
-        assert kept.getresponse().read()
+        kept = _keep_open(proxy, pki.ca_cert)
         sock = kept.sock
 
         second = issue(ca, LOCAL, now=now)
         volume.update({"tls.crt": second.cert_pem, "tls.key": second.key_pem})
         _wait(lambda: _pem(proxy) == second.cert_pem.decode().strip(), PICKED_UP)
         assert proxy.request("GET", "/v1/new")[0] == 200  # verified against the CA
-        kept.request("GET", "/v1/after")
-        response = kept.getresponse()
-        assert response.status == 200 and response.read()
-        assert kept.sock is sock
+        _still_works(kept, sock)
         assert ssl.DER_cert_to_PEM_cert(sock.getpeercert(binary_form=True)).strip() == (
             first.cert_pem.decode().strip()
         )
