@@ -1,23 +1,31 @@
 """
 Blue-green upgrade behind a real HAProxy (etc/haproxy.cfg, on free ports) with bin/blue-green:
 two real twistd license-proxy processes, a client checking in continuously through HAProxy
-the whole time, and not one failed check-in.
+the whole time, and not one failed check-in; with --copy-state, the new instance answers from
+trust what only the old one relayed.
 """
 
 from __future__ import annotations
 
 import http.client
+import importlib.machinery
+import importlib.util
+import os
 import shutil
 import ssl
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from twisted.internet.task import Clock
 
+from license_proxy.trustcache import TrustCache
 from tests.support.proxy import REPO_ROOT, ProxyProcess, free_port
 from tests.support.processes import stop
+from tests.test_trustcache import T0, entry_at, journal_of, two_journaled
 
 SCRIPT = REPO_ROOT / "bin" / "blue-green"
 
@@ -135,11 +143,15 @@ def relays(proxy: ProxyProcess) -> int:
     return proxy.log_text().count("relay POST /v1/check-in")
 
 
+def command(socket_path, status_port, *extra):
+    return [sys.executable, str(SCRIPT), "--socket", str(socket_path), "--backend",
+            "license_proxy", "--old", "blue", "--new", "green",
+            "--status-url", f"http://127.0.0.1:{status_port}/v1/status", *extra]
+
+
 def blue_green(haproxy, green, *extra, timeout=60):
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--socket", str(haproxy.socket), "--backend",
-         "license_proxy", "--old", "blue", "--new", "green",
-         "--status-url", f"http://127.0.0.1:{green.status_port}/v1/status", *extra],
+        command(haproxy.socket, green.status_port, *extra),
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -217,3 +229,124 @@ def test_green_that_cannot_reach_the_license_server_is_never_switched_to(tmp_pat
         finally:
             haproxy.stop()
     assert client.failures == []
+
+
+def answers_on_disk(state) -> int:
+    return len(TrustCache.load(Clock(), str(state / "trust-cache.json")))
+
+
+def test_green_started_from_a_copy_of_blues_state_answers_from_trust_what_only_blue_relayed(
+    tmp_path, pki, upstream, blue
+):
+    x = {"Authorization": "Token credential-x"}
+    answer = b'{"license":"valid","for":"x"}'
+    upstream.respond(body=answer)
+    assert blue.request("POST", "/v1/check-in", b'{"n":1}', x)[::2] == (200, answer)
+    deadline = time.monotonic() + 15
+    while answers_on_disk(tmp_path / "blue" / "state") < 1:  # written within FLUSH_DELAY
+        assert time.monotonic() < deadline, "blue never wrote the answer to its trust cache"
+        time.sleep(0.1)
+    (tmp_path / "green").mkdir()
+    green = ProxyProcess(
+        tmp_path / "green",
+        proxy_config(tmp_path / "green", pki, upstream.url, free_port(), free_port()),
+    )
+    haproxy = HAProxy(tmp_path, blue, green)
+    try:
+        swap = subprocess.Popen(
+            command(haproxy.socket, green.status_port, "--stop", f"kill -TERM {blue.process.pid}",
+                    "--copy-state", tmp_path / "blue" / "state", tmp_path / "green" / "state"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        first = swap.stdout.readline()  # --start's turn: the copy is done
+        assert "blue-green: copied the trust cache of" in first, first + swap.communicate()[0]
+        green.start()
+        output = first + swap.communicate(timeout=60)[0]
+        assert swap.returncode == 0, output
+        assert blue.wait_exit(15) in (0, -15)
+        upstream.stop()
+        status, headers, body = green.request("POST", "/v1/check-in", b'{"n":1}', x)
+        assert (status, body) == (200, answer), green.log_text()
+        assert headers["Age"] is not None
+        again = blue_green(haproxy, green, "--copy-state", tmp_path / "blue" / "state",
+                           tmp_path / "green" / "state")
+        assert again.returncode == 2 and again.stdout == ""
+        assert again.stderr.count("\n") == 1 and "the new instance is running" in again.stderr
+        assert green.running
+    finally:
+        try:
+            if green.process is not None:
+                green.terminate()
+        finally:
+            haproxy.stop()
+    assert "Traceback" not in blue.log_text() + green.log_text()
+
+
+def load_script():
+    loader = importlib.machinery.SourceFileLoader("blue_green", str(SCRIPT))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_the_copy_is_private_whatever_the_umask_and_follows_the_proxys_private_directory(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    two_journaled(old / "trust-cache.json", Clock())
+    shared = tmp_path / "shared"  # an emptyDir: the proxy keeps its files in private/
+    shared.mkdir()
+    shared.chmod(0o777)
+    umask = os.umask(0)
+    try:
+        copies = [load_script().copy_state(str(old), str(new)) for new in (tmp_path / "new", shared)]
+    finally:
+        os.umask(umask)
+    assert copies == [str(tmp_path / "new"), str(shared / "private")]
+    for directory in map(Path, copies):
+        assert mode(directory) == 0o700
+        assert sorted(os.listdir(directory)) == ["trust-cache.json", "trust-cache.json.journal"]
+        for name in os.listdir(directory):
+            assert mode(directory / name) == 0o600
+            assert (directory / name).read_bytes() == (old / name).read_bytes()
+        cache = TrustCache.load(Clock(), str(directory / "trust-cache.json"))
+        assert [cache.lookup(k) for k in ("k0", "k1")] == [entry_at(T0), entry_at(T0 + 1)]
+    assert load_script().copy_state(str(shared), str(tmp_path / "again")) == str(tmp_path / "again")
+
+
+def test_a_copy_taken_across_a_compaction_loads_and_a_stale_journal_is_removed(tmp_path):
+    """The old instance replaced its snapshot between the two reads: the journal copied
+    names another generation, which loading ignores; the snapshot holds all of it."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    path = old / "trust-cache.json"
+    cache = two_journaled(path, Clock())
+    stale = journal_of(path).read_bytes()
+    cache.store("k2", entry_at(T0 + 2))
+    cache.close()  # a new snapshot, a new journal
+    journal_of(path).write_bytes(stale)
+    script = load_script()
+    script.copy_state(str(old), str(new))
+    copied = TrustCache.load(Clock(), str(new / "trust-cache.json"))
+    assert [copied.lookup(k) for k in ("k0", "k1", "k2")] == [entry_at(T0 + i) for i in range(3)]
+    journal_of(path).unlink()
+    script.copy_state(str(old), str(new))
+    assert sorted(os.listdir(new)) == ["trust-cache.json"]
+
+
+def test_copy_state_from_a_directory_without_a_trust_cache_is_refused_in_one_line(tmp_path):
+    (tmp_path / "old" / "private").mkdir(parents=True)
+    result = subprocess.run(
+        command(tmp_path / "haproxy.sock", free_port(),
+                "--copy-state", tmp_path / "old", tmp_path / "new", "--start", "touch started"),
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"blue-green: --copy-state: no trust cache in {tmp_path}/old"
+        f" (nor in {tmp_path}/old/private) to copy\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["old"]  # nothing started, nothing created
