@@ -4,22 +4,23 @@ The other instances (``[peers] urls``), asked for an answer this one can't give.
 An instance keeps only the answers of the containers that checked in through it, and a load
 balancer spreads each container over both instances: the instance restarted with an empty
 state, the new one of a blue-green swap, or one that a container happened not to reach since
-it started, has no trusted answer for some containers when the license server goes away.
-When the other instance goes too, those containers lose their license with the trust window
-still open.  So a request this instance would answer 502 (no server to ask or none answered,
-and no trusted answer here) is sent to each peer in turn; the first answer a peer gives below
-500 is relayed, and kept here if it may be trusted, so the gap does not come back when that
-peer goes.
+it started, has no trusted answer for some containers when the license server goes away. When
+the other instance goes too, those containers lose their license with the trust window still
+open. So a request this instance would answer 502 (no server to ask or none answered, and no
+trusted answer here) is sent to each peer in turn; the first trusted answer a peer has is
+relayed, and kept here, so the gap does not come back when that peer goes.
 
 A peer is sent the client's own request: its credentials select the answer, so a peer gives
 nothing the client could not get by asking it directly, and no secret is shared between the
-instances.  The request carries ``License-Proxy-Peer: ask``, and a request carrying the header
-is never passed on to peers (two instances without the answer end with one 502 each, never a
-loop); the header is never sent to the license server.  Peers are reached directly (never
-through the forward proxy: they are neighbours), over TLS verified against ``[peers]
-ca_file``, within ``answer_within``.  A peer that fails (refused, black-holed, TLS) is skipped
-until a probe (``License-Proxy-Peer: probe``, answered 204 by the peer's relay itself) finds it
-back, by the rules of ``health``; a peer's 502 only means it has no answer either.
+instances. The request carries ``License-Proxy-Peer: ask``, and a peer answers a request
+carrying the header from its trust cache only (or 502): it never sends it to the license
+server, which may have had it already from this instance (a POST is never sent twice), nor to
+its own peers (two instances without the answer end with one 502 each, never a loop). Peers
+are reached directly (never through the forward proxy: they are neighbours), over TLS verified
+against ``[peers] ca_file``, within ``answer_within``. A peer that fails (refused,
+black-holed, TLS) is skipped until a probe (``License-Proxy-Peer: probe``, answered 204 by the
+peer's relay itself) finds it back, by the rules of ``health``; a peer's 502 only means it has
+no answer either.
 """
 
 from __future__ import annotations

@@ -165,6 +165,10 @@ class Relay:
         key = self._key(method, rest, headers)
         entry = self._lookup(key, headers) if self._status.trusted() else None
         known_outage = self._upstream.unavailable()
+        if from_peer:
+            # The peer's own exchange failed, perhaps after the license server had the request:
+            # never sent again (a POST is never sent twice), answered from trust or 502.
+            known_outage = _FOR_A_PEER
         if known_outage is not None:
             # No server to ask (see health.py): answered now, logged once per
             # transition, not per request.
@@ -325,6 +329,12 @@ class Relay:
             headers.setdefault(name, []).append(value)
         headers[b"Age"] = [str(age).encode("ascii")]
         _write(request, entry.status, headers.items(), entry.body)
+
+
+_FOR_A_PEER = UpstreamFailure(
+    "license-proxy", "a peer's request is answered from this instance's trust cache only",
+    attempted=False,
+)
 
 
 @define
