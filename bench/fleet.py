@@ -13,6 +13,9 @@ check: ``GET /v1/ready``, 200 only in Connected or TrustBased), and the fleet: o
 process where every container has its own credential (``Authorization: Token <its own>``) and
 checks in on its own jittered interval, each time over a new TLS connection to HAProxy that
 verifies the proxy's certificate for "localhost", giving up after its own client timeout.
+The proxies are configured as an operator running two instances should: each names the others
+in ``[peers] urls`` (a request it would answer 502 is asked of them first), and the blue-green
+swap copies the old instance's trust cache to the new one (``bin/blue-green --copy-state``).
 
 **Scale.** A Python proxy answers ~45 new-TLS-connection check-ins a second per process and the
 machine has 2 shared cores, so the fleet's total rate is kept near 33/s (500 containers every
@@ -56,6 +59,7 @@ import asyncio
 import bisect
 import collections
 import importlib.machinery
+import importlib.util
 import json
 import os
 import platform
@@ -79,6 +83,17 @@ from tests.support.proxy import ProxyProcess, free_port  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
 
 BLUE_GREEN = REPO / "bin" / "blue-green"
+
+
+def _tool(path: Path):
+    """The blue-green script as a module: its HAProxy client and its state copy."""
+    loader = importlib.machinery.SourceFileLoader("blue_green", str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+BLUE_GREEN_TOOL = _tool(BLUE_GREEN)
 BACKEND = "license_proxy"
 TOLERANCE = 1.0  # real seconds around a window's close, see the docstring
 FLAP_SECONDS = 3.0  # flapping: up this long, down this long (real seconds)
@@ -103,7 +118,7 @@ SCRIPT = [
     (29, "answers", "license server answers"),
     (31, "flapping", f"license server: flapping ({FLAP_SECONDS:g} s up, {FLAP_SECONDS:g} s down)"),
     (34, "answers", "license server answers"),
-    (35, "blue_green", "blue-green swap a -> c (bin/blue-green through HAProxy's runtime API)"),
+    (35, "blue_green", "blue-green swap a -> c (bin/blue-green, a's trust cache copied to c)"),
     (40, "refused", "long outage begins (connection refused), longer than the trust window"),
     (42, "kill_restart", "SIGKILL proxy c, restart it from its own cache"),
     (44, "wipe_restart", "restart proxy b with its state directory wiped (must refuse to start)"),
@@ -234,8 +249,7 @@ backend {BACKEND}
         self.process = subprocess.Popen(
             ["haproxy", "-db", "-f", str(config)], stdout=self.log, stderr=subprocess.STDOUT
         )
-        loader = importlib.machinery.SourceFileLoader("blue_green", str(BLUE_GREEN))
-        self.api = loader.load_module().HAProxy(str(self.socket))
+        self.api = BLUE_GREEN_TOOL.HAProxy(str(self.socket))
         deadline = time.monotonic() + 20
         while not (self.socket.exists() and all(
             self.status(n).startswith("UP") for n in proxies if n != "c"
@@ -426,6 +440,9 @@ class Day:
 
     async def blue_green(self) -> str:
         a, c = self.proxies["a"], self.proxies["c"]
+        # bin/blue-green --copy-state, before c starts (the script's --start is a shell command;
+        # the day keeps c's process to kill it later).
+        BLUE_GREEN_TOOL.copy_state(str(a.tmp_path / "state"), str(c.tmp_path / "state"))
         c.start()
         result = await asyncio.to_thread(
             subprocess.run,
@@ -488,6 +505,12 @@ class Day:
         self.server.start()
         for name in ("a", "b", "c"):  # c, the blue-green swap's new one, starts later
             self.proxy(name)
+        for name, proxy in self.proxies.items():  # each the others' peer
+            urls = ", ".join(
+                f'"https://127.0.0.1:{other.port}/"'
+                for other_name, other in self.proxies.items() if other_name != name
+            )
+            proxy.config_text += f'\n[peers]\nurls = [{urls}]\nca_file = "{self.pki.ca_cert}"\n'
         for name in ("a", "b"):
             self.proxies[name].start()
         for name in ("a", "b"):

@@ -87,6 +87,7 @@ def check(file: Optional[str], environ: Mapping[str, str]) -> int:
         if config.tls_cert:
             tls.listener_options(config, time.time())
         tls.upstream_tls(config)
+        tls.peer_tls(config)
         Settings(config.proxy, config.no_proxy, dict(environ)).routes(config.server_urls)
     except configuration.ConfigError as e:
         print(f"license-proxy: {e}", file=sys.stderr)

@@ -65,6 +65,8 @@ class Config:
     cache_path: str = "/var/lib/license-proxy/trust-cache.json"  # [cache] path
     cache_max_entries: int = DEFAULT_MAX_ENTRIES  # [cache] max_entries
     cache_key_headers: tuple[bytes, ...] = CREDENTIAL_HEADERS  # [cache] key_headers, lower, sorted
+    peer_urls: tuple[str, ...] = ()  # [peers] urls: the other instances' licensing URLs
+    peer_ca_file: str | None = None  # [peers] ca_file
     log_format: str = "text"  # [log] format: "text" or "json" (one object per line)
 
     @property
@@ -340,6 +342,12 @@ def _https_url(value: object) -> str:
     return value
 
 
+def _peer_urls(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of https:// URLs, got {_show(value)}")
+    return tuple(_https_url(url) for url in value)
+
+
 def _tls_names(value: object) -> tuple[str, ...]:
     """Host names and IP addresses, as a certificate's subjectAltName can hold them."""
     if not isinstance(value, list):
@@ -442,6 +450,8 @@ _KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
     ("cache", "path"): ("cache_path", _non_empty_string),
     ("cache", "max_entries"): ("cache_max_entries", _positive_integer),
     ("cache", "key_headers"): ("cache_key_headers", _key_headers),
+    ("peers", "urls"): ("peer_urls", _peer_urls),
+    ("peers", "ca_file"): ("peer_ca_file", _readable_file),
     ("log", "format"): ("log_format", _log_format),
 }
 _SECTIONS = frozenset(section for section, _ in _KEYS)

@@ -26,5 +26,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: Request headers the relay's client sets again for each request.
-REQUEST_OWN = frozenset({b"host", b"content-length"})
+#: Marks a request from another instance (see ``peers``).
+PEER = b"license-proxy-peer"
+
+#: Request headers the relay's client sets again for each request, and the peers' mark
+#: (never sent to the license server).
+REQUEST_OWN = frozenset({b"host", b"content-length", PEER})

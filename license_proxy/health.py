@@ -25,7 +25,9 @@ finds it back.  The rules (README, "Outages"):
 
 Nothing here touches the network: ``Upstream`` reports each exchange with
 ``begin``/``end``, and the probe is a callable given by whoever knows the
-check-in request.
+check-in request.  The same rules serve the peers (``peers``), with another
+``role`` in the logs and no answer that means down: a peer's 502 is its
+"I have no answer", not its absence.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class Health:
     answer_within: float
     retry_interval: float
     _jitter: Callable[[], float] = random.random
+    role: str = "license server"  # what the servers are, in the logs
+    #: Answers after which a server is down; any other answer proves it is up.
+    down_statuses: frozenset = DOWN_STATUSES
     _probe: Optional[Callable[[int], Deferred]] = field(default=None, init=False)
     _timers: dict = field(factory=dict, init=False)  # index -> IDelayedCall
     _probing: dict = field(factory=dict, init=False)  # index -> Deferred
@@ -95,8 +100,11 @@ class Health:
         answer_within: float,
         retry_interval: float,
         jitter: Callable[[], float] = random.random,
+        **rules,
     ) -> Health:
-        return cls(clock, [Server(url) for url in urls], answer_within, retry_interval, jitter)
+        """``rules``: ``role`` and ``down_statuses``, for servers that are not license servers."""
+        servers = [Server(url) for url in urls]
+        return cls(clock, servers, answer_within, retry_interval, jitter, **rules)
 
     def usable(self, index: int) -> bool:
         """May a client's request be sent to this server now?"""
@@ -159,8 +167,9 @@ class Health:
             return
         server.down_since = self._clock.seconds()
         self.log.warn(
-            "license server {server_url} is down ({error}); requests are not sent to it"
+            "{role} {server_url} is down ({error}); requests are not sent to it"
             " until a probe succeeds (every {interval:g} s at most)",
+            role=self.role,
             server_url=server.url,
             error=server.last_error,
             interval=self.retry_interval,
@@ -183,7 +192,8 @@ class Health:
         if timer is not None and timer.active():
             timer.cancel()
         self.log.info(
-            "license server {server_url} is up again after {seconds:.1f} s down ({why})",
+            "{role} {server_url} is up again after {seconds:.1f} s down ({why})",
+            role=self.role,
             server_url=server.url,
             seconds=seconds,
             why=why,

@@ -28,9 +28,10 @@ from .upstream import Upstream
 UPSTREAM_OK = "upstream_ok"  # the license server answered below 400
 UPSTREAM_4XX = "upstream_4xx"  # it answered 4xx (relayed as is; counts as reachable)
 SERVED_FROM_TRUST = "served_from_trust"  # it failed; the cached answer was served
+SERVED_BY_PEER = "served_by_peer"  # it failed, no cached answer; a peer's was served
 UNAVAILABLE = "unavailable"  # it failed, nothing to serve: 502
 REJECTED = "rejected"  # a bad request target, never sent upstream
-OUTCOMES = (UPSTREAM_OK, UPSTREAM_4XX, SERVED_FROM_TRUST, UNAVAILABLE, REJECTED)
+OUTCOMES = (UPSTREAM_OK, UPSTREAM_4XX, SERVED_FROM_TRUST, SERVED_BY_PEER, UNAVAILABLE, REJECTED)
 
 #: Seconds; licensing exchanges take tens of milliseconds, a timeout 30 s.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

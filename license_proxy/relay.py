@@ -2,7 +2,7 @@
 The licensing listener: every request under ``base_url`` is relayed to the
 license server; good answers are kept in the trust cache, and when the server
 can't give one, the cached answer to the same request is served while the
-proxy is inside its trust window.  No request waits on a server known to be
+proxy is inside its trust window, and failing that a peer's (``peers``).  No request waits on a server known to be
 down, nor longer than ``answer_within`` when it has a trusted answer: the
 exchange then finishes in the background (rules in ``health``).
 
@@ -32,15 +32,17 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN
+from .headernames import HOP_BY_HOP, PEER, REQUEST_OWN, TOKEN
 from .metrics import (
     REJECTED,
+    SERVED_BY_PEER,
     SERVED_FROM_TRUST,
     UNAVAILABLE,
     UPSTREAM_4XX,
     UPSTREAM_OK,
     RelayMetrics,
 )
+from .peers import PROBE, Peers
 from .status import Status
 from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -90,6 +92,7 @@ class Relay:
     _metrics: RelayMetrics
     #: Request headers that identify a licensee, lower case, sorted: in every cache key.
     _key_headers: tuple[bytes, ...] = CREDENTIAL_HEADERS
+    _peers: Peers = field(factory=Peers)
     _inflight: set = field(factory=set, init=False)
     _background: set = field(factory=set, init=False)
     _stopping: bool = field(default=False, init=False)
@@ -107,6 +110,9 @@ class Relay:
         if self._stopping:
             request.setHeader(b"connection", b"close")
             return _error(request, 503, "license-proxy is stopping")
+        if request.requestHeaders.getRawHeaders(PEER) == [PROBE]:
+            request.setResponseCode(204)  # a peer's probe: this instance is here
+            return b""
         if request.method not in METHODS:
             request.setHeader(b"allow", _ALLOW)
             return self._reject(request, 405, "method not relayed")
@@ -143,25 +149,32 @@ class Relay:
         self._stopping = True
         for exchange in list(self._background):
             exchange.cancel()  # its client has its answer
-        return DeferredList(list(self._inflight), consumeErrors=True)
+        answered = DeferredList(list(self._inflight), consumeErrors=True)
+        return answered.addCallback(lambda _: self._peers.stop())
 
     async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
         started = self._clock.seconds()
         method = request.method
         headers = Headers(dict(end_to_end(request.requestHeaders, REQUEST_OWN)))
-        key = self._key(method, rest, headers)
-        entry = self._lookup(key, headers) if self._status.trusted() else None
-        known_outage = self._upstream.unavailable()
-        if known_outage is not None:
-            # No server to ask (see health.py): answered now, logged once per
-            # transition, not per request.
-            self._answer_failure(request, entry, known_outage)
-            self._metrics.outcomes.labels(SERVED_FROM_TRUST if entry else UNAVAILABLE).inc()
-            return
         has_body = request.requestHeaders.hasHeader(
             b"content-length"
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         body = request.content.read() if has_body else None
+        from_peer = request.requestHeaders.hasHeader(PEER)
+        asked = _Asked(request, gone, method, rest, headers, body, from_peer)
+        key = self._key(method, rest, headers)
+        entry = self._lookup(key, headers) if self._status.trusted() else None
+        known_outage = self._upstream.unavailable()
+        if from_peer:
+            # The peer's own exchange failed, perhaps after the license server had the request:
+            # never sent again (a POST is never sent twice), answered from trust or 502.
+            known_outage = _FOR_A_PEER
+        if known_outage is not None:
+            # No server to ask (see health.py): answered now, logged once per
+            # transition, not per request.
+            outcome = await self._without_server(asked, key, entry, known_outage)
+            self._metrics.outcomes.labels(outcome).inc()
+            return
         path = request.path.decode("ascii")  # the query may carry secrets: not logged
         exchange = Deferred.fromCoroutine(self._exchange(method, rest, headers, body, key))
         if entry is not None and not exchange.called:
@@ -188,9 +201,7 @@ class Relay:
         latency = self._clock.seconds() - started
         if isinstance(result, UpstreamFailure):
             entry = self._lookup(key, headers) if self._status.trusted() else None
-            if not gone:
-                self._answer_failure(request, entry, result)
-            outcome = SERVED_FROM_TRUST if entry else UNAVAILABLE
+            outcome = await self._without_server(asked, key, entry, result)
             self._metrics.outcomes.labels(outcome).inc()
             if not result.attempted:
                 return  # a known outage: logged once, when the server went down
@@ -231,13 +242,16 @@ class Relay:
         for the same values of the headers the answers to ``key`` vary on."""
         return self._cache.lookup(self._cache.variant(key, headers))
 
-    def _store(self, key: str, headers: Headers, method: bytes, answer: Answer) -> bool:
-        """Keep ``answer`` if it may be trusted: 2xx (a 3xx is no license), complete,
-        and not ``Vary: *``.  Whether it was kept."""
+    def _store(
+        self, key: str, headers: Headers, method: bytes, answer: Answer, age: float = 0.0
+    ) -> bool:
+        """Keep ``answer`` (given by the license server ``age`` seconds ago) if it may be
+        trusted: 2xx (a 3xx is no license), complete, and not ``Vary: *``.  Whether it
+        was kept."""
         vary = _vary(answer.headers)
         if not (200 <= answer.status < 300 and answer.complete and vary is not None):
             return False
-        stored = _entry(answer, _own(method), self._clock.seconds())
+        stored = _entry(answer, _own(method), self._clock.seconds() - age)
         self._cache.store(self._cache.variant(key, headers, vary), stored)
         return True
 
@@ -285,6 +299,22 @@ class Relay:
         if self._stopping:
             exchange.cancel()  # answered after stop() began: it must not outlive the stop
 
+    async def _without_server(
+        self, asked: _Asked, key: str, entry: Optional[Entry], failure: UpstreamFailure
+    ) -> str:
+        """Answer a request no license server answered: from trust, else with a peer's
+        answer (kept here if it may be trusted), else 502.  The outcome."""
+        if entry is None and not asked.from_peer:
+            answer = await self._peers.ask(asked.method, asked.rest, asked.headers, asked.body)
+            if answer is not None:
+                self._store(key, asked.headers, asked.method, answer, _age(answer.headers))
+                if not asked.gone:
+                    _write(asked.request, answer.status, _relayed(asked.method, answer), answer.body)
+                return SERVED_BY_PEER
+        if not asked.gone:
+            self._answer_failure(asked.request, entry, failure)
+        return SERVED_FROM_TRUST if entry else UNAVAILABLE
+
     def _answer_failure(
         self, request: IRequest, entry: Optional[Entry], failure: Optional[UpstreamFailure]
     ) -> None:
@@ -299,6 +329,31 @@ class Relay:
             headers.setdefault(name, []).append(value)
         headers[b"Age"] = [str(age).encode("ascii")]
         _write(request, entry.status, headers.items(), entry.body)
+
+
+_FOR_A_PEER = UpstreamFailure(
+    "license-proxy", "a peer's request is answered from this instance's trust cache only",
+    attempted=False,
+)
+
+
+@define
+class _Asked:
+    """A request as it would be sent on, and whether it came from a peer."""
+
+    request: IRequest
+    gone: list  # holds the reason once the client has gone
+    method: bytes
+    rest: bytes
+    headers: Headers
+    body: Optional[bytes]
+    from_peer: bool
+
+
+def _age(headers: Headers) -> int:
+    """The ``Age`` of an answer a peer gave from its trust cache (0: from the license server)."""
+    values = headers.getRawHeaders(b"age", [])
+    return int(values[0]) if len(values) == 1 and values[0].isdigit() else 0
 
 
 def _within(clock: IReactorTime, exchange: Deferred, bound: float) -> Deferred:

@@ -32,9 +32,10 @@ from .egress import Settings
 from .health import Health
 from .listener import ConnectionLimits, GuardedSite
 from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for
+from .peers import Peers
 from .relay import Relay
 from .status import Status, status_resource
-from .tls import listener_options, upstream_tls
+from .tls import listener_options, peer_tls, upstream_tls
 from .tlsreload import CertificateFiles, CertificateReload, ListenerTLS, OnSignal, watching
 from .trustcache import TrustCache
 from .upstream import Upstream
@@ -194,6 +195,10 @@ def make_service(
         config.base_url.encode("ascii"),
         RelayMetrics.on(registry),
         config.cache_key_headers,
+        Peers.build(
+            reactor, config.peer_urls, config.answer_within, config.retry_interval,
+            peer_tls(config),
+        ),
     )
     checkin = CheckIn(clock, upstream, status, config.key)
     health.probe_with(lambda index: Deferred.fromCoroutine(checkin.probe(index)))

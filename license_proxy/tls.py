@@ -2,7 +2,7 @@
 TLS material for both sides of the proxy, read from the files the config
 names: the licensing listener's certificate (or one generated on first start
 and kept in the state directory, so it stays the same across restarts), and
-what the upstream client trusts and presents.
+what the upstream client trusts and presents, and what the peers' client trusts.
 
 Every problem with a file is a ``ConfigError`` naming the key, so a bad
 certificate stops the proxy with one line instead of a traceback.
@@ -176,16 +176,24 @@ def listener_options(config: Config, now: float) -> CertificateOptions:
     )
 
 
+def _trust_root(path: str | None, key: str):
+    """The CA certificates in ``path``, or None: the system's."""
+    if not path:
+        return None
+    return trustRootFromCertificates(
+        [Certificate(crypto.X509.from_cryptography(c)) for c in _certificates(path, key)]
+    )
+
+
+def peer_tls(config: Config) -> UpstreamTLS:
+    """The peers are verified by ``[peers] ca_file`` (or the system's roots); no client
+    certificate: that one is for the license server."""
+    return UpstreamTLS(_trust_root(config.peer_ca_file, "[peers] ca_file"))
+
+
 def upstream_tls(config: Config) -> UpstreamTLS:
     """Trust roots (``ca_file`` or the system's) and the optional client certificate."""
-    trust_root = None
-    if config.ca_file:
-        trust_root = trustRootFromCertificates(
-            [
-                Certificate(crypto.X509.from_cryptography(c))
-                for c in _certificates(config.ca_file, "[license] ca_file")
-            ]
-        )
+    trust_root = _trust_root(config.ca_file, "[license] ca_file")
     client = None
     if config.client_cert:
         cert = _certificates(config.client_cert, "[license] client_cert")[0]

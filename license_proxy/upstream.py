@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from . import ciphers
 from .egress import Egress, Settings
-from .health import ANSWER_WITHIN, DOWN_STATUSES, RETRY_INTERVAL, Health
+from .health import ANSWER_WITHIN, RETRY_INTERVAL, Health
 from .pool import BytesBody, RetryingPool
 from .tunnel import ProxyError
 
@@ -339,7 +339,7 @@ class Upstream:
             reason = describe(e, deadline)
             self.health.end(index, token, reason)
             raise UpstreamFailure(url.decode("ascii"), reason) from None
-        down = answer.status in DOWN_STATUSES
+        down = answer.status in self.health.down_statuses
         self.health.end(index, token, f"answered {answer.status}" if down else None)
         return answer
 

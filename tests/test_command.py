@@ -134,6 +134,7 @@ def test_check_says_ok_in_one_line(tmp_path, pki, upstream):
          "[server] tls_key: {pki.client_key} does not match the certificate {pki.server_cert}"),
         ("license", 'client_cert = "{pki.client_cert}"\nclient_key = "{pki.server_key}"',
          "[license] client_key: {pki.server_key} does not match the certificate {pki.client_cert}"),
+        ("peers", 'ca_file = "{garbage}"', "[peers] ca_file: no PEM certificate in {garbage}"),
     ],
 )
 def test_check_refuses_bad_certificate_files(tmp_path, pki, section, value, expected):
@@ -142,6 +143,8 @@ def test_check_refuses_bad_certificate_files(tmp_path, pki, section, value, expe
     filled = value.format(pki=pki, garbage=garbage)
     path = tmp_path / "license-proxy.toml"
     text = config(tmp_path, pki, "https://localhost:1")
+    if f"[{section}]\n" not in text:
+        text += f"\n[{section}]\n"
     path.write_text(text.replace(f"[{section}]\n", f"[{section}]\n{filled}\n", 1))
     result = command("check", str(path), env={"DEEPGRAM_API_KEY": KEY})
     assert result.returncode == 2 and result.stdout == ""

@@ -666,7 +666,25 @@ def test_unknown_key(tmp_path):
 
 def test_unknown_section(tmp_path):
     assert error(tmp_path, "[foo]\nbar = 1\n") == (
-        "unknown section [foo] (known: cache, fips, license, log, server, trust)"
+        "unknown section [foo] (known: cache, fips, license, log, peers, server, trust)"
+    )
+
+
+def test_peers(tmp_path):
+    ca = touch(tmp_path, "peers-ca.pem")
+    text = f'[peers]\nurls = ["https://proxy-b:8443/", "https://[::1]:9443/lic/"]\nca_file = "{ca}"\n'
+    config = load_text(tmp_path, text)
+    assert config.peer_urls == ("https://proxy-b:8443/", "https://[::1]:9443/lic/")
+    assert config.peer_ca_file == ca
+    assert error(tmp_path, '[peers]\nurls = "https://b"\n') == (
+        "[peers] urls: expected a list of https:// URLs, got 'https://b'"
+    )
+    # The clients' credentials go to the peers: never in clear.
+    assert error(tmp_path, '[peers]\nurls = ["http://b:8443"]\n') == (
+        "[peers] urls: expected an https:// URL with a host, got 'http://b:8443'"
+    )
+    assert error(tmp_path, '[peers]\nca_file = "/nonexistent"\n').startswith(
+        "[peers] ca_file: cannot read '/nonexistent'"
     )
 
 

@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from license_proxy.metrics import RelayMetrics, registry_for
+from license_proxy.peers import Peers
 from license_proxy.relay import Relay
 from license_proxy.status import Status
 from license_proxy.trustcache import FLUSH_DELAY, TrustCache
@@ -66,7 +67,8 @@ class FakeLicenseServer(Resource):
 
 
 class RelayHarness:
-    def __init__(self, testcase, urls=("https://license.example",), base=b"/"):
+    def __init__(self, testcase, urls=("https://license.example",), base=b"/", peer=None):
+        """``peer``: an agent to another instance, this one's only peer."""
         tmpdir = tempfile.mkdtemp()
         testcase.addCleanup(shutil.rmtree, tmpdir)
         self.clock = Clock()
@@ -77,6 +79,9 @@ class RelayHarness:
         self.registry = registry_for(self.clock, self.status, self.cache)
         self.metrics = RelayMetrics.on(self.registry)
         self.urls, self.base = list(urls), base
+        self.peers = Peers()
+        if peer is not None:
+            self.peers = Peers.using(peer, self.clock, ["https://peer.local/"], 2.0, 5.0)
         self.use(self.server, self.cache)
 
     def use(self, server, cache):
@@ -84,7 +89,8 @@ class RelayHarness:
         self.agent = RequestTraversalAgent(server)
         self.upstream = Upstream.using(self.agent, self.clock, self.urls, 30.0)
         self.relay = Relay(
-            self.clock, self.upstream, cache, self.status, self.base, self.metrics
+            self.clock, self.upstream, cache, self.status, self.base, self.metrics,
+            peers=self.peers,
         )
         self.client = RequestTraversalAgent(self.relay)
 

@@ -1,0 +1,117 @@
+"""
+The other instances (``[peers] urls``), asked for an answer this one can't give.
+
+An instance keeps only the answers of the containers that checked in through it, and a load
+balancer spreads each container over both instances: the instance restarted with an empty
+state, the new one of a blue-green swap, or one that a container happened not to reach since
+it started, has no trusted answer for some containers when the license server goes away. When
+the other instance goes too, those containers lose their license with the trust window still
+open. So a request this instance would answer 502 (no server to ask or none answered, and no
+trusted answer here) is sent to each peer in turn; the first trusted answer a peer has is
+relayed, and kept here, so the gap does not come back when that peer goes.
+
+A peer is sent the client's own request: its credentials select the answer, so a peer gives
+nothing the client could not get by asking it directly, and no secret is shared between the
+instances. The request carries ``License-Proxy-Peer: ask``, and a peer answers a request
+carrying the header from its trust cache only (or 502): it never sends it to the license
+server, which may have had it already from this instance (a POST is never sent twice), nor to
+its own peers (two instances without the answer end with one 502 each, never a loop). Peers
+are reached directly (never through the forward proxy: they are neighbours), over TLS verified
+against ``[peers] ca_file``, within ``answer_within``. A peer that fails (refused,
+black-holed, TLS) is skipped until a probe (``License-Proxy-Peer: probe``, answered 204 by the
+peer's relay itself) finds it back, by the rules of ``health``; a peer's 502 only means it has
+no answer either.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from attrs import define
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+
+from .headernames import PEER as HEADER
+from .health import Health
+from .pool import RetryingPool
+from .upstream import Answer, Upstream, UpstreamFailure, UpstreamTLS
+
+#: ``HEADER``'s values: a request to answer (never passed on), or a probe (answered 204).
+ASK = b"ask"
+PROBE = b"probe"
+
+
+@define
+class Peers:
+    """The peers, in ``[peers] urls`` order; none when the list is empty."""
+
+    _client: Optional[Upstream] = None
+
+    log = Logger()
+
+    @classmethod
+    def build(
+        cls,
+        reactor,
+        urls: Sequence[str],
+        answer_within: float,
+        retry_interval: float,
+        tls: UpstreamTLS,
+    ) -> Peers:
+        """The production client: pooled connections, TLS verified by ``tls``, direct."""
+        if not urls:
+            return cls()
+        pool = RetryingPool(reactor, persistent=True)
+        agent = Agent(reactor, contextFactory=tls, connectTimeout=answer_within, pool=pool)
+        return cls.using(agent, reactor, urls, answer_within, retry_interval, pool)
+
+    @classmethod
+    def using(
+        cls,
+        agent: IAgent,
+        clock: IReactorTime,
+        urls: Sequence[str],
+        answer_within: float,
+        retry_interval: float,
+        pool: Optional[RetryingPool] = None,
+    ) -> Peers:
+        """The peers over ``agent``, each answer awaited ``answer_within``, probed when down."""
+        health = Health.of(
+            clock, urls, answer_within, retry_interval, role="peer", down_statuses=frozenset()
+        )
+        client = Upstream.using(agent, clock, urls, answer_within, pool, health)
+        health.probe_with(lambda index: Deferred.fromCoroutine(_probe(client, index)))
+        return cls(client)
+
+    async def ask(
+        self, method: bytes, rest: bytes, headers: Headers, body: Optional[bytes]
+    ) -> Optional[Answer]:
+        """The first answer below 500 a peer gives to this request, or None."""
+        if self._client is None:
+            return None
+        marked = headers.copy()
+        marked.setRawHeaders(HEADER, [ASK])
+        try:
+            return await self._client.exchange(method, rest, marked, body)
+        except UpstreamFailure as e:
+            # Per request, as the 502 that follows: not worth a line each (the metric counts).
+            self.log.debug("no peer had an answer: {failure}", failure=str(e))
+            return None
+
+    def stop(self) -> Deferred:
+        """No more probes; idle connections closed."""
+        if self._client is None:
+            return succeed(None)
+        self._client.health.stop()
+        return self._client.close()
+
+
+async def _probe(client: Upstream, index: int) -> None:
+    try:
+        await client.attempt(index, b"GET", b"", Headers({HEADER: [PROBE]}), None)
+    except UpstreamFailure:
+        pass  # health has it
