@@ -67,7 +67,8 @@ class MetricsTests(SynchronousTestCase):
         relays = {labels[0][1]: v for (name, labels), v in m.items() if name == "license_proxy_relays_total"}
         self.assertEqual(
             relays,
-            {"upstream_ok": 1, "upstream_4xx": 1, "served_from_trust": 1, "unavailable": 1, "rejected": 1},
+            {"upstream_ok": 1, "upstream_4xx": 1, "served_from_trust": 1, "served_by_peer": 0,
+             "unavailable": 1, "rejected": 1},
         )
         # Three exchanges: the 502 was answered without one.
         self.assertEqual(m["license_proxy_upstream_latency_seconds_count", ()], 3)
