@@ -2,9 +2,10 @@
 The licensing listener: every request under ``base_url`` is relayed to the
 license server; good answers are kept in the trust cache, and when the server
 can't give one, the cached answer to the same request is served while the
-proxy is inside its trust window, and failing that a peer's (``peers``).  No request waits on a server known to be
-down, nor longer than ``answer_within`` when it has a trusted answer: the
-exchange then finishes in the background (rules in ``health``).
+proxy is inside its trust window, and failing that a peer's (``peers``).  No
+request waits on a server known to be down, nor longer than ``answer_within``
+when it has a trusted answer: the exchange then finishes in the background
+(rules in ``health``).
 
 It is not an open proxy: the request target is only ever appended below the
 configured upstream URL, and a target that is not a plain origin-form path
