@@ -5,9 +5,16 @@ side by side, each under strace, one of them with every fsync and fdatasync held
 in the real process; the other under the same strace without the delay).  The clients are wrk,
 paced, one kept-alive connection each: C, outside this process, so they add little noise.
 Every relay stores a new answer and moves the check-in time, so the slow proxy's writer is in
-a held fsync for most of the run; its clients must not notice: no relay more than 100 ms
-slower than the slowest of the normal proxy, whose requests go at the same moments (a load
-spike on this shared machine hits both).
+a held fsync for most of the run; its clients must not notice, measured against the normal
+proxy, whose requests go at the same moments:
+
+- no relay waited for a held fsync: the slowest is less than ``HELD`` - 100 ms slower than the
+  normal proxy's slowest (a relay that waited for one is a whole ``HELD`` late);
+- the relays are not slower: the 99th percentile is at most 100 ms over the normal proxy's.
+  The percentile rather than the slowest, because a CPU spike on this shared machine delays one
+  relay of one proxy and not the other (seen once: 237 ms against 62 ms, with five busy
+  processes on two cores); a writer that held the event loop delays the ~20 relays of each
+  held second, which the percentile sees.
 """
 
 from __future__ import annotations
@@ -28,15 +35,9 @@ from tests.test_e2e import config
 
 RATE = 20  # requests per second, to each proxy
 SECONDS = 10
-SLOWER = 0.100  # seconds a relay may take over the normal proxy's slowest
+HELD = 1.0  # seconds each fsync of the slow proxy is held
+SLOWER = 0.100  # seconds the slow proxy's relays may take over the normal proxy's
 DELAYED = re.compile(r"\bf(data)?sync\(.*\(DELAYED\)")
-
-
-def _strace() -> str:
-    found = shutil.which("strace")
-    if found is None:  # .ci/run installs it: missing is a failure, not a skip
-        pytest.fail("strace is not installed (apt-get install strace)")
-    return found
 
 
 def _under_strace(log: Path, delay: str | None) -> tuple[str, ...]:
@@ -75,7 +76,7 @@ def test_a_disk_taking_a_second_per_fsync_does_not_slow_the_relays(tmp_path, pki
         (tmp_path / name).mkdir()
         text = config(tmp_path / name, pki, upstream.url,
                       trust='duration = "1h"\ncheckin_interval = "1s"')
-        wrapper = _under_strace(tmp_path / f"{name}.strace", "1s" if name == "slow" else None)
+        wrapper = _under_strace(tmp_path / f"{name}.strace", f"{HELD:g}s" if name == "slow" else None)
         proxies[name] = ProxyProcess(tmp_path / name, text, wrapper=wrapper)
     slow_log = tmp_path / "slow.strace"
     try:
@@ -110,11 +111,12 @@ def test_a_disk_taking_a_second_per_fsync_does_not_slow_the_relays(tmp_path, pki
         f"{name} disk: max {r['max_us'] / 1000:.1f} ms, p99 {r['p99_us'] / 1000:.1f} ms,"
         f" p50 {r['p50_us'] / 1000:.1f} ms" for name, r in results.items()
     )
-    print(f"\nslow disk: {held} fsyncs held 1 s each in {SECONDS} s at {RATE}/s; {figures}")
+    print(f"\nslow disk: {held} fsyncs held {HELD:g} s each in {SECONDS} s at {RATE}/s; {figures}")
     # The writer was held for most of the run (writes every 2 s, each at least a second)...
     assert held >= SECONDS // 3, held
     # ...and no client waited for it.
-    assert slow["max_us"] <= normal["max_us"] + SLOWER * 1e6, (slow, normal)
+    assert slow["max_us"] < normal["max_us"] + (HELD - SLOWER) * 1e6, (slow, normal)
+    assert slow["p99_us"] <= normal["p99_us"] + SLOWER * 1e6, (slow, normal)
     for r in results.values():
         assert r["requests"] >= RATE * SECONDS * 0.9, r
         assert sum(r[k] for k in ("connect", "read", "write", "status", "timeout")) == 0, r
