@@ -50,16 +50,21 @@ class _Answer(Resource):
 
 
 class _Recording(HookedHTTPChannel):
-    """Counts the 400s that reach the hook, and what ``unreadInput`` said when."""
+    """Counts the 400s that reach the hook."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.badRequests = 0
-        self.unread: list[tuple[bytes, bool]] = []
+    badRequests = 0
 
     def badRequest(self) -> None:
         self.badRequests += 1
         super().badRequest()
+
+
+class _Unread(HookedHTTPChannel):
+    """Notes what ``unreadInput`` said after each line and request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unread: list[tuple[bytes, bool]] = []
 
     def lineReceived(self, line: bytes) -> None:
         self.unread.append((line, self.unreadInput()))
@@ -138,7 +143,7 @@ def test_no_other_code_in_twisted_web_http_writes_a_400():
 
 def test_unread_input_is_the_line_buffer():
     with seam("LineReceiver._buffer"):
-        channel = _channel()
+        channel = _channel(_Unread)
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHo")
         channel.dataReceived(b"st: a\r\n\r\n")
         assert channel.unread == [
