@@ -10,7 +10,7 @@ below its next major (27), and CI runs ``tests/unit`` on the oldest allowed vers
 - ``badRequest()``: every 400 Twisted answers itself goes through the private
   ``HTTPChannel._respondToBadRequestAndDisconnect``, which writes a bare 400 and closes (a
   malformed request line, a header line without a colon, a bad header name, NUL, CR or LF in
-  a value, a bad or second Content-Length or Transfer-Encoding, too many headers or header
+  a value (26.x), a bad or second Content-Length or Transfer-Encoding, too many headers or header
   bytes, malformed chunked data; ``Request.requestReceived``'s unparsable multipart form).
   It is overridden to call ``badRequest``, so a subclass answers, counts and closes those
   like its own refusals;

@@ -17,12 +17,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, globalLogPublisher
 from twisted.web import http
-from twisted.web.client import Request
+from twisted.web.client import HTTPConnectionPool, Request
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from license_proxy.listener import _GuardedChannel
+from license_proxy.pool import RetryingPool
 from license_proxy.twistedseams import HookedHTTPChannel, ReuseAwarePool, replace_clock
 
 
@@ -124,18 +125,22 @@ def test_every_400_twisted_answers_goes_through_the_hook(name):
             )
 
 
+def _says_400(node) -> bool:
+    if isinstance(node, ast.Name):
+        return node.id == "BAD_REQUEST"
+    value = getattr(node, "value", None) if isinstance(node, ast.Constant) else None
+    return value == 400 or isinstance(value, bytes) and b"400" in value
+
+
 def test_no_other_code_in_twisted_web_http_writes_a_400():
     """A new 400 path that bypasses the hook would escape the guard's counting and closing."""
     with seam(BAD_REQUEST):
-        writers = set()
-        for function in ast.walk(ast.parse(inspect.getsource(http))):
-            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                for node in ast.walk(function):
-                    if (
-                        isinstance(node, ast.Constant)
-                        and (node.value == 400 or isinstance(node.value, bytes) and b"400" in node.value)
-                    ) or (isinstance(node, ast.Name) and node.id == "BAD_REQUEST"):
-                        writers.add(function.name)
+        writers = {
+            function.name
+            for function in ast.walk(ast.parse(inspect.getsource(http)))
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and any(_says_400(node) for node in ast.walk(function))
+        }
         assert writers == {"_respondToBadRequestAndDisconnect"}, (
             f"twisted.web.http has 400s outside it, in {sorted(writers)}"
         )
@@ -263,6 +268,13 @@ def test_the_pool_calls_new_connection_exactly_when_it_connects():
         reused = {pool.newOrPooled(key, endpoint)[0].result for _ in range(2)}
         assert reused == {first, dialled} and len(endpoint.made) == 2, (
             "its connection does not go back to the pool once idle"
+        )
+        overrides = {"getConnection", "_newConnection", "retryAutomatically"}
+        overrides |= {"cachedConnectionTimeout", "log"}
+        own = {n for c in (ReuseAwarePool, RetryingPool) for n in vars(c) if n[:2] != "__"}
+        used = set(dir(HTTPConnectionPool)) | set(vars(HTTPConnectionPool(Clock())))
+        assert not (own - overrides) & used, (
+            f"HTTPConnectionPool now uses {sorted((own - overrides) & used)}, as we do"
         )
 
 
