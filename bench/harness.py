@@ -777,14 +777,13 @@ def load() -> str:
 
 def versions(nginx_bin: str) -> dict:
     import OpenSSL
-    import treq
     import twisted
 
     nginx = subprocess.run([nginx_bin, "-v"], capture_output=True, text=True).stderr.strip()
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
     return {
         "python": sys.version.split()[0], "twisted": twisted.__version__,
-        "treq": treq.__version__, "openssl": OpenSSL.SSL.SSLeay_version(
+        "openssl": OpenSSL.SSL.SSLeay_version(
             OpenSSL.SSL.SSLEAY_VERSION).decode(),
         "nginx": nginx.split("/")[-1], "wrk": (wrk.stdout or wrk.stderr).split()[1],
     }

@@ -24,14 +24,12 @@ applies: it also closes a connection that never sends a byte, or never starts TL
 ``ConnectionLimits`` wraps a listener's outermost factory and closes, before any TLS or HTTP
 work, a connection over the listener's total or per-peer limit.
 
-Seams in twisted.web (26.x): ``HTTPChannel`` methods ``lineReceived``, ``allHeadersReceived``,
-``allContentReceived``, ``rawDataReceived``, ``requestDone``, ``lineLengthExceeded`` and the
-private ``_respondToBadRequestAndDisconnect`` (overridden, not imported: it is where Twisted
-answers 400, and overriding it is the only way to count those and close them like the rest);
+The channel overrides ``HTTPChannel``'s methods ``lineReceived``, ``allHeadersReceived``,
+``allContentReceived``, ``rawDataReceived``, ``requestDone`` and ``lineLengthExceeded``;
 ``allHeadersReceived`` is where the whole head is known (as ``requestHeaders`` of the
-channel's last request) and the body not yet read: the head's rules are checked there;
-``LineReceiver``'s private ``_buffer`` is read, to see the start of a next request that came
-in the same read as the end of the one before.
+channel's last request) and the body not yet read: the head's rules are checked there.
+Twisted's own 400s and its unread input are reached through ``twistedseams``, the one
+module that touches Twisted's privates.
 """
 
 from __future__ import annotations
@@ -40,12 +38,12 @@ import re
 
 from prometheus_client import Counter
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
-from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from .config import Config
+from .twistedseams import HookedHTTPChannel
 
 MAX_HEADERS = 100
 """Header lines in one request (nginx and Apache allow 100)."""
@@ -93,13 +91,10 @@ class _GuardedRequest(Request):
             super().handleContentChunk(data)
 
 
-class _GuardedChannel(HTTPChannel):
+class _GuardedChannel(HookedHTTPChannel):
     """An ``HTTPChannel`` that refuses what ``GuardedSite`` does not allow."""
 
     MAX_LENGTH = MAX_HEAD_SIZE  # a longer line can't be part of an allowed head
-    # HTTPChannel logs only its idle closes ("Timing out client"): a fleet keeping
-    # connections alive would log one per container per minute, and it is nobody's news.
-    _log = Logger(observer=LogPublisher())
 
     _headLines = 0  # lines of the head so far: the request line, then headers
     _headBytes = 0
@@ -132,7 +127,7 @@ class _GuardedChannel(HTTPChannel):
             # connection the idle timeout covers the wait (a 408 there would be
             # read as the answer to the client's next request).
             self._cancelDeadline()
-            if self._buffer:
+            if self.unreadInput():
                 self._startDeadline()
         super().lineReceived(line)
 
@@ -176,10 +171,10 @@ class _GuardedChannel(HTTPChannel):
         # The start of the next request may have come in the same read as the end of this
         # one (a request without a body answered at once): it is already in the line buffer,
         # and no dataReceived call will start its deadline.
-        if self._buffer and self.persistent:
+        if self.unreadInput() and self.persistent:
             self._startDeadline()
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def badRequest(self) -> None:
         self._refuse(BAD_REQUEST)
 
     def _startDeadline(self) -> None:

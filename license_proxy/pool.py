@@ -33,13 +33,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     HTTP11ClientProtocol,
-    HTTPConnectionPool,
     Request,
     RequestNotSent,
     ResponseNeverReceived,
 )
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
+
+from .twistedseams import ReuseAwarePool
 
 IDLE_TIMEOUT = 20.0
 """Seconds an idle pooled connection is kept: below the keep-alive timeouts
@@ -129,7 +130,7 @@ def _input_waiting(transport) -> bool:
     return bool(poller.poll(0))
 
 
-class RetryingPool(HTTPConnectionPool):
+class RetryingPool(ReuseAwarePool):
     """An ``HTTPConnectionPool`` with the retry above instead of Twisted's;
     ``retries`` counts the requests sent again."""
 
@@ -140,19 +141,12 @@ class RetryingPool(HTTPConnectionPool):
     def __init__(self, reactor, persistent: bool = True) -> None:
         super().__init__(reactor, persistent)
         self.retries = 0
-        self._dialled = False
 
     def getConnection(self, key, endpoint) -> Deferred:
-        self._dialled = False
-        connection = super().getConnection(key, endpoint)
-        if self._dialled:  # a new connection: no reason to retry on another
+        connection, new = self.newOrPooled(key, endpoint)
+        if new:  # no reason to retry on another
             return connection
         return connection.addCallback(_RetryOnce, partial(self._again, key, endpoint))
-
-    def _newConnection(self, key, endpoint) -> Deferred:
-        # The base class calls this only when no pooled connection was usable.
-        self._dialled = True
-        return super()._newConnection(key, endpoint)
 
     def _again(self, key, endpoint, request: Request, failure: Failure) -> Deferred:
         self.retries += 1
@@ -165,4 +159,4 @@ class RetryingPool(HTTPConnectionPool):
             if failure.check(RequestNotSent)
             else "before any answer",
         )
-        return super()._newConnection(key, endpoint)
+        return self.dial(key, endpoint)

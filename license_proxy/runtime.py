@@ -19,6 +19,8 @@ import time
 
 from twisted.logger import Logger
 
+from .twistedseams import replace_clock
+
 THRESHOLDS = (2000, 20, 20)
 
 log = Logger()
@@ -93,4 +95,4 @@ def monotonic_timers(reactor) -> None:
             count=len(pending),
         )
         return
-    reactor.seconds = time.monotonic
+    replace_clock(reactor, time.monotonic)

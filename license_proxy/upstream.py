@@ -2,24 +2,21 @@
 The client side: one exchange with the license server, over verified TLS,
 under one deadline, with a clear reason when it fails.
 
-treq is the client API.  Three of its defaults would be wrong for a relay that
-serves many licensees, and are undone here: its shared cookie jar (a cookie set
-for one licensee would be sent for the next), its gzip decoding (answers must go
-back as the upstream sent them), and its timeout, which stops at the response
+Twisted's ``Agent`` is the client, used as it is: treq's ``HTTPClient`` wraps
+every request in a shared cookie jar (a cookie set for one licensee would be sent
+for the next) and in gzip decoding (answers must go back as the upstream sent
+them), with no public switch for either, and its timeout stops at the response
 headers (the deadline here covers connect, headers and body).
 """
 
 from __future__ import annotations
 
-from http.cookiejar import DefaultCookiePolicy
 from typing import Optional, Sequence
 
 from attrs import define, field, frozen
-from hyperlink import DecodedURL, EncodedURL
+from hyperlink import DecodedURL
 from OpenSSL import SSL
 from service_identity import VerificationError
-from treq.client import HTTPClient
-from treq.cookies import IndexableCookieJar
 from twisted.internet import error
 from twisted.internet.defer import (
     CancelledError,
@@ -50,8 +47,6 @@ from .tunnel import ProxyError
 
 MAX_ANSWER = 16 * 1024 * 1024
 """Largest answer body accepted; licensing answers are a few kilobytes."""
-
-_HIDDEN_ENCODING = b"x-license-proxy-content-encoding"
 
 
 class UpstreamFailure(Exception):
@@ -121,51 +116,6 @@ class UpstreamTLS:
             return creator
 
 
-@implementer(IAgent)
-@define
-class _Verbatim:
-    """
-    Sits under treq's ``ContentDecoderAgent`` so it decodes nothing: removes
-    the ``Accept-Encoding: gzip`` it appended and hides the answer's
-    ``Content-Encoding`` from it (``Upstream`` restores the header).
-    """
-
-    _agent: IAgent
-
-    def request(self, method, uri, headers=None, bodyProducer=None):
-        accepted = headers.getRawHeaders(b"accept-encoding", [])[:-1]
-        if accepted:
-            headers.setRawHeaders(b"accept-encoding", accepted)
-        else:
-            headers.removeHeader(b"accept-encoding")
-        return self._agent.request(method, uri, headers, bodyProducer).addCallback(
-            _hide_encoding
-        )
-
-
-def _hide_encoding(response):
-    encoding = response.headers.getRawHeaders(b"content-encoding")
-    if encoding is not None:
-        response.headers.removeHeader(b"content-encoding")
-        response.headers.setRawHeaders(_HIDDEN_ENCODING, encoding)
-    return response
-
-
-def _restore_encoding(headers: Headers) -> Headers:
-    # ContentDecoderAgent leaves an empty Content-Encoding when there was none.
-    headers.removeHeader(b"content-encoding")
-    encoding = headers.getRawHeaders(_HIDDEN_ENCODING)
-    if encoding is not None:
-        headers.removeHeader(_HIDDEN_ENCODING)
-        headers.setRawHeaders(b"content-encoding", encoding)
-    return headers
-
-
-def _no_cookies() -> IndexableCookieJar:
-    """A jar that never keeps a cookie, so none passes between licensees."""
-    return IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-
-
 class _BodyReader(Protocol):
     """Collect an answer body and tell whether its end was certain."""
 
@@ -209,7 +159,7 @@ class Upstream:
     says not to wait for, until one gives a usable answer."""
 
     _clock: IReactorTime
-    _treq: HTTPClient
+    _agent: IAgent
     _urls: Sequence[bytes]
     _timeout: float
     health: Health
@@ -225,12 +175,12 @@ class Upstream:
         pool: Optional[RetryingPool] = None,
         health: Optional[Health] = None,
     ) -> Upstream:
-        """The client over ``agent``, made transparent (see the module's doc)."""
+        """The client over ``agent``."""
         if health is None:
             health = Health.of(clock, urls, ANSWER_WITHIN, RETRY_INTERVAL)
         return cls(
             clock,
-            HTTPClient(_Verbatim(agent), cookiejar=_no_cookies()),
+            agent,
             [DecodedURL.from_text(u).to_uri().to_text().encode("ascii") for u in urls],
             timeout,
             health,
@@ -346,30 +296,11 @@ class Upstream:
     async def _once(
         self, method: bytes, target: bytes, headers: Headers, body: Optional[bytes]
     ) -> Answer:
-        response = await self._treq.request(
-            method.decode("ascii"),
-            _URI.from_text(target.decode("ascii")),
-            headers=headers,
-            data=None if body is None else BytesBody(body),
-            allow_redirects=False,
-            unbuffered=True,
+        response = await self._agent.request(
+            method, target, headers, None if body is None else BytesBody(body)
         )
         content, complete = await _read_body(response)
-        return Answer(
-            response.code, _restore_encoding(response.headers), content, complete
-        )
-
-
-class _URI(EncodedURL):
-    """
-    A target already in URI form: the configured URLs went through ``to_uri()`` once, and
-    the rest is ASCII as the client sent it.  treq calls ``to_uri()`` on every request, which
-    re-encodes the host through IDNA and every path segment (about 20 us a request) to
-    return the same text.
-    """
-
-    def to_uri(self) -> _URI:
-        return self
+        return Answer(response.code, response.headers, content, complete)
 
 
 def _join(base: bytes, rest: bytes) -> bytes:

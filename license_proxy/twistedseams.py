@@ -1,0 +1,87 @@
+"""
+The private Twisted code this project relies on, all of it, for want of a public way.
+
+The rest of the code uses only the names below.  ``tests/unit/test_seams.py`` fails, naming
+the seam, when a Twisted release changes what is relied on here; setup.cfg keeps twisted
+below its next major (27), and CI runs ``tests/unit`` on the oldest allowed versions too.
+
+``HookedHTTPChannel``, an ``HTTPChannel`` (twisted.web.http) with:
+
+- ``badRequest()``: every 400 Twisted answers itself goes through the private
+  ``HTTPChannel._respondToBadRequestAndDisconnect``, which writes a bare 400 and closes (a
+  malformed request line, a header line without a colon, a bad header name, NUL, CR or LF in
+  a value (26.x), a bad or second Content-Length or Transfer-Encoding, too many headers or header
+  bytes, malformed chunked data; ``Request.requestReceived``'s unparsable multipart form).
+  It is overridden to call ``badRequest``, so a subclass answers, counts and closes those
+  like its own refusals;
+- ``unreadInput()``: whether ``LineReceiver._buffer`` (twisted.protocols.basic) holds bytes
+  received but not yet delivered, during ``lineReceived`` and after ``requestDone``;
+- the private class attribute ``HTTPChannel._log``, the logger of its idle-timeout close
+  ("Timing out client"), replaced by a silent one.
+
+A subclass's own attributes share ``HTTPChannel``'s namespace: the test checks that none of
+the guard's is also a name ``HTTPChannel`` uses.
+
+``ReuseAwarePool``, an ``HTTPConnectionPool`` (twisted.web.client) whose ``getConnection``
+also says whether the connection is new, and whose ``dial`` makes one past the pool: the pool
+calls its private ``_newConnection(key, endpoint)`` at once, from ``getConnection``, exactly
+when no pooled connection for ``key`` is usable; it connects ``endpoint`` with a factory that
+returns the connection to the pool once idle.
+
+``replace_clock(reactor, seconds)``: ``ReactorBase`` (twisted.internet.base) reads the time
+through ``self.seconds()`` to schedule (``callLater``), to run (``runUntilCurrent``) and to
+sleep (``timeout``), and each ``DelayedCall`` keeps the ``seconds`` it was created with; so
+an attribute set on the reactor instance is its clock for every call scheduled after.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, LogPublisher
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http import HTTPChannel
+
+
+class HookedHTTPChannel(HTTPChannel):
+    """An ``HTTPChannel`` whose private hooks have public names (see the module's doc)."""
+
+    # A fleet keeping connections alive would log an idle close per container per minute.
+    _log = Logger(observer=LogPublisher())
+
+    def badRequest(self) -> None:
+        """Twisted found the request malformed: answer 400 and close (Twisted's answer)."""
+        HTTPChannel._respondToBadRequestAndDisconnect(self)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.badRequest()
+
+    def unreadInput(self) -> bool:
+        """Whether bytes of a next line or request are received and not yet handled."""
+        return bool(self._buffer)
+
+
+class ReuseAwarePool(HTTPConnectionPool):
+    """An ``HTTPConnectionPool`` that tells a new connection from a pooled one."""
+
+    _dialled = False
+
+    def newOrPooled(self, key, endpoint) -> tuple[Deferred, bool]:
+        """``HTTPConnectionPool.getConnection``'s connection, and whether it is a new one."""
+        self._dialled = False
+        connection = HTTPConnectionPool.getConnection(self, key, endpoint)
+        return connection, self._dialled
+
+    def dial(self, key, endpoint) -> Deferred:
+        """A new connection for ``key``, never a pooled one; pooled once idle."""
+        return super()._newConnection(key, endpoint)
+
+    def _newConnection(self, key, endpoint) -> Deferred:
+        self._dialled = True
+        return super()._newConnection(key, endpoint)
+
+
+def replace_clock(reactor, seconds: Callable[[], float]) -> None:
+    """Make ``seconds`` the clock of ``reactor``'s timers scheduled from now on."""
+    reactor.seconds = seconds

@@ -1,0 +1,301 @@
+"""
+Canaries for license_proxy.twistedseams: each test fails, naming the seam, when the private
+Twisted code it relies on stops behaving as that module's docstring says.  In memory and fast;
+CI runs them on the newest and the oldest Twisted that setup.cfg allows.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from contextlib import contextmanager
+
+import pytest
+from twisted.internet.defer import succeed
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, globalLogPublisher
+from twisted.web import http
+from twisted.web.client import HTTPConnectionPool, Request
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from license_proxy.listener import _GuardedChannel
+from license_proxy.pool import RetryingPool
+from license_proxy.twistedseams import HookedHTTPChannel, ReuseAwarePool, replace_clock
+
+
+@contextmanager
+def seam(name: str):
+    """Any failure inside, an assertion's or an error's, is reported as ``name`` changed."""
+    try:
+        yield
+    except Exception as e:
+        pytest.fail(
+            f"TWISTED SEAM CHANGED: {name}: {e}\nlicense_proxy/twistedseams.py relies on it;"
+            " adapt that module (and its docstring) to this Twisted before using it."
+        )
+
+
+BAD_REQUEST = "HTTPChannel._respondToBadRequestAndDisconnect"
+BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"  # what it writes
+
+
+class _Answer(Resource):
+    isLeaf = True
+
+    def render(self, request) -> bytes:
+        return b"ok"
+
+
+class _Recording(HookedHTTPChannel):
+    """Counts the 400s that reach the hook."""
+
+    badRequests = 0
+
+    def badRequest(self) -> None:
+        self.badRequests += 1
+        super().badRequest()
+
+
+class _Unread(HookedHTTPChannel):
+    """Notes what ``unreadInput`` said after each line and request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unread: list[tuple[bytes, bool]] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.unread.append((line, self.unreadInput()))
+        super().lineReceived(line)
+
+    def requestDone(self, request) -> None:
+        super().requestDone(request)
+        self.unread.append((b"<requestDone>", self.unreadInput()))
+
+
+def _channel(protocol=_Recording, clock=None, **site):
+    site = Site(_Answer(), reactor=clock or Clock(), **site)
+    site.protocol = protocol
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport())
+    return channel
+
+
+def test_a_malformed_request_line_is_answered_through_the_hook():
+    with seam(BAD_REQUEST):
+        channel = _channel()
+        channel.dataReceived(b"GARBAGE\r\n")
+        assert channel.badRequests == 1, "not called for a malformed request line"
+        assert channel.transport.value() == BARE_400, "not the answer"
+        assert channel.transport.disconnecting, "not closing"
+
+
+HEAD = b"POST / HTTP/1.1\r\nHost: a\r\n"
+MALFORMED = {
+    "header line without a colon": HEAD + b"no colon\r\n\r\n",
+    "header name not a token": HEAD + b"Bad Name: x\r\n\r\n",
+    "Content-Length not a number": HEAD + b"Content-Length: x\r\n\r\n",
+    "two Content-Length": HEAD + b"Content-Length: 1\r\nContent-Length: 1\r\n\r\n",
+    "unknown Transfer-Encoding": HEAD + b"Transfer-Encoding: gzip\r\n\r\n",
+    "malformed chunk": HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "over maxHeaders headers": HEAD + b"X: y\r\n" * 501 + b"\r\n",
+    "over totalHeadersSize bytes": HEAD + (b"X: " + b"y" * 1000 + b"\r\n") * 17 + b"\r\n",
+    "multipart body Twisted can't parse": HEAD
+    + b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5\r\n\r\nxxxxx",
+}
+MAYBE_MALFORMED = {  # refused by some supported versions only (26.x, not 24.7)
+    "NUL in a header value": HEAD + b"X: a\x00b\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", [*MALFORMED, *MAYBE_MALFORMED])
+def test_every_400_twisted_answers_goes_through_the_hook(name):
+    with seam(BAD_REQUEST):
+        channel = _channel()
+        channel.dataReceived({**MALFORMED, **MAYBE_MALFORMED}[name])
+        answer = channel.transport.value()
+        if name in MALFORMED:
+            assert channel.badRequests, f"not called for {name}"
+        if channel.badRequests or b" 400 " in answer:
+            assert (channel.badRequests, answer) == (1, BARE_400), (
+                f"a 400 for {name} did not go through it once"
+            )
+
+
+def _says_400(node) -> bool:
+    if isinstance(node, ast.Name):
+        return node.id == "BAD_REQUEST"
+    value = getattr(node, "value", None) if isinstance(node, ast.Constant) else None
+    return value == 400 or isinstance(value, bytes) and b"400" in value
+
+
+def test_no_other_code_in_twisted_web_http_writes_a_400():
+    """A new 400 path that bypasses the hook would escape the guard's counting and closing."""
+    with seam(BAD_REQUEST):
+        writers = {
+            function.name
+            for function in ast.walk(ast.parse(inspect.getsource(http)))
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and any(_says_400(node) for node in ast.walk(function))
+        }
+        assert writers == {"_respondToBadRequestAndDisconnect"}, (
+            f"twisted.web.http has 400s outside it, in {sorted(writers)}"
+        )
+
+
+def test_unread_input_is_the_line_buffer():
+    with seam("LineReceiver._buffer"):
+        channel = _channel(_Unread)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHo")
+        channel.dataReceived(b"st: a\r\n\r\n")
+        assert channel.unread == [
+            (b"GET / HTTP/1.1", True),
+            (b"Host: a", True),
+            (b"", True),
+            (b"<requestDone>", True),  # the next request's start, read with this one's end
+            (b"GET /next HTTP/1.1", True),
+            (b"Host: a", True),
+            (b"", False),
+            (b"<requestDone>", False),
+        ], f"not the bytes still unread: {channel.unread}"
+
+
+class _Logged(HookedHTTPChannel):
+    events: list = []
+    _log = Logger(observer=events.append)
+
+
+def test_the_idle_close_is_logged_through_log_and_silenced():
+    with seam("HTTPChannel._log"):
+        _Logged.events.clear()
+        clock = Clock()
+        logged = _channel(_Logged, clock, timeout=60)
+        clock.advance(60)
+        assert logged.transport.disconnecting, "no idle close"
+        formats = [e["log_format"] for e in _Logged.events]
+        assert formats == ["Timing out client: {peer}"], f"the idle close logs {formats} to it"
+        heard = []
+        globalLogPublisher.addObserver(heard.append)
+        try:
+            silenced = _channel(HookedHTTPChannel, clock, timeout=60)
+            clock.advance(60)
+        finally:
+            globalLogPublisher.removeObserver(heard.append)
+        assert silenced.transport.disconnecting, "no idle close"
+        assert heard == [], f"the idle close logged {heard} elsewhere"
+
+
+def test_the_guard_adds_no_name_httpchannel_uses():
+    """The guard's state shares HTTPChannel's namespace: a name Twisted starts using
+    would be overwritten by the other's."""
+    overrides = {
+        "MAX_LENGTH",
+        "dataReceived",
+        "lineReceived",
+        "lineLengthExceeded",
+        "allHeadersReceived",
+        "rawDataReceived",
+        "allContentReceived",
+        "requestDone",
+        "connectionLost",
+        "badRequest",
+    }
+    with seam("HTTPChannel's namespace"):
+        own = {name for name in vars(_GuardedChannel) if not name.startswith("__")} - overrides
+        channel = _channel(HookedHTTPChannel, timeout=60)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nok")
+        channel.dataReceived(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        channel.connectionLost(None)
+        used = set(dir(HookedHTTPChannel)) | set(vars(channel))
+        assert not own & used, f"it now uses {sorted(own & used)}, as listener's guard does"
+        assert overrides <= set(dir(HookedHTTPChannel)), (
+            f"the guard overrides what is gone: {sorted(overrides - set(dir(HookedHTTPChannel)))}"
+        )
+
+
+class _Endpoint:
+    """Connects in memory at once; keeps the connections made."""
+
+    def __init__(self) -> None:
+        self.made = []
+
+    def connect(self, factory):
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.made.append(protocol)
+        return succeed(protocol)
+
+
+class _CountingPool(ReuseAwarePool):
+    retryAutomatically = False  # as RetryingPool: Twisted's retry would wrap the connection
+
+    def __init__(self, reactor) -> None:
+        super().__init__(reactor, persistent=True)
+        self.calls = []
+
+    def _newConnection(self, key, endpoint):
+        self.calls.append((key, endpoint))
+        return super()._newConnection(key, endpoint)
+
+
+def _answered(connection) -> None:
+    """One request and its answer, after which a connection goes back to the pool."""
+    connection.request(Request(b"GET", b"/", Headers({b"host": [b"a"]}), None, persistent=True))
+    connection.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+
+def test_the_pool_calls_new_connection_exactly_when_it_connects():
+    with seam("HTTPConnectionPool._newConnection"):
+        pool, endpoint, key = _CountingPool(Clock()), _Endpoint(), ("https", b"a", 443)
+        got, new = pool.newOrPooled(key, endpoint)
+        assert (new, pool.calls, len(endpoint.made)) == (True, [(key, endpoint)], 1), (
+            "not called, or not with (key, endpoint), for a new connection"
+        )
+        first = endpoint.made[0]
+        _answered(first)
+        got, new = pool.newOrPooled(key, endpoint)
+        assert (new, len(pool.calls), len(endpoint.made)) == (False, 1, 1), (
+            "called although a pooled connection was usable"
+        )
+        assert got.result is first, "the pooled connection was not the one given"
+        dialled = pool.dial(key, endpoint).result
+        assert endpoint.made == [first, dialled], "calling it does not connect the endpoint"
+        _answered(first)
+        _answered(dialled)
+        reused = {pool.newOrPooled(key, endpoint)[0].result for _ in range(2)}
+        assert reused == {first, dialled} and len(endpoint.made) == 2, (
+            "its connection does not go back to the pool once idle"
+        )
+        overrides = {"getConnection", "_newConnection", "retryAutomatically"}
+        overrides |= {"cachedConnectionTimeout", "log"}
+        own = {n for c in (ReuseAwarePool, RetryingPool) for n in vars(c) if n[:2] != "__"}
+        used = set(dir(HTTPConnectionPool)) | set(vars(HTTPConnectionPool(Clock())))
+        assert not (own - overrides) & used, (
+            f"HTTPConnectionPool now uses {sorted((own - overrides) & used)}, as we do"
+        )
+
+
+def test_an_attribute_on_the_reactor_is_its_clock():
+    reactor = SelectReactor()
+    try:
+        with seam("ReactorBase.seconds"):
+            now = [1000.0]
+            replace_clock(reactor, lambda: now[0])
+            fired = []
+            call = reactor.callLater(10, fired.append, "fired")
+            assert call.getTime() == 1010.0, "callLater does not schedule on it"
+            assert reactor.timeout() == 10.0, "the reactor does not sleep on it"
+            call.reset(5)
+            assert call.getTime() == 1005.0, "a DelayedCall does not keep it"
+            now[0] = 1004.9
+            reactor.runUntilCurrent()
+            assert fired == [], "runUntilCurrent runs a call early by it"
+            now[0] = 1005.0
+            reactor.runUntilCurrent()
+            assert fired == ["fired"], "runUntilCurrent does not run by it"
+    finally:
+        reactor.removeReader(reactor.waker)
+        reactor.waker.connectionLost(None)
