@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tomllib
 from pathlib import Path
 
 import attrs
@@ -793,3 +794,18 @@ def test_server_url_must_not_carry_a_query(tmp_path):
     with pytest.raises(ConfigError) as e:
         load(str(path), {})
     assert "without a ?query" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_the_reference_shows_each_key_with_its_true_default():
+    """The configuration reference is built from ``_KEYS``: a default shown as a TOML value must
+    be what Config has, and every group of keys has its words."""
+    config = Config()
+    first_keys = [spec for spec in _KEYS.values() if spec.doc is not None]
+    assert list(_KEYS.values())[0].doc and all(spec.doc.strip() for spec in first_keys)
+    shown = 0
+    for (section, key), spec in _KEYS.items():
+        if spec.default[:1] in '"[0123456789' or spec.default in ("true", "false"):
+            value = tomllib.loads(f"v = {spec.default}")["v"]
+            assert spec.parse(value) == getattr(config, spec.attribute), (section, key)
+            shown += 1
+    assert shown >= 20
