@@ -461,7 +461,7 @@ _KEYS: dict[tuple[str, str], Key] = {
             'certificate (for the host name, `localhost`, `127.0.0.1`, `::1`, '
             '`license-proxy`, `deepgram-license-proxy-internal` and its `.svc` forms, see '
             '[What the API and Engine containers must '
-            'trust](#what-the-api-and-engine-containers-must-trust)) is generated on first '
+            'trust](deploying.md#what-the-api-and-engine-containers-must-trust)) is generated on first '
             'start and kept as `tls.crt`/`tls.key` in the state directory, so it stays the '
             'same across restarts. Setting them with `tls = false` is an error'
         ),
@@ -524,7 +524,7 @@ _KEYS: dict[tuple[str, str], Key] = {
         (
             'the license server; a list of `https://` URLs is tried in order for every relay '
             'and check-in, all sharing one cache; a URL known to be down is skipped (see '
-            '[Outages](#outages))'
+            '[Outages](outages.md#outages))'
         ),
     ),
     ("license", "key"): Key(
@@ -566,7 +566,7 @@ _KEYS: dict[tuple[str, str], Key] = {
             'past it, the request gets the trusted answer and the exchange finishes in the '
             'background (its result still updates the cache and the state). Also the connect '
             'timeout (name resolution and TCP connect, to the server or to a forward proxy; '
-            'at most `timeout`). See [Outages](#outages)'
+            'at most `timeout`). See [Outages](outages.md#outages)'
         ),
     ),
     ("license", "retry_interval"): Key(
@@ -583,7 +583,7 @@ _KEYS: dict[tuple[str, str], Key] = {
             'forward proxy to the license server: `http://`, `https://`, `socks5://` or '
             '`socks5h://`, with optional `user:password@`; wins over '
             '`HTTPS_PROXY`/`ALL_PROXY` (see [Egress through a corporate '
-            'proxy](#egress-through-a-corporate-proxy))'
+            'proxy](egress.md#egress-through-a-corporate-proxy))'
         ),
     ),
     ("license", "no_proxy"): Key(
@@ -604,7 +604,7 @@ _KEYS: dict[tuple[str, str], Key] = {
             "the trust cache's snapshot, with its journal beside it (`PATH.journal`); its "
             'directory is the **state directory** (mount the directory, never the file: the '
             'files are replaced by rename). Created 0700 if missing; one writable by others '
-            'keeps the files in `private/` (see [Security rules](#security-rules))'
+            'keeps the files in `private/` (see [Security rules](security.md#security-rules))'
         ),
     ),
     ("cache", "max_entries"): Key(
@@ -612,7 +612,7 @@ _KEYS: dict[tuple[str, str], Key] = {
         (
             'most answers kept; when full, the one stored longest ago makes room, answers not '
             'asked for again a `checkin_interval` later first (see [The trust '
-            'cache](#the-trust-cache))'
+            'cache](trust-cache.md#the-trust-cache))'
         ),
     ),
     ("cache", "key_headers"): Key(
@@ -631,7 +631,7 @@ _KEYS: dict[tuple[str, str], Key] = {
             '(`https://` only, with their `base_url`, e.g. '
             '`["https://proxy-b.example:8443/"]`): a request this instance would answer 502 '
             'is asked of them first, and their answer kept (see [Two '
-            'instances](#two-instances))'
+            'instances](two-instances.md#two-instances))'
         ),
     ),
     ("peers", "ca_file"): Key(
@@ -644,7 +644,7 @@ _KEYS: dict[tuple[str, str], Key] = {
     ("log", "format"): Key(
         "log_format", _log_format, '"text"',
         (
-            '`"json"`: one JSON object per line on standard output (see [Logs](#logs)); '
+            '`"json"`: one JSON object per line on standard output (see [Logs](operations.md#logs)); '
             '`--log-format` overrides it'
         ),
     ),
