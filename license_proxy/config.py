@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 import attrs
 from hyperlink import DecodedURL, URLParseError
 
-from .egress import Proxy
+from .proxyurl import Proxy
 from .health import ANSWER_WITHIN, RETRY_INTERVAL
 from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN
 from .trustcache import CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES

@@ -809,3 +809,18 @@ def test_the_reference_shows_each_key_with_its_true_default():
             assert spec.parse(value) == getattr(config, spec.attribute), (section, key)
             shown += 1
     assert shown >= 20
+
+
+def test_reading_a_config_imports_no_network_code():
+    """``license-proxy check`` and the config's tests load the config alone: the forward proxy's
+    URL is parsed without the egress and tunnel code (or Twisted's endpoints) coming along."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, license_proxy.config; "
+        "print(sorted(m for m in sys.modules if m in ('license_proxy.egress', 'license_proxy.tunnel',"
+        " 'license_proxy.connect', 'twisted.internet.endpoints')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
