@@ -58,7 +58,7 @@ def healthy(upstream, pki) -> None:
 
 def back(proxy) -> None:
     """Wait until the proxy's probe has found the license server back (a fault
-    marks it down; see the README's Outages)."""
+    marks it down; see docs/outages.md)."""
     proxy.wait_status(lambda s: all(x["up"] for x in s["license_servers"]), "server up", 30)
 
 

@@ -3,7 +3,7 @@ Side-by-side benchmark on loopback: license-proxy against nginx configured to gi
 guarantee, and against the upstream directly (the floor), measured with wrk in one run on one
 machine, contenders interleaved round by round; medians are reported.
 
-Run it with ``bash bench/run`` (see the README's Performance section).  Everything is started
+Run it with ``bash bench/run`` (see docs/performance.md).  Everything is started
 here and stopped here: a local TLS upstream (nginx returning a fixed JSON answer, never the
 bottleneck), the nginx relay, and a real ``twistd license-proxy`` process.
 

@@ -2,7 +2,7 @@
 Load test: 200 concurrent clients relaying through a real ``twistd license-proxy`` to a real
 TLS upstream for 60 s, on loopback; zero errors and bounded memory, or a non-zero exit.
 
-Run it with ``bash bench/load`` (see the README's Performance section).  The upstream is the
+Run it with ``bash bench/load`` (see docs/performance.md).  The upstream is the
 benchmark's nginx (a fixed JSON answer, never the bottleneck) and the proxy is the benchmark's,
 with its default limits (bench/harness.py).  The clients are three wrk processes at once:
 

@@ -6,7 +6,8 @@ has a default. A mistake is reported as a single ConfigError line naming the fil
 because a proxy that starts half-configured fails later, far from the cause. ``${VAR}`` is
 expanded here because the original does not, and deployments had to run ``sed`` over the file.
 
-Each key is one row of ``_KEYS``: adding a key is a Config field, a row and, if needed, a parser.
+Each key is one row of ``_KEYS``: adding a key is a Config field, a row (with its default and its
+documentation: the configuration reference is built from this table) and, if needed, a parser.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable, Mapping
 import attrs
 from hyperlink import DecodedURL, URLParseError
 
-from .egress import Proxy
+from .proxyurl import Proxy
 from .health import ANSWER_WITHIN, RETRY_INTERVAL
 from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN
 from .trustcache import CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES
@@ -100,7 +101,7 @@ def load(path: str | None, environ: Mapping[str, str]) -> Config:
                 raise ConfigError(
                     f"{path}: unknown key [{section}] {_toml_key(key)} (known: {known})"
                 )
-            attribute, parse = _KEYS[section, key]
+            attribute, parse = _KEYS[section, key].attribute, _KEYS[section, key].parse
             try:
                 expanded = _expand(raw, environ)
             except ValueError as e:
@@ -417,41 +418,235 @@ def _proxy_url(value: object) -> str:
     return value
 
 
-# (section, key) -> (Config attribute, parser). A parser takes the TOML value after ${VAR}
-# expansion and returns the attribute's value, or raises ValueError("expected ..., got ...").
-_KEYS: dict[tuple[str, str], tuple[str, Callable[[object], object]]] = {
-    ("server", "host"): ("host", _non_empty_string),
-    ("server", "port"): ("port", _port),
-    ("server", "base_url"): ("base_url", _base_url),
-    ("server", "status_port"): ("status_port", _port),
-    ("server", "tls"): ("tls", _boolean),
-    ("server", "tls_cert"): ("tls_cert", _readable_file),
-    ("server", "tls_key"): ("tls_key", _readable_file),
-    ("server", "tls_names"): ("tls_names", _tls_names),
-    ("server", "max_body_size"): ("max_body_size", _positive_integer),
-    ("server", "header_timeout"): ("header_timeout", parse_duration),
-    ("server", "idle_timeout"): ("idle_timeout", parse_duration),
-    ("server", "max_connections"): ("max_connections", _positive_integer),
-    ("server", "max_connections_per_peer"): ("max_connections_per_peer", _positive_integer),
-    ("fips", "mode"): ("fips", _fips_mode),
-    ("license", "server_url"): ("server_urls", _server_urls),
-    ("license", "key"): ("key", _secret),
-    ("license", "ca_file"): ("ca_file", _readable_file),
-    ("license", "client_cert"): ("client_cert", _readable_file),
-    ("license", "client_key"): ("client_key", _readable_file),
-    ("license", "timeout"): ("timeout", parse_duration),
-    ("license", "startup_timeout"): ("startup_timeout", parse_duration),
-    ("license", "answer_within"): ("answer_within", parse_duration),
-    ("license", "retry_interval"): ("retry_interval", parse_duration),
-    ("license", "proxy"): ("proxy", _proxy_url),
-    ("license", "no_proxy"): ("no_proxy", _string),
-    ("trust", "duration"): ("trust_duration", parse_duration),
-    ("trust", "checkin_interval"): ("checkin_interval", parse_duration),
-    ("cache", "path"): ("cache_path", _non_empty_string),
-    ("cache", "max_entries"): ("cache_max_entries", _positive_integer),
-    ("cache", "key_headers"): ("cache_key_headers", _key_headers),
-    ("peers", "urls"): ("peer_urls", _peer_urls),
-    ("peers", "ca_file"): ("peer_ca_file", _readable_file),
-    ("log", "format"): ("log_format", _log_format),
+@attrs.frozen
+class Key:
+    """One key: where it goes, how it is read, and how the configuration reference shows it."""
+
+    attribute: str  # of Config
+    #: Takes the TOML value after ${VAR} expansion and returns the attribute's value, or raises
+    #: ValueError("expected ..., got ...").
+    parse: Callable[[object], object]
+    default: str  # as TOML when it is a value (checked against Config's), else in words
+    doc: str | None  # Markdown; None: documented with the key before it (a pair such as cert/key)
+
+
+_KEYS: dict[tuple[str, str], Key] = {
+    ("server", "host"): Key(
+        "host", _non_empty_string, '"0.0.0.0"',
+        'address both listeners bind to (`"::"` for IPv6)',
+    ),
+    ("server", "port"): Key(
+        "port", _port, '8443',
+        'licensing listener (HTTPS)',
+    ),
+    ("server", "base_url"): Key(
+        "base_url", _base_url, '"/"',
+        'URL prefix of licensing requests; anything else gets 404',
+    ),
+    ("server", "status_port"): Key(
+        "status_port", _port, '8080',
+        'status listener (plain HTTP)',
+    ),
+    ("server", "tls"): Key(
+        "tls", _boolean, 'true',
+        (
+            '`false` serves the licensing listener as plain HTTP (behind a TLS-terminating '
+            'load balancer)'
+        ),
+    ),
+    ("server", "tls_cert"): Key(
+        "tls_cert", _readable_file, 'unset',
+        (
+            'PEM certificate (chain) and key of the licensing listener. Unset: a self-signed '
+            'certificate (for the host name, `localhost`, `127.0.0.1`, `::1`, '
+            '`license-proxy`, `deepgram-license-proxy-internal` and its `.svc` forms, see '
+            '[What the API and Engine containers must '
+            'trust](deploying.md#what-the-api-and-engine-containers-must-trust)) is generated on first '
+            'start and kept as `tls.crt`/`tls.key` in the state directory, so it stays the '
+            'same across restarts. Setting them with `tls = false` is an error'
+        ),
+    ),
+    ("server", "tls_key"): Key(
+        "tls_key", _readable_file, 'unset',
+        None,
+    ),
+    ("server", "tls_names"): Key(
+        "tls_names", _tls_names, '[]',
+        (
+            'more host names or IP addresses for the generated certificate (e.g. '
+            '`["license.example.com", "10.0.0.7"]`); a new certificate is made at the next '
+            'start when one is missing. Not with `tls_cert` or `tls = false`'
+        ),
+    ),
+    ("server", "max_body_size"): Key(
+        "max_body_size", _positive_integer, '1048576',
+        (
+            'largest request body in bytes, on both listeners: a larger `Content-Length` gets '
+            '413 before the body is read, a chunked body 413 as soon as it grows past it'
+        ),
+    ),
+    ("server", "header_timeout"): Key(
+        "header_timeout", parse_duration, '"10s"',
+        (
+            'a request, head and body, must be complete this long after its first byte, else '
+            '408; bytes trickled in do not move the deadline (slowloris). Time spent '
+            'answering is not counted'
+        ),
+    ),
+    ("server", "idle_timeout"): Key(
+        "idle_timeout", parse_duration, '"60s"',
+        (
+            'a connection with no request under way is closed after this long without a byte; '
+            'covers a client that never sends anything or never starts TLS'
+        ),
+    ),
+    ("server", "max_connections"): Key(
+        "max_connections", _positive_integer, '4096',
+        'open connections per listener (each has its own); one more is closed at once',
+    ),
+    ("server", "max_connections_per_peer"): Key(
+        "max_connections_per_peer", _positive_integer, '1024',
+        (
+            'open connections per listener from one client address; generous because whole '
+            'fleets often arrive from one NAT or load-balancer address'
+        ),
+    ),
+    ("fips", "mode"): Key(
+        "fips", _fips_mode, '"disabled"',
+        (
+            '`"enabled"`: run only on a FIPS-validated OpenSSL in FIPS mode, else refuse to '
+            'start (exit 2, one line saying why and what would make it possible); see [FIPS '
+            'mode](#fips-mode)'
+        ),
+    ),
+    ("license", "server_url"): Key(
+        "server_urls", _server_urls, '"https://license.deepgram.com"',
+        (
+            'the license server; a list of `https://` URLs is tried in order for every relay '
+            'and check-in, all sharing one cache; a URL known to be down is skipped (see '
+            '[Outages](outages.md#outages))'
+        ),
+    ),
+    ("license", "key"): Key(
+        "key", _secret, 'DEEPGRAM_API_KEY',
+        (
+            "license key for the proxy's own check-in, sent as `Authorization: Token <key>`. "
+            'Unset (or `""`): the `DEEPGRAM_API_KEY` environment variable, as in the vendor\'s '
+            'images; with neither, the proxy refuses to start (exit 2). Never logged, shown '
+            'in status or metrics, or written to the cache'
+        ),
+    ),
+    ("license", "ca_file"): Key(
+        "ca_file", _readable_file, 'system trust store',
+        'PEM bundle of the roots that verify the license server',
+    ),
+    ("license", "client_cert"): Key(
+        "client_cert", _readable_file, 'unset',
+        'client certificate for a license server that requires mutual TLS',
+    ),
+    ("license", "client_key"): Key(
+        "client_key", _readable_file, 'unset',
+        None,
+    ),
+    ("license", "timeout"): Key(
+        "timeout", parse_duration, '"30s"',
+        (
+            'the one deadline of an exchange with one license server URL: connect, TLS, '
+            'headers and body'
+        ),
+    ),
+    ("license", "startup_timeout"): Key(
+        "startup_timeout", parse_duration, '"30s"',
+        'how long a new instance tries to reach the license server before giving up',
+    ),
+    ("license", "answer_within"): Key(
+        "answer_within", parse_duration, '"2s"',
+        (
+            'the longest a request that has a trusted answer waits for the license server: '
+            'past it, the request gets the trusted answer and the exchange finishes in the '
+            'background (its result still updates the cache and the state). Also the connect '
+            'timeout (name resolution and TCP connect, to the server or to a forward proxy; '
+            'at most `timeout`). See [Outages](outages.md#outages)'
+        ),
+    ),
+    ("license", "retry_interval"): Key(
+        "retry_interval", parse_duration, '"5s"',
+        (
+            'while a license server is down, it is probed with the check-in request every '
+            '`retry_interval`, jittered between half of it and all of it, one probe at a '
+            'time; the first answer makes it usable again'
+        ),
+    ),
+    ("license", "proxy"): Key(
+        "proxy", _proxy_url, 'unset',
+        (
+            'forward proxy to the license server: `http://`, `https://`, `socks5://` or '
+            '`socks5h://`, with optional `user:password@`; wins over '
+            '`HTTPS_PROXY`/`ALL_PROXY` (see [Egress through a corporate '
+            'proxy](egress.md#egress-through-a-corporate-proxy))'
+        ),
+    ),
+    ("license", "no_proxy"): Key(
+        "no_proxy", _string, 'unset',
+        'hosts reached directly, in `NO_PROXY` syntax; wins over `NO_PROXY`',
+    ),
+    ("trust", "duration"): Key(
+        "trust_duration", parse_duration, '"24h"',
+        'how long after the last successful check-in cached answers may be served',
+    ),
+    ("trust", "checkin_interval"): Key(
+        "checkin_interval", parse_duration, '"60s"',
+        'how often the proxy checks in by itself',
+    ),
+    ("cache", "path"): Key(
+        "cache_path", _non_empty_string, '"/var/lib/license-proxy/trust-cache.json"',
+        (
+            "the trust cache's snapshot, with its journal beside it (`PATH.journal`); its "
+            'directory is the **state directory** (mount the directory, never the file: the '
+            'files are replaced by rename). Created 0700 if missing; one writable by others '
+            'keeps the files in `private/` (see [Security rules](security.md#security-rules))'
+        ),
+    ),
+    ("cache", "max_entries"): Key(
+        "cache_max_entries", _positive_integer, '10000',
+        (
+            'most answers kept; when full, the one stored longest ago makes room, answers not '
+            'asked for again a `checkin_interval` later first (see [The trust '
+            'cache](trust-cache.md#the-trust-cache))'
+        ),
+    ),
+    ("cache", "key_headers"): Key(
+        "cache_key_headers", _key_headers, '["Authorization", "Cookie", "X-Api-Key"]',
+        (
+            'request headers that tell licensees apart, any case: each is part of every cache '
+            "key, so one licensee's cached answer never goes to another. Add the header your "
+            'licensees are identified by (`X-Auth-Token`, a vendor header); a hop-by-hop '
+            'header, `Host` or `Content-Length` is refused (never sent as the client sent it)'
+        ),
+    ),
+    ("peers", "urls"): Key(
+        "peer_urls", _peer_urls, '[]',
+        (
+            'the other instances behind the same load balancer, as their licensing URLs '
+            '(`https://` only, with their `base_url`, e.g. '
+            '`["https://proxy-b.example:8443/"]`): a request this instance would answer 502 '
+            'is asked of them first, and their answer kept (see [Two '
+            'instances](two-instances.md#two-instances))'
+        ),
+    ),
+    ("peers", "ca_file"): Key(
+        "peer_ca_file", _readable_file, '`""` (the system\'s roots)',
+        (
+            "CA certificates (PEM) the peers' certificates must chain to, their names "
+            "matching the URLs' hosts"
+        ),
+    ),
+    ("log", "format"): Key(
+        "log_format", _log_format, '"text"',
+        (
+            '`"json"`: one JSON object per line on standard output (see [Logs](operations.md#logs)); '
+            '`--log-format` overrides it'
+        ),
+    ),
 }
 _SECTIONS = frozenset(section for section, _ in _KEYS)

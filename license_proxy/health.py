@@ -3,7 +3,7 @@ Each license server's health: whether a client should wait for it.
 
 Waiting on a dead server is what an outage costs the fleet, so a server the
 proxy has seen fail is not asked again for clients until a background probe
-finds it back.  The rules (README, "Outages"):
+finds it back.  The rules (docs/outages.md):
 
 - **Down** after an exchange ends without a complete answer (connection
   refused or reset, a connection not established within ``answer_within``, a

@@ -34,7 +34,8 @@ from .listener import ConnectionLimits, GuardedSite
 from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for
 from .peers import Peers
 from .relay import Relay
-from .status import Status, status_resource
+from .status import Status
+from .statuspages import status_resource
 from .tls import listener_options, peer_tls, upstream_tls
 from .tlsreload import CertificateFiles, CertificateReload, ListenerTLS, OnSignal, watching
 from .trustcache import TrustCache

@@ -1,5 +1,5 @@
 """
-The proxy's state, and the status endpoint that reports it.
+The proxy's state, as the status endpoint reports it (the pages: ``statuspages``).
 
 The state answers one question for operators and probes: would a container
 that checks in now be licensed?  It follows the most recent relay or check-in
@@ -29,7 +29,6 @@ from typing import Optional
 from attrs import define, field
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 
 from .health import Health
 from .trustcache import TrustCache
@@ -152,72 +151,3 @@ def rfc3339(when: Optional[float]) -> Optional[str]:
         return None
     moment = datetime.fromtimestamp(when, timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _json(request, body: bytes) -> bytes:
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return body + b"\n"
-
-
-class _StatusPage(Resource):
-    def __init__(self, status: Status) -> None:
-        super().__init__()
-        self._status = status
-
-    def render_GET(self, request) -> bytes:
-        return _json(request, self._status.as_json())
-
-
-class _ReadyPage(_StatusPage):
-    """200 while containers are licensed (``Connected``, ``TrustBased``), else 503."""
-
-    def render_GET(self, request) -> bytes:
-        if not self._status.ready:
-            request.setResponseCode(503)
-        return super().render_GET(request)
-
-
-class _HealthPage(Resource):
-    """The process answers: for liveness probes, whatever the state."""
-
-    def render_GET(self, request) -> bytes:
-        return _json(request, b'{"alive":true}')
-
-
-class _Routes(Resource):
-    """
-    The status listener's only routes: these exact paths (any query), GET and
-    HEAD.  Anything else gets 404 or 405 with a fixed body, never Twisted's
-    error pages, which echo the request's target.
-    """
-
-    isLeaf = True
-
-    def __init__(self, pages: dict[bytes, Resource]) -> None:
-        super().__init__()
-        self._pages = pages
-
-    def render(self, request) -> bytes:
-        page = self._pages.get(request.path)
-        if page is None:
-            request.setResponseCode(404)
-            return _json(request, b'{"error":"not found"}')
-        if request.method not in (b"GET", b"HEAD"):
-            request.setResponseCode(405)
-            request.setHeader(b"allow", b"GET, HEAD")
-            return _json(request, b'{"error":"method not allowed"}')
-        return page.render(request)
-
-
-def status_resource(status: Status, metrics: Resource) -> Resource:
-    """The status listener: ``/v1/status``, ``/v1/ready``, ``/v1/health``
-    and ``/metrics``."""
-    return _Routes(
-        {
-            b"/v1/status": _StatusPage(status),
-            b"/v1/ready": _ReadyPage(status),
-            b"/v1/health": _HealthPage(),
-            b"/metrics": metrics,
-        }
-    )

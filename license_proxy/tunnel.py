@@ -28,6 +28,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from .connect import resolve
+from .proxyurl import netloc
 
 MAX_ANSWER_HEAD = 16 * 1024
 """Largest CONNECT answer head accepted, in bytes."""
@@ -303,8 +304,3 @@ class TunnelEndpoint:
             raise ProxyError(self._name, e.reason) from None
         except Exception as e:
             raise ProxyError(self._name, e) from None
-
-
-def netloc(host: str, port: int) -> str:
-    """``host:port``, an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tomllib
 from pathlib import Path
 
 import attrs
@@ -793,3 +794,33 @@ def test_server_url_must_not_carry_a_query(tmp_path):
     with pytest.raises(ConfigError) as e:
         load(str(path), {})
     assert "without a ?query" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_the_reference_shows_each_key_with_its_true_default():
+    """The configuration reference is built from ``_KEYS``: a default shown as a TOML value must
+    be what Config has, and every group of keys has its words."""
+    config = Config()
+    first_keys = [spec for spec in _KEYS.values() if spec.doc is not None]
+    assert list(_KEYS.values())[0].doc and all(spec.doc.strip() for spec in first_keys)
+    shown = 0
+    for (section, key), spec in _KEYS.items():
+        if spec.default[:1] in '"[0123456789' or spec.default in ("true", "false"):
+            value = tomllib.loads(f"v = {spec.default}")["v"]
+            assert spec.parse(value) == getattr(config, spec.attribute), (section, key)
+            shown += 1
+    assert shown >= 20
+
+
+def test_reading_a_config_imports_no_network_code():
+    """``license-proxy check`` and the config's tests load the config alone: the forward proxy's
+    URL is parsed without the egress and tunnel code (or Twisted's endpoints) coming along."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, license_proxy.config; "
+        "print(sorted(m for m in sys.modules if m in ('license_proxy.egress', 'license_proxy.tunnel',"
+        " 'license_proxy.connect', 'twisted.internet.endpoints')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

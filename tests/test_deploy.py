@@ -76,7 +76,7 @@ def systemd_root(tmp_path: Path, unit_text: str) -> Path:
     (root / "etc/systemd/system/license-proxy.service").write_text(unit_text)
     bin_dir = root / "opt/license-proxy/bin"
     bin_dir.mkdir(parents=True)
-    # The twistd of the tested install, where the README installs it.
+    # The twistd of the tested install, where docs/deploying.md installs it.
     shutil.copy2(Path(sys.executable).parent / "twistd", bin_dir / "twistd")
     return root
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from license_proxy.config import ConfigError, load
-from license_proxy.egress import Proxy, Settings, bypasses, choose
+from license_proxy.egress import Settings, bypasses, choose
+from license_proxy.proxyurl import Proxy
 
 
 def route(environ, host="license.example", port=443, proxy="", no_proxy=""):

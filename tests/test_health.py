@@ -23,7 +23,8 @@ from license_proxy.connect import ATTEMPT_DELAY, FastEndpoint
 from license_proxy.health import Health
 from license_proxy.metrics import MetricsPage, UpstreamCollector
 from license_proxy.relay import Relay
-from license_proxy.status import Status, status_resource
+from license_proxy.status import Status
+from license_proxy.statuspages import status_resource
 from license_proxy.upstream import Upstream
 from tests.test_relay import TRUST, FakeLicenseServer, RelayHarness
 

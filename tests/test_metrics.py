@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import readBody
 
 from license_proxy.metrics import MetricsPage, UpstreamCollector
-from license_proxy.status import status_resource
+from license_proxy.statuspages import status_resource
 from tests.test_relay import TRUST, RelayHarness
 
 

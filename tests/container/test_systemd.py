@@ -1,6 +1,6 @@
 """
 etc/license-proxy.service under a real systemd: a Debian made with debootstrap, the program
-installed into /opt/license-proxy as the README says, the unit enabled, booted with
+installed into /opt/license-proxy as docs/deploying.md says, the unit enabled, booted with
 systemd-nspawn (no systemd runs on these machines otherwise).  The container shares the
 host's network, so the proxy reaches the test's TLS license server on loopback and the test
 reaches the proxy on free ports.  Slow, hence in the container target.
@@ -48,7 +48,7 @@ def make_root(root: Path, wheels: Path) -> None:
     run("cp", "-a", str(CACHED_ROOT), str(root))
     # debootstrap writes no /etc/hosts; an installed system has one, and "localhost" needs it.
     (root / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
-    # The README's install: a venv at /opt/license-proxy, the plugin cache written as root.
+    # The install of docs/deploying.md: a venv at /opt/license-proxy, the plugin cache written as root.
     shutil.copytree(wheels, root / "tmp/wheels")
     run("chroot", str(root), "sh", "-c",
         "python3 -m venv /opt/license-proxy"
