@@ -18,7 +18,8 @@ import pytest
 
 from tests.support.forward import Squid
 from tests.support.proxy import REPO_ROOT, ProxyProcess
-from tests.test_e2e import config
+from tests.support.configs import config
+from tests.support.wire import exchange
 
 BASE = 'base_url = "/v1/"'
 
@@ -155,8 +156,6 @@ def test_repeated_credential_values_count_in_their_order(tmp_path, pki, upstream
 
 
 def raw(proxy, data: bytes) -> bytes:
-    from tests.test_listener_e2e import exchange
-
     return exchange(proxy, "licensing", data)
 
 

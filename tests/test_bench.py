@@ -50,7 +50,7 @@ def _script(*args: str) -> str:
 
 
 def test_the_broken_upstream_timings_run_and_every_fault_is_answered_from_trust():
-    from tests.test_e2e import FAULTS
+    from tests.support.faults import FAULTS
 
     rows = {line[:40].strip(): line for line in _script("faults.py", "--rounds", "1").splitlines()}
     for fault in FAULTS:

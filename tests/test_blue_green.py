@@ -24,8 +24,8 @@ from twisted.internet.task import Clock
 
 from license_proxy.trustcache import TrustCache
 from tests.support.proxy import REPO_ROOT, ProxyProcess, free_port
+from tests.support.cachefiles import T0, entry_at, journal_of, two_journaled
 from tests.support.processes import stop
-from tests.test_trustcache import T0, entry_at, journal_of, two_journaled
 
 SCRIPT = REPO_ROOT / "bin" / "blue-green"
 

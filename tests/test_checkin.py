@@ -7,7 +7,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from license_proxy.checkin import CheckIn, StartupFailed
-from tests.test_relay import TRUST, T0, RelayHarness
+from tests.support.relayharness import T0, TRUST, RelayHarness
 
 
 class CheckInTests(SynchronousTestCase):

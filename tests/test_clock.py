@@ -20,8 +20,8 @@ from license_proxy import runtime
 from license_proxy.clock import HighWaterClock
 from license_proxy.status import Status, rfc3339
 from license_proxy.trustcache import FLUSH_DELAY, TrustCache
+from tests.support.configs import config
 from tests.support.proxy import ProxyProcess, free_port
-from tests.test_e2e import config
 
 T0 = 1_800_000_000.0
 TRUST = 3600.0

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from license_proxy import fips
+from tests.support.configs import KEY, config
 from tests.support.proxy import COMMAND, REPO_ROOT, TEST_KEY, ProxyProcess
-from tests.test_e2e import KEY, config
 
 NO_KEY = {"DEEPGRAM_API_KEY": None}
 

@@ -11,34 +11,11 @@ import attrs
 import pytest
 
 from license_proxy.config import _KEYS, Config, ConfigError, load, parse_duration, require_key
+from tests.support.configs import error, load_text, write
 
 DEFAULT_FILE = Path(__file__).parent.parent / "etc" / "license-proxy.toml"
 
 VENDOR_MINIMAL = '[server]\nhost = "0.0.0.0"\nport = 8443\nbase_url = "/"\nstatus_port = 8080\n'
-
-
-def write(tmp_path: Path, text: str | bytes, name: str = "license-proxy.toml") -> str:
-    path = tmp_path / name
-    if isinstance(text, str):
-        path.write_text(text, encoding="utf-8")
-    else:
-        path.write_bytes(text)
-    return str(path)
-
-
-def load_text(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> Config:
-    return load(write(tmp_path, text), environ or {})
-
-
-def error(tmp_path: Path, text: str | bytes, environ: dict[str, str] | None = None) -> str:
-    """The ConfigError message minus the path, checked to be one line starting with the path."""
-    path = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load(path, environ or {})
-    message = str(info.value)
-    assert "\n" not in message
-    assert message.startswith(f"{path}: ")
-    return message.removeprefix(f"{path}: ")
 
 
 def touch(tmp_path: Path, name: str) -> str:

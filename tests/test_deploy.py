@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.tools import tool
+
 REPO = Path(__file__).resolve().parents[1]
 ETC = REPO / "etc"
 K8S = ETC / "kubernetes"
@@ -25,15 +27,6 @@ VENDOR_PROBE = (
     "curl --silent http://localhost:8080/v1/status | grep --quiet -e "
     "'^{.*\"state\":\"\\(Connected\\|TrustBased\\)\".*}$'"
 )
-
-
-def tool(name: str) -> str:
-    """The tool next to this interpreter (installed into .venv) or on PATH; else fail."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed (bash .ci/run installs it)")
-    return found
 
 
 def run(*args, **kw) -> subprocess.CompletedProcess:

@@ -15,9 +15,9 @@ from twisted.internet.task import Clock
 
 from license_proxy.trustcache import TrustCache
 
+from tests.support.configs import PROBE, config
+from tests.support.metrics import scrape
 from tests.support.proxy import ProxyProcess
-from tests.test_e2e import PROBE, config
-from tests.test_operations_e2e import scrape
 
 WRITE_FAILS = "cannot write trust cache"
 

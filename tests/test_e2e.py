@@ -8,7 +8,6 @@ status, log lines, files on disk.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import stat
 import threading
@@ -18,36 +17,10 @@ import pytest
 from twisted.internet.task import Clock
 
 from license_proxy.trustcache import TrustCache
-from tests.support.proxy import ProxyProcess, free_port
-from tests.support.upstream import Upstream
-
-# The readiness probe of the vendor's Helm chart, as a regular expression.
-PROBE = re.compile(r'^\{.*"state":"(Connected|TrustBased)".*\}$', re.MULTILINE)
-KEY = "lk-0123456789-secret"
-
-
-def config(tmp_path, pki, upstream_url, *, license="", trust="", server=""):
-    return f"""
-[server]
-host = "127.0.0.1"
-port = {free_port()}
-status_port = {free_port()}
-{server}
-
-[license]
-server_url = "{upstream_url}"
-ca_file = "{pki.ca_cert}"
-timeout = "2s"
-startup_timeout = "3s"
-{license}
-
-[trust]
-{trust or 'duration = "1h"'}
-
-[cache]
-path = "{tmp_path}/state/trust-cache.json"
-"""
-
+from tests.support.configs import KEY, PROBE, config
+from tests.support.faults import FAULTS
+from tests.support.proxy import ProxyProcess
+from tests.support.upstream import Upstream, relayed
 
 @pytest.fixture
 def proxy(tmp_path, pki, upstream):
@@ -55,10 +28,6 @@ def proxy(tmp_path, pki, upstream):
     text = config(tmp_path, pki, upstream.url, trust='duration = "1h"\ncheckin_interval = "1s"')
     with ProxyProcess(tmp_path, text) as p:
         yield p
-
-
-def relayed(upstream, path):
-    return [r for r in upstream.requests if r.path == path]
 
 
 def test_connected_at_start_and_relays(proxy, upstream):
@@ -147,52 +116,6 @@ def test_restart_with_a_cache_serves_trusted_answers(tmp_path, pki, upstream):
         assert (code, body) == (200, b'{"license":"kept"}')
         assert "Age" in headers
         assert again.request("GET", "/v1/lic", headers={"Authorization": "Token other"})[0] == 502
-
-
-def _mode(mode):
-    def misbehave(upstream, pki):
-        upstream.mode = mode
-
-    return misbehave
-
-
-def _status(code):
-    def misbehave(upstream, pki):
-        upstream.respond(status=code, body=b'{"license":"bad"}')
-
-    return misbehave
-
-
-def _comes_back(mode="normal", cert=None):
-    """The upstream goes down and comes back changed; the proxy's pooled
-    connections are cut with it, so its next request opens a new one."""
-
-    def misbehave(upstream, pki):
-        upstream.stop()
-        upstream.mode = mode
-        if cert is not None:
-            upstream.use_certificate(getattr(pki, f"{cert}_cert"), getattr(pki, f"{cert}_key"))
-        upstream.start()
-
-    return misbehave
-
-
-#: The broken upstreams of issue 4, each a change to a working one.
-FAULTS = {
-    "refused": lambda upstream, pki: upstream.stop(),
-    "black hole": _comes_back(mode="blackhole"),
-    "hang": _mode("hang"),
-    "reset before the headers": _mode("reset"),
-    "reset during the headers": _mode("reset_in_headers"),
-    "reset during the body": _mode("reset_in_body"),
-    "body shorter than Content-Length": _mode("truncated"),
-    "chunked body without its last chunk": _mode("chunked_truncated"),
-    "body dripping past the deadline": _mode("drip"),
-    **{f"status {code}": _status(code) for code in (500, 502, 503, 504)},
-    "certificate expired": _comes_back(cert="expired"),
-    "certificate for another host": _comes_back(cert="wrong_host"),
-    "certificate from an unknown CA": _comes_back(cert="unknown_ca_server"),
-}
 
 
 @pytest.mark.parametrize("fault", FAULTS)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import socket
 
+from tests.support.configs import config
 from tests.support.forward import SOCKS_PASSWORD, SOCKS_USER, Dante, Squid
 from tests.support.proxy import ProxyProcess, free_port
-from tests.test_e2e import config
 
 
 def start(tmp_path, pki, upstream, env=None, license=""):

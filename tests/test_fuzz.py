@@ -18,8 +18,8 @@ import ssl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.configs import config
 from tests.support.proxy import ProxyProcess
-from tests.test_e2e import config
 
 EXAMPLES = 500
 

@@ -25,7 +25,7 @@ from license_proxy.metrics import MetricsPage, UpstreamCollector
 from license_proxy.relay import Relay
 from license_proxy.status import Status, status_resource
 from license_proxy.upstream import Upstream
-from tests.test_relay import TRUST, FakeLicenseServer, RelayHarness
+from tests.support.relayharness import TRUST, FakeLicenseServer, RelayHarness
 
 ANSWER_WITHIN = 2.0
 RETRY = 5.0

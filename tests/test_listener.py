@@ -22,7 +22,7 @@ from license_proxy import runtime
 from license_proxy.config import Config
 from license_proxy.listener import MAX_HEAD_SIZE, MAX_HEADERS, ConnectionLimits, GuardedSite
 from license_proxy.metrics import ListenerMetrics
-from tests.test_config import error, load_text
+from tests.support.configs import error, load_text
 
 CONFIG = Config(max_body_size=10, header_timeout=10.0, idle_timeout=60.0)
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import re
 import socket
-import ssl
 import time
 import urllib.request
 
 import pytest
 
+from tests.support.configs import config
 from tests.support.proxy import ProxyProcess
-from tests.test_e2e import config
+from tests.support.wire import connect, exchange, read_to_end
 
 LIMITS = """
 max_body_size = 65536
@@ -35,37 +35,6 @@ def proxy(tmp_path, pki, upstream):
         yield p
         assert p.running
         assert not re.search(r"Traceback|Unhandled Error", p.log_text()), p.log_text()
-
-
-def connect(proxy: ProxyProcess, listener: str, source: str = "127.0.0.1") -> socket.socket:
-    """A connection to ``listener`` from loopback address ``source`` (TLS on the licensing one)."""
-    port = proxy.port if listener == "licensing" else proxy.status_port
-    sock = socket.create_connection((proxy.host, port), timeout=10, source_address=(source, 0))
-    if listener == "status":
-        return sock
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context.wrap_socket(sock, server_hostname="localhost")
-
-
-def read_to_end(sock: socket.socket) -> bytes:
-    """Everything the proxy sends until it closes (a reset or TLS end counts as closing)."""
-    received = b""
-    while True:
-        try:
-            data = sock.recv(65536)
-        except (ConnectionResetError, ssl.SSLError):
-            return received
-        if not data:
-            return received
-        received += data
-
-
-def exchange(proxy: ProxyProcess, listener: str, data: bytes) -> bytes:
-    with connect(proxy, listener) as sock:
-        sock.sendall(data)
-        return read_to_end(sock)
 
 
 def metric(proxy: ProxyProcess, name: str, labels: str) -> float:

@@ -12,7 +12,7 @@ from twisted.web.client import readBody
 
 from license_proxy.metrics import MetricsPage, UpstreamCollector
 from license_proxy.status import status_resource
-from tests.test_relay import TRUST, RelayHarness
+from tests.support.relayharness import TRUST, RelayHarness
 
 
 class MetricsTests(SynchronousTestCase):

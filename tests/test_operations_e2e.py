@@ -15,39 +15,16 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from license_proxy.certs import issue, make_ca
 from license_proxy.tlsreload import CHECK_INTERVAL
-from tests.conftest import LOCAL
+from tests.support.configs import KEY, config
+from tests.support.metrics import get, scrape
+from tests.support.pki import LOCAL
 from tests.support.proxy import REPO_ROOT, ProxyProcess, free_port
 from tests.support.secretvolume import SecretVolume
-from tests.support.upstream import Upstream
-from tests.test_e2e import KEY, config, relayed
-
-_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def get(proxy, path) -> tuple[int, bytes]:
-    try:
-        with _direct.open(f"http://{proxy.host}:{proxy.status_port}{path}", timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def scrape(proxy) -> dict:
-    code, body = get(proxy, "/metrics")
-    assert code == 200
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
+from tests.support.upstream import Upstream, relayed
 
 
 def state_of(metrics) -> str:

@@ -20,10 +20,10 @@ import pytest
 
 from license_proxy.certs import issue
 from tests.support.blackhole import BlackHole
+from tests.support.configs import config
+from tests.support.metrics import scrape
 from tests.support.proxy import ProxyProcess
 from tests.support.upstream import Upstream
-from tests.test_e2e import config
-from tests.test_operations_e2e import scrape
 
 ANSWER_WITHIN = 2.0
 RETRY_INTERVAL = 5.0

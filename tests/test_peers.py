@@ -13,7 +13,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from tests.test_relay import RelayHarness
+from tests.support.relayharness import RelayHarness
 
 ALICE = {"Authorization": "Token alice"}
 

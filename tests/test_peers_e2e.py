@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 
 from tests.support.blackhole import BlackHole
+from tests.support.configs import config
+from tests.support.metrics import scrape
 from tests.support.proxy import ProxyProcess
-from tests.test_e2e import config
-from tests.test_operations_e2e import scrape
 
 ANSWER_WITHIN = 2.0
 MARGIN = 3.0  # load on a shared 2-core machine

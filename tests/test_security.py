@@ -16,8 +16,8 @@ import json
 import pytest
 
 from tests.support.client import exchange
+from tests.support.configs import KEY, config
 from tests.support.proxy import ProxyProcess
-from tests.test_e2e import KEY, config
 
 CLIENT = {
     "Authorization": "Token client-auth-6b1d9e",

@@ -23,8 +23,8 @@ from twisted.internet.task import Clock
 
 from bench.harness import run_wrk
 from license_proxy.trustcache import TrustCache
+from tests.support.configs import config
 from tests.support.proxy import ProxyProcess
-from tests.test_e2e import config
 
 RATE = 20  # requests per second, to each proxy
 SECONDS = 10

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from tests.support.configs import config
 from tests.support.proxy import ProxyProcess
-from tests.test_e2e import config
 
 # Lowering the client's floor to TLS 1.0 is the point of these tests.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")

@@ -23,7 +23,7 @@ from license_proxy.tlsreload import (
     ListenerTLS,
     watching,
 )
-from tests.conftest import LOCAL
+from tests.support.pki import LOCAL
 from tests.support.secretvolume import SecretVolume
 
 

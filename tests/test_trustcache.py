@@ -25,8 +25,8 @@ from license_proxy.trustcache import (
     Entry,
     TrustCache,
 )
+from tests.support.cachefiles import T0, entry_at, journal_of, two_journaled
 
-T0 = 1_800_000_000.0
 ANSWER = Entry(200, ((b"Content-Type", b"application/json"),), b'{"ok":1}', T0)
 
 
@@ -215,10 +215,6 @@ def test_a_missing_state_directory_is_a_write_failure_too(tmp_path, clock):
     assert cache.persisted
     assert TrustCache.load(clock, str(tmp_path / "gone" / "cache.json")).lookup("k") == ANSWER
     assert sorted(os.listdir(tmp_path / "gone")) == ["cache.json", "cache.json.journal"]
-
-
-def entry_at(when):
-    return Entry(200, (), b"answer at %d" % when, when)
 
 
 def test_when_full_the_answer_stored_longest_ago_makes_room(tmp_path, clock):
@@ -427,10 +423,6 @@ def test_one_write_at_a_time_off_the_reactor_and_a_stop_waits_for_it(tmp_path, c
     assert clock.getDelayedCalls() == []
 
 
-def journal_of(path):
-    return path.parent / (path.name + ".journal")
-
-
 def test_a_stop_during_a_journal_append_still_ends_with_a_snapshot_holding_everything(tmp_path, clock):
     path = tmp_path / "cache.json"
     later = Later()
@@ -502,16 +494,6 @@ def test_the_journal_is_compacted_once_it_outgrows_the_snapshot(tmp_path, clock)
     snapshot_now, journal = files(path)
     assert snapshot_now != snapshot and len(journal) < 100
     assert TrustCache.load(clock, str(path)).lookup("k") == big[3]
-
-
-def two_journaled(path, clock):
-    """A cache at ``path`` whose first answer is in the snapshot, the second in the journal."""
-    cache = TrustCache.load(clock, str(path))
-    cache.store("k0", entry_at(T0))
-    cache.flush()
-    cache.store("k1", entry_at(T0 + 1))
-    cache.flush()
-    return cache
 
 
 def test_a_line_cut_short_is_ignored_and_the_next_write_starts_afresh(tmp_path, clock):

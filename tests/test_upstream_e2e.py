@@ -12,9 +12,10 @@ import time
 
 import pytest
 
+from tests.support.configs import config
+from tests.support.metrics import scrape
 from tests.support.proxy import ProxyProcess
-from tests.test_e2e import config, relayed
-from tests.test_operations_e2e import scrape
+from tests.support.upstream import relayed
 
 
 @pytest.mark.parametrize(

@@ -30,8 +30,8 @@ import yaml
 from license_proxy.certs import issue
 from tests.container.build import IMAGE, REPO, VENDOR_PROBE, run, wait_for
 from tests.support.proxy import free_port
+from tests.support.tools import tool
 from tests.support.upstream import Upstream
-from tests.test_deploy import tool
 
 KEY = "vendor-files-test-key-7c41"
 UPSTREAM_NAME = "license.test"
