@@ -1,4 +1,4 @@
-"""The test support code itself: certificates, the TLS upstream, the process harness."""
+"""The test support code itself: the TLS upstream, the process harness, the secret volume."""
 
 from __future__ import annotations
 
@@ -7,89 +7,19 @@ import json
 import os
 import socket
 import ssl
-import stat
 import sys
 import textwrap
 import threading
 import time
 import urllib.request
-from datetime import datetime, timezone
 
 import pytest
 
-from license_proxy import certs
 from tests.support import proxy
-from tests.support.client import exchange
 from tests.support.proxy import ProxyProcess, free_port
 from tests.support.secretvolume import SecretVolume
+from tests.support.tlsclient import client_context, connection, get
 from tests.support.upstream import Upstream
-
-
-def client_context(cafile=None, *, cert=None, key=None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=cafile)
-    context.verify_flags |= ssl.VERIFY_X509_STRICT  # what Python 3.13+ does by default
-    if cert is not None:
-        context.load_cert_chain(cert, key)
-    return context
-
-
-def connection(up: Upstream, context, host="localhost", timeout=5) -> http.client.HTTPSConnection:
-    return http.client.HTTPSConnection(host, up.port, context=context, timeout=timeout)
-
-
-def get(up: Upstream, path="/", *, context, host="localhost", method="GET", body=None, headers=None):
-    return exchange(connection(up, context, host), method, path, body, headers)
-
-
-# -- certificates ----------------------------------------------------------------------------
-
-
-def test_key_file_is_private(tmp_path):
-    pair = certs.make_ca("x", now=datetime.now(timezone.utc))
-    pair.write(tmp_path / "c.pem", tmp_path / "k.pem")
-    assert stat.S_IMODE(os.stat(tmp_path / "k.pem").st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(tmp_path / "c.pem").st_mode) == 0o644
-    assert (tmp_path / "k.pem").read_bytes() == pair.key_pem
-
-
-def test_leaf_fields(pki):
-    cert = pki.pairs["server"].certificate
-    san = cert.extensions.get_extension_for_class(certs.x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(certs.x509.DNSName) == ["localhost"]
-    assert [str(ip) for ip in san.get_values_for_type(certs.x509.IPAddress)] == ["127.0.0.1"]
-    assert cert.subject.rfc4514_string() == "CN=localhost"
-
-
-@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
-def test_good_certificate_verifies(pki, upstream, host):
-    response, body = get(upstream, context=client_context(pki.ca_cert), host=host)
-    assert response.status == 200
-    assert upstream.handshakes == 1
-
-
-@pytest.mark.parametrize(
-    "name, reason",
-    [
-        ("wrong_host", "Hostname mismatch"),
-        ("unknown_ca_server", "unable to get local issuer certificate"),
-        ("expired", "certificate has expired"),
-    ],
-)
-def test_bad_certificates_fail_verification(pki, name, reason):
-    with Upstream(getattr(pki, f"{name}_cert"), getattr(pki, f"{name}_key")) as up:
-        with pytest.raises(ssl.SSLCertVerificationError, match=reason):
-            get(up, context=client_context(pki.ca_cert))
-        assert up.requests == []
-
-
-def test_self_signed_can_be_pinned(tmp_path):
-    pair = certs.self_signed(["localhost", "127.0.0.1"], now=datetime.now(timezone.utc))
-    pair.write(tmp_path / "c.pem", tmp_path / "k.pem")
-    cert = pair.certificate
-    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days >= 3650
-    with Upstream(tmp_path / "c.pem", tmp_path / "k.pem") as up:
-        response, _ = get(up, context=client_context(tmp_path / "c.pem"), host="127.0.0.1")
-        assert response.status == 200
 
 
 # -- the upstream ----------------------------------------------------------------------------
