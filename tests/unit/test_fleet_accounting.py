@@ -7,11 +7,10 @@ caught (M inconsistent).  The day itself is tests/slow/test_fleet.py.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
-from tests.support.proxy import REPO_ROOT
-
-_spec = importlib.util.spec_from_file_location("fleet", REPO_ROOT / "bench" / "fleet.py")
+_spec = importlib.util.spec_from_file_location("fleet", Path(__file__).resolve().parents[2] / "bench" / "fleet.py")
 fleet = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fleet)
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 def test_a_tiny_benchmark_proves_the_nginx_config_and_has_no_errors(tmp_path):
     # A missing tool fails loudly: bash .ci/run installs both.

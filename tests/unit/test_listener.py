@@ -497,6 +497,6 @@ def test_bad_listener_timeout_names_the_key(tmp_path, key):
 
 
 def test_systemd_unit_allows_the_files_the_default_limits_need():
-    unit = (Path(__file__).parents[1] / "etc" / "license-proxy.service").read_text()
+    unit = (Path(__file__).parents[2] / "etc" / "license-proxy.service").read_text()
     (value,) = re.findall(r"^LimitNOFILE=(\d+)$", unit, re.M)
     assert int(value) >= 3 * Config().max_connections

@@ -1,10 +1,9 @@
-"""The test support code itself: the TLS upstream, the process harness, the secret volume."""
+"""The test support code itself: the TLS upstream and the process harness (the secret volume: tests/unit)."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import ssl
 import sys
@@ -17,7 +16,6 @@ import pytest
 
 from tests.support import proxy
 from tests.support.proxy import ProxyProcess, free_port
-from tests.support.secretvolume import SecretVolume
 from tests.support.tlsclient import client_context, connection, get
 from tests.support.upstream import Upstream
 
@@ -321,16 +319,3 @@ def test_proxy_process_exit_is_reported(tmp_path, monkeypatch):
             p.wait_state("Connected")
         assert p.wait_exit() != 0
         assert "--nodaemon" in p.log_text()
-
-
-def test_a_secret_volume_is_laid_out_and_updated_as_kubelet_does(tmp_path):
-    volume = SecretVolume(tmp_path / "secret")
-    volume.update({"tls.crt": b"one"})
-    first = os.readlink(tmp_path / "secret" / "..data")
-    assert first.startswith("..2026_") and "/" not in first
-    assert os.readlink(volume.path("tls.crt")) == "..data/tls.crt"
-    volume.update({"tls.crt": b"two"})
-    second = os.readlink(tmp_path / "secret" / "..data")
-    assert second != first and not (tmp_path / "secret" / first).exists()
-    assert open(volume.path("tls.crt"), "rb").read() == b"two"
-    assert sorted(os.listdir(tmp_path / "secret")) == sorted(["..data", second, "tls.crt"])

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from license_proxy.certs import issue
-from tests.container.build import IMAGE, REPO, VENDOR_PROBE, run, wait_for
+from tests.support.image import IMAGE, REPO, VENDOR_PROBE, run, wait_for
 from tests.support.proxy import free_port
 from tests.support.tools import tool
 from tests.support.upstream import Upstream

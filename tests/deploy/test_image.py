@@ -2,7 +2,7 @@
 The container image, built from ``Containerfile`` with buildah and run as operators run it.
 
 Slow (a Debian base made with debootstrap, then a real build that fetches wheels, once per
-session: conftest.py), so it is its own target: ``.venv/bin/python -m pytest tests/container``
+session: conftest.py), so it is its own target: ``.venv/bin/python -m pytest tests/deploy``
 (``.ci/run`` runs it after the other tests).  Needs root, buildah, debootstrap, iproute2 and
 the package registry.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.container.build import IMAGE, REPO, UID, VENDOR_PROBE, run, wait_for
+from tests.support.image import IMAGE, REPO, UID, VENDOR_PROBE, run, wait_for
 
 
 def test_image_metadata(image):

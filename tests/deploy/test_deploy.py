@@ -20,7 +20,7 @@ import yaml
 
 from tests.support.tools import tool
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ETC = REPO / "etc"
 K8S = ETC / "kubernetes"
 VENDOR_PROBE = (

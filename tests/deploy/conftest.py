@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.container.build import BASE, IMAGE, REPO, make_base, pip_ca_bundle, require_tools, run
+from tests.support.image import BASE, IMAGE, REPO, make_base, pip_ca_bundle, require_tools, run
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 from license_proxy.config import _KEYS, Config, ConfigError, load, parse_duration, require_key
 from tests.support.configs import error, load_text, write
 
-DEFAULT_FILE = Path(__file__).parent.parent / "etc" / "license-proxy.toml"
+DEFAULT_FILE = Path(__file__).parents[2] / "etc" / "license-proxy.toml"
 
 VENDOR_MINIMAL = '[server]\nhost = "0.0.0.0"\nport = 8443\nbase_url = "/"\nstatus_port = 8080\n'
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-RULES = Path(__file__).resolve().parent.parent / "etc" / "prometheus"
+RULES = Path(__file__).resolve().parents[2] / "etc" / "prometheus"
 
 
 def promtool(*args: str) -> str:
