@@ -22,10 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import make_pki  # noqa: E402
+from tests.support.configs import config  # noqa: E402
+from tests.support.faults import FAULTS  # noqa: E402
+from tests.support.pki import make_pki  # noqa: E402
 from tests.support.proxy import ProxyProcess  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
-from tests.test_e2e import FAULTS, config  # noqa: E402
 
 
 def timed(proxy, upstream, rounds: int) -> str:

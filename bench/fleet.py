@@ -77,7 +77,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import make_pki  # noqa: E402
+from tests.support.pki import make_pki  # noqa: E402
 from tests.support.processes import stop  # noqa: E402
 from tests.support.proxy import ProxyProcess, free_port  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402

@@ -24,10 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import make_pki  # noqa: E402
+from tests.support.configs import config  # noqa: E402
+from tests.support.pki import make_pki  # noqa: E402
 from tests.support.proxy import ProxyProcess  # noqa: E402
 from tests.support.upstream import Upstream  # noqa: E402
-from tests.test_e2e import config  # noqa: E402
 
 
 def relay_for(proxy: ProxyProcess, seconds: float) -> list[float]:

@@ -206,7 +206,10 @@ async def serve(reactor, files: DemoFiles, port: int) -> None:
             "cannot listen on {host}:{port}: {reason}", host=HOST, port=port, reason=e.socketError
         )
         raise SystemExit(1)
-    # Written only once listening, and removed on the way out, so it names a live server.
+    # react() runs this before reactor.run(), which installs the SIGTERM handler: wait for it,
+    # so a pid file (written only once listening and running, removed on the way out) always
+    # names a live server that a kill stops cleanly.
+    await _running(reactor)
     write_atomically(files.pid_file, [f"{os.getpid()}\n".encode("ascii")])
     reactor.addSystemEventTrigger("before", "shutdown", _stop, listening, files.pid_file)
     log.info(
@@ -218,6 +221,13 @@ async def serve(reactor, files: DemoFiles, port: int) -> None:
         pid_file=files.pid_file,
     )
     await Deferred()  # never fires: react() ends the process when the reactor stops
+
+
+def _running(reactor) -> Deferred:
+    """Fires once the reactor runs, after its signal handlers are in place."""
+    running: Deferred = Deferred()
+    reactor.callWhenRunning(running.callback, None)
+    return running
 
 
 def _stop(listening, pid_file: str) -> Deferred:

@@ -29,8 +29,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from license_proxy.trustcache import FLUSH_DELAY, TrustCache
+from tests.support.configs import config
 from tests.support.proxy import ProxyProcess
-from tests.test_e2e import config
 
 ROUNDS = 51  # odd: the restart after the last kill is one without upstream
 CLIENTS = 3

@@ -438,3 +438,8 @@ def _common_name(peercert: dict | None) -> str | None:
             if key == "commonName":
                 return value
     return None
+
+
+def relayed(upstream: Upstream, path: str) -> list:
+    """The requests ``upstream`` received for ``path``."""
+    return [r for r in upstream.requests if r.path == path]

@@ -1,0 +1,137 @@
+"""
+Unit tests of ``peers`` through the relay: two instances a and b, each the other's peer, each
+with its own in-memory license server, trust cache and clock (treq.testing's agents).
+"""
+
+from __future__ import annotations
+
+import json
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from tests.support.relayharness import RelayHarness
+
+ALICE = {"Authorization": "Token alice"}
+
+
+class _ToRelay:
+    """Requests to an instance's relay, found when sent (each of the two is built first);
+    or refused, as by an instance that is not running."""
+
+    def __init__(self, harness) -> None:
+        self._harness = harness
+        self._agents: list[RequestTraversalAgent] = []
+        self.refused = False
+        self.sent = 0
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        self.sent += 1
+        if self.refused:
+            return fail(ConnectionRefusedError())
+        agent = RequestTraversalAgent(self._harness().relay)
+        self._agents.append(agent)
+        return agent.request(method, uri, headers, bodyProducer)
+
+    def flush(self) -> None:
+        for agent in self._agents:
+            agent.flush()
+
+
+class PeerTests(SynchronousTestCase):
+    def setUp(self):
+        self.to_b = _ToRelay(lambda: self.b)
+        self.to_a = _ToRelay(lambda: self.a)
+        self.a = RelayHarness(self, peer=self.to_b)
+        self.b = RelayHarness(self, peer=self.to_a)
+
+    def ask_a(self, headers=ALICE):
+        d = self.a.request(headers=headers)
+        for _ in range(4):
+            for flush in (self.a.pump, self.to_b.flush, self.b.pump, self.to_a.flush):
+                flush()
+        return self.a.answer(self, d)
+
+    def down(self, *harnesses):
+        for h in harnesses:
+            h.server.code = 503
+            h.server.body = b"down"
+
+    def test_an_answer_only_the_peer_has_is_served_and_kept(self):
+        self.a.answer(self, self.a.request(headers={"Authorization": "Token bob"}))
+        self.b.answer(self, self.b.request(headers=ALICE))  # alice checked in through b only
+        self.b.clock.advance(70)
+        self.down(self.a, self.b)
+        response, body = self.ask_a()
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+        self.assertEqual(response.headers.getRawHeaders("age"), ["70"])  # b's, from its trust
+        self.assertEqual(
+            self.a.registry.get_sample_value(
+                "license_proxy_relays_total", {"outcome": "served_by_peer"}
+            ),
+            1,
+        )
+        # Kept by a, with its true age: b's going does not bring the gap back.
+        self.to_b.refused = True
+        self.a.clock.advance(10)
+        response, body = self.a.answer(self, self.a.request(headers=ALICE))
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+        self.assertEqual(response.headers.getRawHeaders("age"), ["80"])
+
+    def test_a_peer_answers_from_trust_only_never_sending_the_request_again(self):
+        """a's exchange may have reached the license server: a POST is never sent twice."""
+        self.down(self.a)
+        d = self.a.request("POST", data=b'{"usage":1}', headers=ALICE)
+        for _ in range(4):
+            for flush in (self.a.pump, self.to_b.flush, self.b.pump, self.to_a.flush):
+                flush()
+        response, _ = self.a.answer(self, d)
+        self.assertEqual(response.code, 502)
+        self.assertEqual((self.to_b.sent, self.b.server.count), (1, 0))
+
+    def test_no_answer_anywhere_is_one_502_each_never_a_loop(self):
+        self.a.answer(self, self.a.request(headers={"Authorization": "Token bob"}))
+        self.down(self.a, self.b)
+        response, body = self.ask_a()
+        self.assertEqual(response.code, 502)
+        self.assertIn("license server unavailable", json.loads(body)["error"])
+        self.assertEqual((self.to_b.sent, self.to_a.sent), (1, 0))  # b did not ask a back
+        self.assertEqual(
+            self.b.registry.get_sample_value("license_proxy_relays_total", {"outcome": "unavailable"}),
+            1,
+        )
+
+    def test_a_request_marked_by_a_client_gains_nothing(self):
+        self.b.answer(self, self.b.request(headers=ALICE))
+        self.down(self.b)
+        response, _ = self.ask_a(headers={**ALICE, "License-Proxy-Peer": "x"})
+        self.assertEqual(response.code, 502)  # taken as a peer's request: from trust only
+        self.assertEqual((self.to_b.sent, self.a.server.count), (0, 0))
+
+    def test_a_probe_is_answered_by_the_instance_itself(self):
+        count = self.a.server.count
+        d = self.a.client.request(
+            b"GET", b"https://proxy.local:8443/v1/anything", Headers({b"License-Proxy-Peer": [b"probe"]})
+        )
+        response, body = self.a.answer(self, d)
+        self.assertEqual((response.code, body), (204, b""))
+        self.assertEqual(self.a.server.count, count)
+
+    def test_a_peer_that_failed_is_skipped_until_a_probe_finds_it_back(self):
+        self.b.answer(self, self.b.request(headers=ALICE))
+        self.down(self.a, self.b)
+        self.to_b.refused = True
+        self.assertEqual(self.ask_a()[0].code, 502)
+        self.assertEqual(self.to_b.sent, 1)
+        self.assertEqual(self.ask_a()[0].code, 502)  # at once: b is not asked again
+        self.assertEqual(self.to_b.sent, 1)
+        self.to_b.refused = False
+        self.a.clock.advance(5)  # the probe (every retry_interval at most) finds b
+        self.a.pump()
+        self.to_b.flush()
+        self.assertEqual(self.to_b.sent, 2)
+        response, body = self.ask_a()
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))

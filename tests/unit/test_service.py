@@ -1,0 +1,99 @@
+"""
+The service wiring (license_proxy.service.make_service), in process on a memory reactor: which
+listeners open when, and the one line an instance that must not start gives twistd.  The same
+rules against a real process are tests/integration/test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from license_proxy.egress import Settings
+from license_proxy.service import make_service
+from tests.support.configs import load_text
+
+LICENSING, STATUS = 8443, 8080
+SERVER = "https://127.0.0.1:9443"
+
+
+class Started:
+    """``make_service`` on a memory reactor, started as twistd starts it; stopped after the test."""
+
+    def __init__(self, tmp_path, trust_cache: dict | None = None) -> None:
+        if trust_cache is not None:
+            (tmp_path / "state").mkdir(mode=0o700)
+            (tmp_path / "state" / "trust-cache.json").write_text(json.dumps(trust_cache))
+        self.config = load_text(tmp_path, f"""
+[server]
+host = "127.0.0.1"
+port = {LICENSING}
+status_port = {STATUS}
+[license]
+server_url = "{SERVER}"
+key = "k-service"
+startup_timeout = "3s"
+[cache]
+path = "{tmp_path}/state/trust-cache.json"
+""")
+        self.reactor = MemoryReactorClock()
+        self.fatal: list[str] = []
+        egress = Settings(self.config.proxy, self.config.no_proxy, {})
+        self.service = make_service(self.config, self.reactor, self.fatal.append, egress)
+        self.service.startService()
+
+    def listening(self) -> list[tuple[str, int]]:
+        return [(interface, port) for port, _, _, interface in self.reactor.tcpServers]
+
+    def connecting(self) -> list[tuple[str, int]]:
+        return [(host, port) for host, port, *_ in self.reactor.tcpClients]
+
+    def refuse(self) -> None:
+        """The license server's port refuses the connection attempt in flight."""
+        (connector,) = self.reactor.connectors
+        (_, _, factory, _, _) = self.reactor.tcpClients[-1]
+        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+
+
+@pytest.fixture
+def started(tmp_path):
+    made = []
+    yield lambda **kwargs: made.append(Started(tmp_path, **kwargs)) or made[-1]
+    for each in made:
+        each.service.stopService()  # gives SIGHUP back; the trust cache's writer never ran
+
+
+def test_status_listens_at_once_and_licensing_only_once_the_start_up_rule_holds(started):
+    s = started()
+    assert s.listening() == [("127.0.0.1", STATUS)]
+    assert s.connecting() == [("127.0.0.1", 9443)]  # the start-up check-in, never answered
+    s.reactor.advance(s.config.startup_timeout - 0.1)
+    assert s.listening() == [("127.0.0.1", STATUS)]
+    assert s.fatal == []
+
+
+def test_an_unreachable_license_server_without_a_trust_cache_is_one_fatal_line(started):
+    s = started()
+    s.reactor.advance(s.config.startup_timeout)
+    assert len(s.fatal) == 1, s.fatal
+    (line,) = s.fatal
+    assert "\n" not in line
+    assert line.startswith(f"the license server could not be reached within 3 s: {SERVER}: "), line
+    assert s.listening() == [("127.0.0.1", STATUS)]  # licensing never opened
+    s.reactor.advance(60)
+    assert len(s.fatal) == 1
+
+
+def test_a_refused_check_in_inside_the_trust_caches_window_opens_licensing_at_once(started):
+    checked_in = time.time() - 60  # the wall clock: what the proxy measures trust in
+    s = started(trust_cache={"format": 1, "last_successful_checkin": checked_in,
+                             "salt": "00" * 16, "entries": {}})
+    assert s.listening() == [("127.0.0.1", STATUS)]
+    s.refuse()
+    assert sorted(s.listening()) == [("127.0.0.1", STATUS), ("127.0.0.1", LICENSING)]
+    assert s.fatal == []
