@@ -18,6 +18,10 @@ from license_proxy.status import rfc3339
 from tests.support.configs import config
 from tests.support.proxy import ProxyProcess, free_port
 
+#: Seconds over each bound for a loaded, shared machine (a start-up, a scheduling delay): what
+#: these tests guard against is a wait of a day or of half an hour, not of seconds.
+MARGIN = 8
+
 
 @pytest.mark.parametrize("with_mark", [True, False], ids=["with mark", "old format"])
 def test_a_real_proxy_on_a_cache_from_the_future_fails_when_its_window_closes(
@@ -36,7 +40,7 @@ def test_a_real_proxy_on_a_cache_from_the_future_fails_when_its_window_closes(
         started = time.monotonic()
         proxy.wait_state("TrustBased")
         status = proxy.wait_state("Failed", timeout=10)
-        assert time.monotonic() - started < 4 + 2
+        assert time.monotonic() - started < 4 + MARGIN  # the window, not a day more
         assert status["trust_expiration"] == rfc3339(ahead + 4)
         assert "state TrustBased -> Failed" in proxy.log_text()
 
@@ -77,7 +81,7 @@ def test_a_real_proxy_whose_wall_clock_is_set_back_keeps_its_timers_and_its_date
         started = time.monotonic()
         code, headers, body = proxy.request("GET", "/v1/lic", timeout=20)
         assert code == 200 and headers["Age"] is not None
-        assert time.monotonic() - started < 2 + 2  # [license] timeout = "2s"
+        assert time.monotonic() - started < 2 + MARGIN  # [license] timeout = "2s", not 30 min
         status = proxy.wait_state("TrustBased")
         last = datetime.fromisoformat(status["last_successful_checkin"].replace("Z", "+00:00"))
         assert abs(last.timestamp() - time.time()) < 10, status  # not half an hour back
