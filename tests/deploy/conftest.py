@@ -8,6 +8,13 @@ import time
 import pytest
 
 from tests.support.image import BASE, IMAGE, REPO, make_base, pip_ca_bundle, require_tools, run
+from tests.support.installed import require_this_checkout
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _installed_is_this_checkout():
+    """This tier runs the installed package: it must be this checkout's."""
+    require_this_checkout()
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from license_proxy.trustcache import TrustCache
-from tests.support.proxy import REPO_ROOT, ProxyProcess, free_port
+from tests.support.installed import REPO_ROOT
+from tests.support.proxy import ProxyProcess, free_port
 from tests.support.cachefiles import T0, entry_at, journal_of, two_journaled
 from tests.support.processes import stop
 

@@ -14,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from tests.support.forward import Squid
-from tests.support.proxy import REPO_ROOT, ProxyProcess
+from tests.support.installed import REPO_ROOT
+from tests.support.proxy import ProxyProcess
 from tests.support.configs import config
 from tests.support.wire import exchange
 

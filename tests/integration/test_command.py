@@ -15,15 +15,15 @@ import pytest
 
 from license_proxy import fips
 from tests.support.configs import KEY, config
-from tests.support.proxy import COMMAND, REPO_ROOT, TEST_KEY, ProxyProcess
+from tests.support.installed import REPO_ROOT
+from tests.support.proxy import COMMAND, TEST_KEY, ProxyProcess
 
 NO_KEY = {"DEEPGRAM_API_KEY": None}
 
 
 def command(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
-    """``license-proxy ARGS`` from the checkout; ``env`` as in ProxyProcess (no key by default)."""
+    """The installed ``license-proxy ARGS``; ``env`` as in ProxyProcess (no key by default)."""
     environ = {k: v for k, v in os.environ.items() if k != "DEEPGRAM_API_KEY"}
-    environ["PYTHONPATH"] = str(REPO_ROOT)
     for name, value in (env or {}).items():
         if value is None:
             environ.pop(name, None)

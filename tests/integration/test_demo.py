@@ -13,7 +13,6 @@ import re
 import signal
 import ssl
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from license_proxy import config as configuration
-from tests.support.proxy import REPO_ROOT, ProxyProcess, free_port
+from tests.support.installed import script
+from tests.support.proxy import ProxyProcess, free_port
 from tests.support.client import exchange
 
 
@@ -54,11 +54,7 @@ class DemoUpstream:
 
     def start(self) -> "DemoUpstream":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # The venv's install may predate demo.py; the repository is what is tested.
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p
-        )
-        args = [sys.executable, "-m", "license_proxy.demo", "--dir", str(self.directory),
+        args = [script("license-proxy-demo-upstream"), "--dir", str(self.directory),
                 "--port", str(self.port)]
         with open(self.log_path, "ab", buffering=0) as log:
             self.process = subprocess.Popen(

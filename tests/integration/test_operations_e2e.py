@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import ssl
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 
@@ -22,7 +20,8 @@ from license_proxy.tlsreload import CHECK_INTERVAL
 from tests.support.configs import KEY, config
 from tests.support.metrics import get, scrape
 from tests.support.pki import LOCAL
-from tests.support.proxy import REPO_ROOT, ProxyProcess, free_port
+from tests.support.installed import script
+from tests.support.proxy import ProxyProcess, free_port
 from tests.support.secretvolume import SecretVolume
 from tests.support.upstream import Upstream, relayed
 
@@ -34,10 +33,8 @@ def state_of(metrics) -> str:
 
 def status_command(*args) -> tuple[int, str]:
     """``license-proxy-status`` as a script would run it: exit status and output."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     done = subprocess.run(
-        [sys.executable, "-m", "license_proxy.statuscmd", *args],
-        capture_output=True, text=True, timeout=30, env=env,
+        [script("license-proxy-status"), *args], capture_output=True, text=True, timeout=30
     )
     return done.returncode, done.stdout + done.stderr
 

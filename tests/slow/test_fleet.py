@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.support.proxy import REPO_ROOT
+from tests.support.installed import REPO_ROOT
 
 FINAL = re.compile(r"unlicensed container-minutes: (\d+) inside the trust window, (\d+) after it")
 

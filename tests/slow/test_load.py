@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.support.proxy import REPO_ROOT
+from tests.support.installed import REPO_ROOT
 
 
 def test_200_clients_for_60_seconds_without_an_error(tmp_path):

@@ -2,8 +2,8 @@
 Run a real ``twistd license-proxy`` process for end-to-end tests.
 
 The process is started exactly as an operator would (``twistd --nodaemon license-proxy --config
-FILE``, or the ``license-proxy`` command's ``serve FILE``), from the interpreter running the tests,
-with the repository on PYTHONPATH so twistd finds the plugin without an install.  The license key
+FILE``, or the ``license-proxy`` command's ``serve FILE``), from the installed package of the
+interpreter running the tests (``tests.support.installed``: it must be this checkout's).  The license key
 is ``TEST_KEY`` in ``DEEPGRAM_API_KEY``, as the vendor's deployments pass it, unless the test says
 otherwise: the proxy refuses to start without one.  Tests talk to it only over the network: the status
 port (plain HTTP) and the licensing listener (HTTPS, or HTTP when the config disables TLS).
@@ -18,7 +18,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import tomllib
 import urllib.error
@@ -26,11 +25,11 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 from tests.support.client import exchange
+from tests.support.installed import script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-#: The ``license-proxy`` console script, run from the checkout.
-COMMAND = (sys.executable, "-m", "license_proxy.cli")
+TWISTD = script("twistd")
+#: The installed ``license-proxy`` console script.
+COMMAND = (script("license-proxy"),)
 TEST_KEY = "test-key-0123456789"
 
 #: Proxy settings inherited from the developer's or CI's environment would send the proxy's
@@ -113,9 +112,7 @@ class ProxyProcess:
         env = {k: v for k, v in os.environ.items() if k.upper() not in _PROXY_VARIABLES}
         env["PYTHONUNBUFFERED"] = "1"
         env["DEEPGRAM_API_KEY"] = TEST_KEY
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p
-        )
+        env.pop("PYTHONPATH", None)  # the installed package runs, not a checkout on the path
         for key, value in self.env.items():
             if value is None:
                 env.pop(key, None)
