@@ -30,7 +30,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web.resource import Resource
 
 from . import certs
-from .listener import QuietSite
+from .guards import QuietSite
 from .status import rfc3339
 from .durable import write_atomically
 

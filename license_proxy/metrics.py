@@ -19,7 +19,7 @@ from prometheus_client.exposition import generate_latest
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
-from .listener import LIMIT_KEYS, REJECTIONS
+from .guards import LIMIT_KEYS, REJECTIONS
 from .status import CONNECTED, FAILED, READY, TRUST_BASED, Status
 from .trustcache import TrustCache
 from .upstream import Upstream

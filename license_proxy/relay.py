@@ -1,5 +1,6 @@
 """
-The licensing listener: every request under ``base_url`` is relayed to the
+The relay, the licensing listener's one resource (its connections and heads are checked
+before by ``guards``): every request under ``base_url`` is relayed to the
 license server; good answers are kept in the trust cache, and when the server
 can't give one, the cached answer to the same request is served while the
 proxy is inside its trust window, and failing that a peer's (``peers``).  No
@@ -83,7 +84,7 @@ def end_to_end(headers: Headers, own: frozenset) -> list[tuple[bytes, list[bytes
 @implementer(IResource)
 @define
 class Relay:
-    """The licensing listener's one resource."""
+    """Relays, or answers from trust or from a peer: the licensing listener's one resource."""
 
     _clock: IReactorTime
     _upstream: Upstream

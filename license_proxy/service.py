@@ -30,7 +30,7 @@ from .clock import HighWaterClock
 from .config import Config
 from .egress import Settings
 from .health import Health
-from .listener import ConnectionLimits, GuardedSite
+from .guards import ConnectionLimits, GuardedSite
 from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for
 from .peers import Peers
 from .relay import Relay

@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from license_proxy.listener import _GuardedChannel
+from license_proxy.guards import _GuardedChannel
 from license_proxy.pool import RetryingPool
 from license_proxy.twistedseams import HookedHTTPChannel, ReuseAwarePool, replace_clock
 

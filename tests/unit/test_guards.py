@@ -1,5 +1,5 @@
 """
-Unit tests of license_proxy.listener: each rule a hostile client meets, on a channel fed bytes
+Unit tests of license_proxy.guards: each rule a hostile client meets, on a channel fed bytes
 by hand, with the clock advanced by hand.
 """
 
@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from license_proxy import runtime
 from license_proxy.config import Config
-from license_proxy.listener import MAX_HEAD_SIZE, MAX_HEADERS, ConnectionLimits, GuardedSite
+from license_proxy.guards import MAX_HEAD_SIZE, MAX_HEADERS, ConnectionLimits, GuardedSite
 from license_proxy.metrics import ListenerMetrics
 from tests.support.configs import error, load_text
 

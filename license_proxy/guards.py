@@ -1,5 +1,6 @@
 """
-What every client connection is allowed, on both listeners.
+The guards: what every client connection is allowed, on both listeners, before a request
+reaches the relay or the status pages.
 
 twisted.web alone trusts its clients: no limit on a request body (it spills to a temp file),
 an idle timeout that every byte resets (so a head sent byte by byte never times out), and 400
