@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from twisted.internet.task import Clock  # noqa: E402
 
-from license_proxy import certs  # noqa: E402
+from license_proxy.tls import certs  # noqa: E402
 from license_proxy.trustcache import TrustCache  # noqa: E402
 from tests.support.blackhole import BlackHole  # noqa: E402
 

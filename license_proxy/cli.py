@@ -18,7 +18,8 @@ import time
 from typing import Mapping, Optional
 
 from . import config as configuration
-from . import fips, tls
+from . import fips
+from .tls import contexts as tls
 from .egress import Settings
 
 USAGE_ERROR = 2

@@ -29,7 +29,7 @@ from twisted.internet.task import react
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web.resource import Resource
 
-from . import certs
+from .tls import certs
 from .guards import QuietSite
 from .status import rfc3339
 from .durable import write_atomically

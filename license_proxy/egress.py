@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from .connect import FastEndpoint
 from .proxyurl import Proxy, netloc
+from .tls.contexts import UpstreamTLS
 from .tunnel import ConnectTunnel, Socks5Tunnel, TunnelEndpoint, resolver
 
 PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
@@ -156,8 +157,8 @@ class Egress:
     connection, or over a CONNECT or SOCKS5 tunnel through the chosen proxy.
     """
 
-    _reactor: object
-    _tls: object  # UpstreamTLS: creatorForNetloc and creatorForProxy
+    _reactor: object  # IReactorTCP and IReactorTime
+    _tls: UpstreamTLS  # its creatorForNetloc for the upstream, creatorForProxy for an https:// proxy
     _settings: Settings
     _connect_timeout: float = 30.0  # resolution and TCP connect, to the upstream or the proxy
 

@@ -38,7 +38,8 @@ from twisted.web.iweb import IAgent
 from .headernames import PEER as HEADER
 from .health import Health
 from .pool import RetryingPool
-from .upstream import Answer, Upstream, UpstreamFailure, UpstreamTLS
+from .tls.contexts import UpstreamTLS
+from .upstream import Answer, Upstream, UpstreamFailure
 
 #: ``HEADER``'s values: a request to answer (never passed on), or a probe (answered 204).
 ASK = b"ask"

@@ -36,8 +36,8 @@ from .peers import Peers
 from .relay import Relay
 from .status import Status
 from .statuspages import status_resource
-from .tls import listener_options, peer_tls, upstream_tls
-from .tlsreload import CertificateFiles, CertificateReload, ListenerTLS, OnSignal, watching
+from .tls.contexts import listener_options, peer_tls, upstream_tls
+from .tls.reload import CertificateFiles, CertificateReload, ListenerTLS, OnSignal, watching
 from .trustcache import TrustCache
 from .upstream import Upstream
 

@@ -20,7 +20,7 @@ import attrs
 from twisted.logger import Logger
 
 from .config import Config, ConfigError
-from .tls import GENERATED_CERT, GENERATED_KEY
+from .tls.contexts import GENERATED_CERT, GENERATED_KEY
 from .trustcache import JOURNAL
 
 PRIVATE = "private"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from attrs import define, field, frozen
+from attrs import define, frozen
 from hyperlink import DecodedURL
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -26,7 +26,6 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import PrivateCertificate, optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -36,13 +35,12 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IPolicyForHTTPS
-from zope.interface import implementer
+from twisted.web.iweb import IAgent
 
-from . import ciphers
 from .egress import Egress, Settings
 from .health import ANSWER_WITHIN, RETRY_INTERVAL, Health
 from .pool import BytesBody, RetryingPool
+from .tls.contexts import UpstreamTLS
 from .tunnel import ProxyError
 
 MAX_ANSWER = 16 * 1024 * 1024
@@ -69,51 +67,6 @@ class Answer:
     headers: Headers
     body: bytes
     complete: bool
-
-
-@implementer(IPolicyForHTTPS)
-@define
-class UpstreamTLS:
-    """Verify the upstream by chain and hostname, optionally presenting a
-    client certificate, offering only what ``ciphers`` allows.  The TLS
-    options are built once per host, not per request."""
-
-    _trust_root: object = None  # from trustRootFromCertificates; None: the system's
-    _client_certificate: Optional[PrivateCertificate] = None
-    _creators: dict = field(factory=dict, init=False)
-
-    def creatorForNetloc(self, hostname: bytes, port: int):
-        try:
-            return self._creators[hostname, port]
-        except KeyError:
-            creator = optionsForClientTLS(
-                hostname.decode("ascii"),
-                trustRoot=self._trust_root,
-                clientCertificate=self._client_certificate,
-                extraCertificateOptions={
-                    "acceptableCiphers": ciphers.ACCEPTABLE,
-                    "raiseMinimumTo": ciphers.MINIMUM_VERSION,
-                },
-            )
-            self._creators[hostname, port] = creator
-            return creator
-
-    def replace_with(self, fresh: UpstreamTLS) -> None:
-        """Use ``fresh``'s roots and certificate for new connections from now on."""
-        self._trust_root = fresh._trust_root
-        self._client_certificate = fresh._client_certificate
-        self._creators.clear()
-
-    def creatorForProxy(self, hostname: str):
-        """TLS to an https:// forward proxy: verified with the same roots, no
-        client certificate (that is for the license server only)."""
-        try:
-            return self._creators[hostname]  # a str: upstream entries are (bytes, port)
-        except KeyError:
-            creator = self._creators[hostname] = optionsForClientTLS(
-                hostname, trustRoot=self._trust_root
-            )
-            return creator
 
 
 class _BodyReader(Protocol):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from license_proxy.certs import issue
+from license_proxy.tls.certs import issue
 from tests.support.image import IMAGE, REPO, VENDOR_PROBE, run, wait_for
 from tests.support.proxy import free_port
 from tests.support.tools import tool

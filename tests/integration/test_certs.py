@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from license_proxy import certs
+from license_proxy.tls import certs
 from tests.support.tlsclient import client_context, get
 from tests.support.upstream import Upstream
 

@@ -15,8 +15,8 @@ import subprocess
 import time
 from datetime import datetime, timezone
 
-from license_proxy.certs import issue, make_ca
-from license_proxy.tlsreload import CHECK_INTERVAL
+from license_proxy.tls.certs import issue, make_ca
+from license_proxy.tls.reload import CHECK_INTERVAL
 from tests.support.configs import KEY, config
 from tests.support.metrics import get, scrape
 from tests.support.pki import LOCAL

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from license_proxy.certs import issue
+from license_proxy.tls.certs import issue
 from tests.support.blackhole import BlackHole
 from tests.support.configs import config
 from tests.support.metrics import scrape

@@ -37,12 +37,13 @@ def require_this_checkout() -> None:
         pytest.fail(f"license_proxy is not installed in {sys.prefix}: run {_BIN}/pip install .")
     installed = Path(found.stdout.strip()).parent
     source = REPO_ROOT / "license_proxy"
-    ours = {p.relative_to(source): p.read_bytes() for p in source.glob("*.py")}
-    theirs = {p.relative_to(installed): p.read_bytes() for p in installed.glob("*.py")}
+    ours = {p.relative_to(source): p.read_bytes() for p in source.rglob("*.py")}
+    theirs = {p.relative_to(installed): p.read_bytes() for p in installed.rglob("*.py")}
     if ours != theirs:
         differ = sorted(str(n) for n in set(ours) | set(theirs) if ours.get(n) != theirs.get(n))
         pytest.fail(
             f"the installed license_proxy ({installed}) is not this checkout's ({', '.join(differ)}"
-            f" differ): run {_BIN}/pip install --force-reinstall --no-deps {REPO_ROOT}"
+            f" differ): remove {REPO_ROOT}/build (an old build is copied into new wheels), then run"
+            f" {_BIN}/pip install --force-reinstall --no-deps {REPO_ROOT}"
         )
     _checked.append(True)

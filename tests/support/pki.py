@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from license_proxy.certs import KeyPair, issue, make_ca
+from license_proxy.tls.certs import KeyPair, issue, make_ca
 
 
 @attrs.frozen

@@ -1,4 +1,4 @@
-"""license_proxy.certs: the keys and certificates it makes (that TLS clients verify them: tests/integration/test_certs.py)."""
+"""license_proxy.tls.certs: the keys and certificates it makes (that TLS clients verify them: tests/integration/test_certs.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import stat
 from datetime import datetime, timezone
 
-from license_proxy import certs
+from license_proxy.tls import certs
 
 
 def test_key_file_is_private(tmp_path):

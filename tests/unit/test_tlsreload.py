@@ -13,10 +13,10 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from license_proxy.certs import issue, make_ca
+from license_proxy.tls.certs import issue, make_ca
 from license_proxy.config import Config, ConfigError
-from license_proxy.tls import listener_options, upstream_tls
-from license_proxy.tlsreload import (
+from license_proxy.tls.contexts import listener_options, upstream_tls
+from license_proxy.tls.reload import (
     CHECK_INTERVAL,
     CertificateFiles,
     CertificateReload,

@@ -2,7 +2,8 @@
 TLS material for both sides of the proxy, read from the files the config
 names: the licensing listener's certificate (or one generated on first start
 and kept in the state directory, so it stays the same across restarts), and
-what the upstream client trusts and presents, and what the peers' client trusts.
+what the upstream client trusts and presents (``UpstreamTLS``), and what the peers' client
+trusts.
 
 Every problem with a file is a ``ConfigError`` naming the key, so a bad
 certificate stops the proxy with one line instead of a traceback.
@@ -14,22 +15,26 @@ import ipaddress
 import os
 import socket
 from datetime import datetime, timezone
+from typing import Optional
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from attrs import define, field
 from OpenSSL import crypto
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
     KeyPair,
     PrivateCertificate,
+    optionsForClientTLS,
     trustRootFromCertificates,
 )
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
-from . import certs, ciphers
-from .config import Config, ConfigError
-from .upstream import UpstreamTLS
+from ..config import Config, ConfigError
+from . import certs, policy
 
 GENERATED_CERT = "tls.crt"
 GENERATED_KEY = "tls.key"
@@ -154,7 +159,7 @@ def _generated_pair(config: Config, now: float) -> tuple[str, str]:
 
 
 def listener_options(config: Config, now: float) -> CertificateOptions:
-    """The licensing listener's certificate, under the policy of ``ciphers``."""
+    """The licensing listener's certificate, under the TLS policy (``policy``)."""
     if config.tls_cert:
         cert_path, cert_key = config.tls_cert, "[server] tls_cert"
         key_path, key_key = config.tls_key, "[server] tls_key"
@@ -167,8 +172,8 @@ def listener_options(config: Config, now: float) -> CertificateOptions:
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:],
-        raiseMinimumTo=ciphers.MINIMUM_VERSION,
-        acceptableCiphers=ciphers.ACCEPTABLE,
+        raiseMinimumTo=policy.MINIMUM_VERSION,
+        acceptableCiphers=policy.ACCEPTABLE,
         # Twisted always installs an ALPN callback; with no protocol to offer it answers
         # b"", which OpenSSL turns into an "internal error" alert for every client that
         # sends ALPN (curl, Go, Rust clients).  We speak HTTP/1.1 only.
@@ -203,3 +208,48 @@ def upstream_tls(config: Config) -> UpstreamTLS:
             KeyPair(crypto.PKey.from_cryptography_key(key)),
         )
     return UpstreamTLS(trust_root, client)
+
+
+@implementer(IPolicyForHTTPS)
+@define
+class UpstreamTLS:
+    """Verify the upstream by chain and hostname, optionally presenting a
+    client certificate, offering only what ``policy`` allows.  The TLS
+    options are built once per host, not per request."""
+
+    _trust_root: object = None  # from trustRootFromCertificates; None: the system's
+    _client_certificate: Optional[PrivateCertificate] = None
+    _creators: dict = field(factory=dict, init=False)
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        try:
+            return self._creators[hostname, port]
+        except KeyError:
+            creator = optionsForClientTLS(
+                hostname.decode("ascii"),
+                trustRoot=self._trust_root,
+                clientCertificate=self._client_certificate,
+                extraCertificateOptions={
+                    "acceptableCiphers": policy.ACCEPTABLE,
+                    "raiseMinimumTo": policy.MINIMUM_VERSION,
+                },
+            )
+            self._creators[hostname, port] = creator
+            return creator
+
+    def replace_with(self, fresh: UpstreamTLS) -> None:
+        """Use ``fresh``'s roots and certificate for new connections from now on."""
+        self._trust_root = fresh._trust_root
+        self._client_certificate = fresh._client_certificate
+        self._creators.clear()
+
+    def creatorForProxy(self, hostname: str):
+        """TLS to an https:// forward proxy: verified with the same roots, no
+        client certificate (that is for the license server only)."""
+        try:
+            return self._creators[hostname]  # a str: upstream entries are (bytes, port)
+        except KeyError:
+            creator = self._creators[hostname] = optionsForClientTLS(
+                hostname, trustRoot=self._trust_root
+            )
+            return creator

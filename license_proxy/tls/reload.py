@@ -25,9 +25,8 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .config import Config, ConfigError
-from .tls import listener_options, upstream_tls
-from .upstream import UpstreamTLS
+from ..config import Config, ConfigError
+from .contexts import UpstreamTLS, listener_options, upstream_tls
 
 
 @implementer(IOpenSSLServerConnectionCreator)
