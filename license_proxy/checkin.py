@@ -35,7 +35,7 @@ class StartupFailed(Exception):
 
 @define
 class CheckIn:
-    _clock: IReactorTime
+    _timers: IReactorTime  # the reactor: deadlines and pauses are elapsed time, not dates
     _upstream: Upstream
     _status: Status
     _key: str = field(repr=False)  # never None: a start without a key is refused (config)
@@ -55,11 +55,11 @@ class CheckIn:
         Check in until it works, the trust cache on disk covers us, or
         ``timeout`` seconds pass (then raise ``StartupFailed``).
         """
-        deadline = self._clock.seconds() + timeout
+        deadline = self._timers.seconds() + timeout
         pause = 0.5
         while True:
             try:
-                left = deadline - self._clock.seconds()
+                left = deadline - self._timers.seconds()
                 # Every server, down or not: nothing probes before the start.
                 answer = await self._exchange(max(left, MIN_ATTEMPT), every=True)
             except UpstreamFailure as failure:
@@ -73,7 +73,7 @@ class CheckIn:
                         expiration=rfc3339(self._status.trust_expiration),
                     )
                     return
-                left = deadline - self._clock.seconds()
+                left = deadline - self._timers.seconds()
                 if left <= 0:
                     raise StartupFailed(
                         f"the license server could not be reached within "
@@ -85,7 +85,7 @@ class CheckIn:
                     failure=str(failure),
                     pause=pause,
                 )
-                await deferLater(self._clock, min(pause, left))
+                await deferLater(self._timers, min(pause, left))
                 continue
             if answer.status in _REJECTED:
                 raise StartupFailed(

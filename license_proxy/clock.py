@@ -13,6 +13,12 @@ not forget it (``not_before``).
 Elapsed time and timers come from the reactor, whose clock the twistd boundary
 makes monotonic (``runtime.monotonic_timers``): a deadline, an idle timeout or
 the next check-in is not delayed by a wall clock set back either.
+
+So there are two clocks, with two names everywhere: ``dates`` (this class: when an
+answer was stored, the last check-in, trust's expiration, what the status shows; its
+delayed calls are the reactor's) and ``timers`` (the reactor: deadlines, pauses, and
+every duration measured, such as a relay's latency, which a date that jumps must not
+inflate).
 """
 
 from __future__ import annotations

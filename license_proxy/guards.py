@@ -274,11 +274,11 @@ class ConnectionLimits(WrappingFactory):
     log = Logger()
 
     def __init__(
-        self, wrapped, config: Config, clock: IReactorTime, refused: Counter, listener: str
+        self, wrapped, config: Config, timers: IReactorTime, refused: Counter, listener: str
     ) -> None:
         super().__init__(wrapped)
         self._limits = {reason: getattr(config, key) for reason, key in LIMIT_KEYS.items()}
-        self._clock = clock
+        self._timers = timers
         self._refused = refused
         self._listener = listener
         self._peers: dict[object, str] = {}  # protocol -> peer host
@@ -306,7 +306,7 @@ class ConnectionLimits(WrappingFactory):
 
     def _refuse(self, reason: str, host: str) -> None:
         self._refused.labels(reason).inc()
-        now = self._clock.seconds()
+        now = self._timers.seconds()
         self._unwarned[reason] = self._unwarned.get(reason, 0) + 1
         if now - self._warned.get(reason, -WARNING_INTERVAL) < WARNING_INTERVAL:
             return None

@@ -77,7 +77,8 @@ class Server:
 class Health:
     """The servers, in ``server_url`` order, and the rules above."""
 
-    _clock: IReactorTime
+    _dates: IReactorTime  # down_since, for the status (``clock``)
+    _timers: IReactorTime  # probes, and how long an exchange is outstanding (the reactor)
     servers: Sequence[Server]
     answer_within: float
     retry_interval: float
@@ -86,7 +87,7 @@ class Health:
     #: Answers after which a server is down; any other answer proves it is up.
     down_statuses: frozenset = DOWN_STATUSES
     _probe: Optional[Callable[[int], Deferred]] = field(default=None, init=False)
-    _timers: dict = field(factory=dict, init=False)  # index -> IDelayedCall
+    _scheduled: dict = field(factory=dict, init=False)  # index -> IDelayedCall
     _probing: dict = field(factory=dict, init=False)  # index -> Deferred
     _stopped: bool = field(default=False, init=False)
 
@@ -95,21 +96,24 @@ class Health:
     @classmethod
     def of(
         cls,
-        clock: IReactorTime,
+        dates: IReactorTime,
         urls: Sequence[str],
         answer_within: float,
         retry_interval: float,
         jitter: Callable[[], float] = random.random,
+        timers: Optional[IReactorTime] = None,
         **rules,
     ) -> Health:
-        """``rules``: ``role`` and ``down_statuses``, for servers that are not license servers."""
+        """``timers``: the reactor (None: ``dates``, a test's one clock); ``rules``: ``role``
+        and ``down_statuses``, for servers that are not license servers."""
         servers = [Server(url) for url in urls]
-        return cls(clock, servers, answer_within, retry_interval, jitter, **rules)
+        timers = dates if timers is None else timers
+        return cls(dates, timers, servers, answer_within, retry_interval, jitter, **rules)
 
     def usable(self, index: int) -> bool:
         """May a client's request be sent to this server now?"""
         server = self.servers[index]
-        return server.up and not server.busy(self._clock.seconds(), self.answer_within)
+        return server.up and not server.busy(self._timers.seconds(), self.answer_within)
 
     @property
     def available(self) -> bool:
@@ -126,7 +130,7 @@ class Health:
     def begin(self, index: int) -> object:
         """An exchange with server ``index`` starts; pass the token to ``end``."""
         token = object()
-        self.servers[index]._pending[token] = self._clock.seconds()
+        self.servers[index]._pending[token] = self._timers.seconds()
         return token
 
     def end(self, index: int, token: object, failure: Optional[str]) -> None:
@@ -134,7 +138,7 @@ class Health:
         rules), else why it is down."""
         server = self.servers[index]
         self.abandon(index, token)
-        server._completed = self._clock.seconds()
+        server._completed = self._timers.seconds()
         if failure is None:
             self._mark_up(index, "it answered")
         else:
@@ -155,7 +159,7 @@ class Health:
     def stop(self) -> None:
         """No more probes; cancel those waiting or in flight."""
         self._stopped = True
-        for timer in list(self._timers.values()):
+        for timer in list(self._scheduled.values()):
             if timer.active():
                 timer.cancel()
         for running in list(self._probing.values()):
@@ -165,7 +169,7 @@ class Health:
         server = self.servers[index]
         if not server.up:
             return
-        server.down_since = self._clock.seconds()
+        server.down_since = self._dates.seconds()
         self.log.warn(
             "{role} {server_url} is down ({error}); requests are not sent to it"
             " until a probe succeeds (every {interval:g} s at most)",
@@ -186,9 +190,9 @@ class Health:
         server = self.servers[index]
         if server.up:
             return
-        seconds = self._clock.seconds() - server.down_since
+        seconds = self._dates.seconds() - server.down_since
         server.down_since = None
-        timer = self._timers.pop(index, None)
+        timer = self._scheduled.pop(index, None)
         if timer is not None and timer.active():
             timer.cancel()
         self.log.info(
@@ -204,18 +208,18 @@ class Health:
         if self._stopped or self._probe is None or index in self._probing:
             return  # a probe in flight schedules the next itself
         delay = max(0.0, self.retry_interval * (0.5 + 0.5 * self._jitter()) - spent)
-        self._timers[index] = self._clock.callLater(delay, self._run_probe, index)
+        self._scheduled[index] = self._timers.callLater(delay, self._run_probe, index)
 
     def _run_probe(self, index: int) -> None:
-        self._timers.pop(index, None)
+        self._scheduled.pop(index, None)
         if self._stopped or self.servers[index].up:
             return
-        started = self._clock.seconds()
+        started = self._timers.seconds()
         running = self._probing[index] = self._probe(index)
 
         def done(_) -> None:
             del self._probing[index]
             if not self.servers[index].up:
-                self._schedule(index, self._clock.seconds() - started)
+                self._schedule(index, self._timers.seconds() - started)
 
         running.addBoth(done)

@@ -3,7 +3,7 @@ Prometheus metrics, served as ``/metrics`` on the status listener.
 
 Counters and the latency histogram are updated as relays happen; everything
 that depends on the time (the state, seconds since the last check-in, seconds
-of trust left) is computed when scraped, from the injected clock, so a scrape
+of trust left) is computed when scraped, from the injected dates, so a scrape
 between two events is as true as the status endpoint.  Each process has its
 own ``CollectorRegistry``: nothing is global, so tests do not share values.
 """
@@ -98,12 +98,12 @@ def _counter(
 class StateCollector:
     """The state and its times, read from ``Status`` and the cache at scrape time."""
 
-    _clock: IReactorTime
+    _dates: IReactorTime
     _status: Status
     _cache: TrustCache
 
     def collect(self):
-        now = self._clock.seconds()
+        now = self._dates.seconds()
         current = self._status.state
         state = GaugeMetricFamily(
             "license_proxy_state", "1 for the current state, 0 for the others.", labels=["state"]
@@ -173,14 +173,14 @@ class UpstreamCollector:
         yield up
 
 
-def registry_for(clock: IReactorTime, status: Status, cache: TrustCache) -> CollectorRegistry:
+def registry_for(dates: IReactorTime, status: Status, cache: TrustCache) -> CollectorRegistry:
     """A process's registry: build info and the state; ``RelayMetrics.on``,
     ``ListenerMetrics.on`` and ``UpstreamCollector`` add the rest."""
     registry = CollectorRegistry()
     Info("license_proxy_build", "The running version.", registry=registry).info(
         {"version": _version()}
     )
-    registry.register(StateCollector(clock, status, cache))
+    registry.register(StateCollector(dates, status, cache))
     return registry
 
 

@@ -86,7 +86,8 @@ def end_to_end(headers: Headers, own: frozenset) -> list[tuple[bytes, list[bytes
 class Relay:
     """Relays, or answers from trust or from a peer: the licensing listener's one resource."""
 
-    _clock: IReactorTime
+    _dates: IReactorTime  # when an answer was stored, its Age (``clock``)
+    _timers: IReactorTime  # answer_within, and latency (the reactor: a date jump is no latency)
     _upstream: Upstream
     _cache: TrustCache
     _status: Status
@@ -155,7 +156,7 @@ class Relay:
         return answered.addCallback(lambda _: self._peers.stop())
 
     async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
-        started = self._clock.seconds()
+        started = self._timers.seconds()
         method = request.method
         headers = Headers(dict(end_to_end(request.requestHeaders, REQUEST_OWN)))
         has_body = request.requestHeaders.hasHeader(
@@ -182,7 +183,7 @@ class Relay:
         if entry is not None and not exchange.called:
             # A trusted answer exists: never held past answer_within for it.
             bound = self._upstream.health.answer_within
-            result = await _within(self._clock, exchange, bound)
+            result = await _within(self._timers, exchange, bound)
             if result is None:
                 self._in_background(exchange, method, path, started)
                 if not gone:
@@ -200,7 +201,7 @@ class Relay:
                 return
         else:
             result = await exchange
-        latency = self._clock.seconds() - started
+        latency = self._timers.seconds() - started
         if isinstance(result, UpstreamFailure):
             entry = self._lookup(key, headers) if self._status.trusted() else None
             outcome = await self._without_server(asked, key, entry, result)
@@ -253,7 +254,7 @@ class Relay:
         vary = _vary(answer.headers)
         if not (200 <= answer.status < 300 and answer.complete and vary is not None):
             return False
-        stored = _entry(answer, _own(method), self._clock.seconds() - age)
+        stored = _entry(answer, _own(method), self._dates.seconds() - age)
         self._cache.store(self._cache.variant(key, headers, vary), stored)
         return True
 
@@ -265,15 +266,15 @@ class Relay:
         waits for it: the state, the cache, the latency histogram.  Returns the
         ``UpstreamFailure``, or the answer and whether it was stored.
         """
-        started = self._clock.seconds()
+        started = self._timers.seconds()
         try:
             answer = await self._upstream.exchange(method, rest, headers, body)
         except UpstreamFailure as failure:
             if failure.attempted:  # no server asked: nothing new about the state
-                self._metrics.latency.observe(self._clock.seconds() - started)
+                self._metrics.latency.observe(self._timers.seconds() - started)
                 self._status.failed()
             return failure
-        self._metrics.latency.observe(self._clock.seconds() - started)
+        self._metrics.latency.observe(self._timers.seconds() - started)
         self._status.succeeded()
         return answer, self._store(key, headers, method, answer)
 
@@ -292,7 +293,7 @@ class Relay:
                 "relay {method} {path}, answered from trust, ended after {ms:.1f} ms: {what}",
                 method=method.decode("ascii"),
                 path=path,
-                ms=(self._clock.seconds() - started) * 1000,
+                ms=(self._timers.seconds() - started) * 1000,
                 what=what,
             )
 
@@ -325,7 +326,7 @@ class Relay:
             retry = str(math.ceil(self._upstream.health.retry_interval)).encode("ascii")
             _write(request, 502, [_JSON, (b"retry-after", [retry])], _error_body(message))
             return
-        age = max(0, int(self._clock.seconds() - entry.stored_at))
+        age = max(0, int(self._dates.seconds() - entry.stored_at))
         headers: dict[bytes, list[bytes]] = {}
         for name, value in entry.headers:
             headers.setdefault(name, []).append(value)

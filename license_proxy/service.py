@@ -97,7 +97,7 @@ class _Lifecycle(Service):
         connections: _Connections,
         licensing: Service,
         config: Config,
-        clock,
+        timers,
         fatal: Callable[[str], None],
     ) -> None:
         self._checkin = checkin
@@ -108,10 +108,10 @@ class _Lifecycle(Service):
         self._licensing = licensing
         self._startup_timeout = config.startup_timeout
         self._interval = config.checkin_interval
-        self._clock = clock
+        self._timers = timers
         self._fatal = fatal
         self._loop = LoopingCall(lambda: Deferred.fromCoroutine(checkin.periodic()))
-        self._loop.clock = clock
+        self._loop.clock = timers
         self._starting: Deferred | None = None
         self._looping: Deferred | None = None
 
@@ -154,7 +154,7 @@ class _Lifecycle(Service):
             await self._looping  # a check-in in flight finishes before the flush
         await self._cache.close()  # the write in flight, then the last one
         closing = self._connections.close()
-        closing.addTimeout(CLOSE_TIMEOUT, self._clock)
+        closing.addTimeout(CLOSE_TIMEOUT, self._timers)
         try:
             await closing
         except TimeoutError:
@@ -171,25 +171,29 @@ def make_service(
     to the license server.
     """
     config = statedir.prepare(config)
-    # Trust is measured in time that never runs back, not even across a restart.
-    clock = HighWaterClock(reactor, time.time)
+    # Two clocks (clock.py): dates, in which trust is measured, never run back, not even across a
+    # restart; timers (the reactor's, monotonic) measure elapsed time and run the delayed calls.
+    dates = HighWaterClock(reactor, time.time)
     cache = TrustCache.load(
-        clock, config.cache_path, config.cache_max_entries, run=_writer_thread(reactor)
+        dates, config.cache_path, config.cache_max_entries, run=_writer_thread(reactor)
     )
     # An answer counts as one the fleet keeps asking for once asked for a check-in later.
     cache.keep_after = config.checkin_interval
-    clock.not_before(cache.high_water)
-    health = Health.of(clock, config.server_urls, config.answer_within, config.retry_interval)
-    status = Status(clock, cache, config.trust_duration, health)
+    dates.not_before(cache.high_water)
+    health = Health.of(
+        dates, config.server_urls, config.answer_within, config.retry_interval, timers=reactor
+    )
+    status = Status(dates, cache, config.trust_duration, health)
     certificate_files = CertificateFiles.read(config)  # before reading them: see CertificateReload
     upstream_certificates = upstream_tls(config)
     upstream = Upstream.build(
         reactor, config.server_urls, config.timeout, upstream_certificates, egress, health
     )
-    registry = registry_for(clock, status, cache)
+    registry = registry_for(dates, status, cache)
     registry.register(UpstreamCollector(upstream))
     relay = Relay(
-        clock,
+        dates,
+        reactor,
         upstream,
         cache,
         status,
@@ -201,7 +205,7 @@ def make_service(
             peer_tls(config),
         ),
     )
-    checkin = CheckIn(clock, upstream, status, config.key)
+    checkin = CheckIn(reactor, upstream, status, config.key)
     health.probe_with(lambda index: Deferred.fromCoroutine(checkin.probe(index)))
 
     # Bodies are relayed as they are: never parsed as forms (a multipart body twisted.web
@@ -213,7 +217,7 @@ def make_service(
     licensing = connections
     listener_tls = None
     if config.tls:
-        listener_tls = ListenerTLS(listener_options(config, clock.seconds()))
+        listener_tls = ListenerTLS(listener_options(config, dates.seconds()))
         licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
     status_site = GuardedSite(
         status_resource(status, MetricsPage(registry)), config, reactor, guarded.rejected
@@ -232,7 +236,7 @@ def make_service(
     ).setServiceParent(top)
     # New trust roots may change the verdict on a server marked down.
     reload = CertificateReload(
-        clock, config, listener_tls, upstream_certificates, certificate_files, health.try_again
+        dates, config, listener_tls, upstream_certificates, certificate_files, health.try_again
     )
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     watching(reload, reactor).setServiceParent(top)

@@ -16,8 +16,8 @@ written, or null), and ``license_servers``: each ``server_url`` with ``up``,
 state: the answers are in memory and containers are licensed as before; what
 is at stake is the next restart, which the two fields tell operators about.
 
-All times come from the injected clock, which in the service is a
-``HighWaterClock``: a wall clock set back does not stretch trust.
+All times are dates from the injected ``dates``, in the service a ``HighWaterClock``
+(``clock``): a wall clock set back does not stretch trust.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ FAILED = "Failed"
 class Status:
     """Outcome of the most recent upstream exchange, judged against the trust window."""
 
-    _clock: IReactorTime
+    _dates: IReactorTime  # dates (``clock``); its delayed calls run on the reactor
     _cache: TrustCache
     _duration: float
     _health: Optional[Health] = None
@@ -55,11 +55,11 @@ class Status:
     log = Logger()
 
     def __attrs_post_init__(self) -> None:
-        self._since = self._clock.seconds()
+        self._since = self._dates.seconds()
 
     def succeeded(self) -> None:
         self._last_ok = True
-        self._cache.record_checkin(self._clock.seconds())
+        self._cache.record_checkin(self._dates.seconds())
         self._report()
 
     def failed(self) -> None:
@@ -76,13 +76,13 @@ class Status:
         self._reported = new
         # TrustBased turns Failed when the window closes, not when someone notices.
         closed = old == TRUST_BASED and new == FAILED
-        self._since = self.trust_expiration if closed else self._clock.seconds()
+        self._since = self.trust_expiration if closed else self._dates.seconds()
         if self._window_closes is not None and self._window_closes.active():
             self._window_closes.cancel()
         if new == TRUST_BASED:
             # Log the move to Failed when it happens, not at the next event.
-            self._window_closes = self._clock.callLater(
-                self.trust_expiration - self._clock.seconds(), self._report
+            self._window_closes = self._dates.callLater(
+                self.trust_expiration - self._dates.seconds(), self._report
             )
         emit = self.log.warn if old == CONNECTED or new == FAILED else self.log.info
         emit(
@@ -100,7 +100,7 @@ class Status:
     def trusted(self) -> bool:
         """May a failed request be answered from the cache now?"""
         expiration = self.trust_expiration
-        return expiration is not None and self._clock.seconds() < expiration
+        return expiration is not None and self._dates.seconds() < expiration
 
     @property
     def state(self) -> str:

@@ -262,7 +262,7 @@ class _Write:
 class TrustCache:
     """Cached answers and the last successful check-in, mirrored to ``path``."""
 
-    _clock: IReactorTime
+    _dates: IReactorTime  # dates (``clock``); its delayed calls run on the reactor
     _path: str
     _salt: bytes = field(factory=lambda: secrets.token_bytes(16))
     last_checkin: Optional[float] = None
@@ -316,7 +316,7 @@ class TrustCache:
     @classmethod
     def load(
         cls,
-        clock: IReactorTime,
+        dates: IReactorTime,
         path: str,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         run: Callable[[Callable[[], object]], Deferred] = on_this_thread,
@@ -333,18 +333,18 @@ class TrustCache:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return cls(clock, path, max_entries=max_entries, run=run)
+            return cls(dates, path, max_entries=max_entries, run=run)
         except OSError as e:
             cls.log.error(
                 "trust cache {path} cannot be read ({reason}); starting without it",
                 path=path,
                 reason=e.strerror,
             )
-            return cls(clock, path, max_entries=max_entries, run=run)
+            return cls(dates, path, max_entries=max_entries, run=run)
         try:
-            return cls._parse(clock, path, raw, max_entries, run)
+            return cls._parse(dates, path, raw, max_entries, run)
         except CorruptCache as e:
-            aside = f"{path}.corrupt-{int(clock.seconds())}"
+            aside = f"{path}.corrupt-{int(dates.seconds())}"
             try:
                 os.replace(path, aside)
                 where = f"moved aside to {aside}"
@@ -356,11 +356,11 @@ class TrustCache:
                 reason=str(e),
                 where=where,
             )
-            return cls(clock, path, max_entries=max_entries, run=run)
+            return cls(dates, path, max_entries=max_entries, run=run)
 
     @classmethod
     def _parse(
-        cls, clock: IReactorTime, path: str, raw: bytes, max_entries: int, run
+        cls, dates: IReactorTime, path: str, raw: bytes, max_entries: int, run
     ) -> TrustCache:
         try:
             obj = json.loads(raw)
@@ -392,7 +392,7 @@ class TrustCache:
             )
             entries = entries[len(entries) - max_entries :]
         cache = cls(
-            clock,
+            dates,
             path,
             salt=salt,
             last_checkin=checkin,
@@ -540,7 +540,7 @@ class TrustCache:
         Keep ``entry``, last in line for eviction; the file learns of it only if
         the answer changed, or its time on disk is ``STORED_AT_LAG`` old.
         """
-        now = self._clock.seconds()
+        now = self._dates.seconds()
         old = self._entries.pop(key, None)
         if old is None and len(self._entries) >= self.max_entries:
             self._evict()
@@ -583,7 +583,7 @@ class TrustCache:
         self._forget_variant(oldest)
         self._changes[oldest] = None  # the journal says it is gone
         self.evictions += 1
-        now = self._clock.seconds()
+        now = self._dates.seconds()
         last = self._eviction_logged_at
         if last is None or now - last >= EVICTION_LOG_INTERVAL:
             self._eviction_logged_at = now
@@ -601,7 +601,7 @@ class TrustCache:
     def _changed(self) -> None:
         self._dirty = True
         if self._pending is None:
-            self._pending = self._clock.callLater(FLUSH_DELAY, self._scheduled_flush)
+            self._pending = self._dates.callLater(FLUSH_DELAY, self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._pending = None
@@ -610,7 +610,7 @@ class TrustCache:
     def record_time(self) -> None:
         """Keep the file's high-water mark of the clock within ``MARK_LAG`` of now."""
         written = self._mark_written
-        if written is None or self._clock.seconds() - written >= MARK_LAG:
+        if written is None or self._dates.seconds() - written >= MARK_LAG:
             self._changed()
 
     @property
@@ -647,7 +647,7 @@ class TrustCache:
         What to write, taken now on the reactor (cheap: references to bytes kept
         as they will be written); the work, for the writer thread.
         """
-        path, disk, mark = self._path, self._disk, self._clock.seconds()
+        path, disk, mark = self._path, self._disk, self._dates.seconds()
         # The thread reads the answers' bytes (never changed: a new answer is a new _Kept)
         # and times (a later one read is as good) from dicts the reactor no longer changes.
         if not self._compact:
@@ -747,7 +747,7 @@ class TrustCache:
                 reason=reason,
             )
         self.write_error = reason
-        self._pending = self._clock.callLater(self._retry, self._scheduled_flush)
+        self._pending = self._dates.callLater(self._retry, self._scheduled_flush)
         self._retry = min(self._retry * 2, RETRY_MAX)
 
 

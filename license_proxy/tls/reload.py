@@ -92,7 +92,7 @@ class CertificateReload:
     service: a server that failed verification may pass now.
     """
 
-    _clock: IReactorTime
+    _dates: IReactorTime  # now, for a generated certificate's validity
     _config: Config
     _listener: ListenerTLS | None  # None with [server] tls = false
     _upstream: UpstreamTLS
@@ -119,7 +119,7 @@ class CertificateReload:
         if self._listener is None:
             return
         try:
-            options = listener_options(self._config, self._clock.seconds())
+            options = listener_options(self._config, self._dates.seconds())
             options.getContext()
         except (ConfigError, SSL.Error) as e:
             self.log.error(
@@ -154,10 +154,10 @@ class CertificateReload:
             )
 
 
-def watching(reload: CertificateReload, clock: IReactorTime) -> TimerService:
+def watching(reload: CertificateReload, timers: IReactorTime) -> TimerService:
     """A service that runs ``reload.check`` every ``CHECK_INTERVAL`` seconds."""
     watch = TimerService(CHECK_INTERVAL, reload.check)
-    watch.clock = clock
+    watch.clock = timers
     return watch
 
 

@@ -84,7 +84,7 @@ class RelayHarness:
         self.agent = RequestTraversalAgent(server)
         self.upstream = Upstream.using(self.agent, self.clock, self.urls, 30.0)
         self.relay = Relay(
-            self.clock, self.upstream, cache, self.status, self.base, self.metrics,
+            self.clock, self.clock, self.upstream, cache, self.status, self.base, self.metrics,
             peers=self.peers,
         )
         self.client = RequestTraversalAgent(self.relay)

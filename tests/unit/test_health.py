@@ -73,7 +73,7 @@ class OutageHarness(RelayHarness):
         self.upstream = Upstream.using(
             self.agent, self.clock, self.urls, 30.0, health=self.health
         )
-        self.relay = Relay(self.clock, self.upstream, cache, self.status, self.base, self.metrics)
+        self.relay = Relay(self.clock, self.clock, self.upstream, cache, self.status, self.base, self.metrics)
         self.client = RequestTraversalAgent(self.relay)
         self.checkin = CheckIn(self.clock, self.upstream, self.status, KEY)
         self.health.probe_with(lambda index: Deferred.fromCoroutine(self.checkin.probe(index)))

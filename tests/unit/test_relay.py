@@ -9,9 +9,12 @@ from __future__ import annotations
 import gzip
 import json
 
+from treq.testing import RequestTraversalAgent
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
+from license_proxy.relay import Relay
 from license_proxy.trustcache import TrustCache
 from tests.support.relayharness import T0, TRUST, RelayHarness
 
@@ -206,3 +209,36 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(first[2][b"Accept-Encoding"], [b"gzip"])
         self.assertNotIn(b"Accept-Encoding", second[2])
         self.assertNotIn(b"Cookie", second[2])
+
+
+class _JumpingDates(Clock):
+    """Dates that jump an hour forward each time they are read (an NTP step, a VM resumed)."""
+
+    def seconds(self) -> float:
+        self.advance(3600)
+        return super().seconds()
+
+
+class TwoClocksTests(SynchronousTestCase):
+    def test_latency_is_measured_on_the_timers_and_ages_on_the_dates(self):
+        """A date that jumps is no latency: the histogram measures elapsed time (the
+        reactor's monotonic clock), while the stored answer's time is a date."""
+        h = RelayHarness(self)
+        dates = _JumpingDates()
+        dates.advance(T0)
+        h.relay = Relay(dates, h.clock, h.upstream, h.cache, h.status, h.base, h.metrics)
+        h.client = RequestTraversalAgent(h.relay)
+        response, _ = h.answer(self, h.request(headers={"Authorization": "Token k1"}))
+        self.assertEqual(response.code, 200)
+        samples = {
+            s.name: s.value
+            for family in h.registry.collect()
+            if family.name == "license_proxy_upstream_latency_seconds"
+            for s in family.samples
+        }
+        self.assertEqual(samples["license_proxy_upstream_latency_seconds_count"], 1)
+        self.assertEqual(samples["license_proxy_upstream_latency_seconds_sum"], 0)
+        h.server.code = 503  # the answer from trust: its Age is counted in dates
+        response, _ = h.answer(self, h.request(headers={"Authorization": "Token k1"}))
+        self.assertEqual(response.code, 200)
+        self.assertGreaterEqual(int(response.headers.getRawHeaders("age")[0]), 3600)
