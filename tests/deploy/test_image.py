@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.support.image import IMAGE, REPO, UID, VENDOR_PROBE, run, wait_for

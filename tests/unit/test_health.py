@@ -24,7 +24,6 @@ from license_proxy.health import Health
 from license_proxy.metrics import MetricsPage, UpstreamCollector
 from license_proxy.relay import Relay
 from license_proxy.status import Status
-from license_proxy.statuspages import status_resource
 from license_proxy.upstream import Upstream
 from tests.support.relayharness import TRUST, FakeLicenseServer, RelayHarness
 
