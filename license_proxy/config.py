@@ -429,6 +429,11 @@ class Key:
     default: str  # as TOML when it is a value (checked against Config's), else in words
     doc: str | None  # Markdown; None: documented with the key before it (a pair such as cert/key)
 
+    @property
+    def default_is_value(self) -> bool:
+        """Whether ``default`` is a TOML value (a string, number, list or boolean), not words."""
+        return self.default[:1] in '"[0123456789' or self.default in ("true", "false")
+
 
 _KEYS: dict[tuple[str, str], Key] = {
     ("server", "host"): Key(

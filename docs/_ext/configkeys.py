@@ -24,15 +24,11 @@ def rows() -> list[str]:
         shown = f"`[{section}]`" if section != previous else ""
         previous = section
         names = ", ".join(f"`{key}`" for key in keys)
-        default = spec.default if spec.default.startswith("`") else _code_or_words(spec.default)
+        default = spec.default
+        if spec.default_is_value or spec.default.isupper():  # a value, or a variable's name
+            default = f"`{default}`"
         lines.append(f"| {shown} | {names} | {default} | {spec.doc} |")
     return lines
-
-
-def _code_or_words(default: str) -> str:
-    """A TOML value in code; words ("unset") as they are."""
-    value = default[:1] in '"[0123456789' or default in ("true", "false")
-    return f"`{default}`" if value or default.isupper() else default
 
 
 class ConfigKeys(SphinxDirective):
