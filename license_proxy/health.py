@@ -58,6 +58,7 @@ class Server:
     url: str
     down_since: Optional[float] = None
     last_error: Optional[str] = None  # of the last failed exchange or probe
+    last_exchange: Optional[float] = None  # when an exchange or probe last completed (a date)
     _pending: dict = field(factory=dict)  # token -> when the exchange began
     _completed: float = float("-inf")  # when an exchange last completed
 
@@ -139,6 +140,7 @@ class Health:
         server = self.servers[index]
         self.abandon(index, token)
         server._completed = self._timers.seconds()
+        server.last_exchange = self._dates.seconds()
         if failure is None:
             self._mark_up(index, "it answered")
         else:

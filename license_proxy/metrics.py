@@ -13,7 +13,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from attrs import define
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from twisted.internet.interfaces import IReactorTime
@@ -174,17 +174,20 @@ class UpstreamCollector:
 
 
 def registry_for(dates: IReactorTime, status: Status, cache: TrustCache) -> CollectorRegistry:
-    """A process's registry: build info and the state; ``RelayMetrics.on``,
-    ``ListenerMetrics.on`` and ``UpstreamCollector`` add the rest."""
+    """A process's registry: build info, the process (``process_*``: memory, CPU, open
+    files) and the state; ``RelayMetrics.on``, ``ListenerMetrics.on`` and
+    ``UpstreamCollector`` add the rest."""
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
     Info("license_proxy_build", "The running version.", registry=registry).info(
-        {"version": _version()}
+        {"version": version()}
     )
     registry.register(StateCollector(dates, status, cache))
     return registry
 
 
-def _version() -> str:
+def version() -> str:
+    """The installed package's version."""
     try:
         return metadata.version("license-proxy")
     except metadata.PackageNotFoundError:  # run from a source tree

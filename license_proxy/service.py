@@ -13,6 +13,7 @@ from functools import partial
 from typing import Callable
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import CannotListenError
@@ -31,11 +32,15 @@ from .config import Config
 from .egress import Settings
 from .health import Health
 from .guards import ConnectionLimits, GuardedSite
-from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for
+from .metrics import (
+    ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for, version,
+)
+from .overview import Overview
 from .peers import Peers
 from .relay import Relay
 from .status import Status
 from .statuspages import status_resource
+from .timeline import EVERY, Timeline
 from .tls.contexts import listener_options, peer_tls, upstream_tls
 from .tls.reload import CertificateFiles, CertificateReload, ListenerTLS, OnSignal, watching
 from .trustcache import TrustCache
@@ -191,6 +196,7 @@ def make_service(
     )
     registry = registry_for(dates, status, cache)
     registry.register(UpstreamCollector(upstream))
+    relay_metrics = RelayMetrics.on(registry)
     relay = Relay(
         dates,
         reactor,
@@ -198,7 +204,7 @@ def make_service(
         cache,
         status,
         config.base_url.encode("ascii"),
-        RelayMetrics.on(registry),
+        relay_metrics,
         config.cache_key_headers,
         Peers.build(
             reactor, config.peer_urls, config.answer_within, config.retry_interval,
@@ -219,8 +225,12 @@ def make_service(
     if config.tls:
         listener_tls = ListenerTLS(listener_options(config, dates.seconds()))
         licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
+    timeline = Timeline(dates, status, relay_metrics.outcomes)
+    overview = Overview(
+        dates, reactor, status, cache, health.servers, timeline, version(), config.trust_duration
+    )
     status_site = GuardedSite(
-        status_resource(status, MetricsPage(registry)), config, reactor, guarded.rejected
+        status_resource(status, MetricsPage(registry), overview), config, reactor, guarded.rejected
     )
 
     def listener(port: int, factory, name: str) -> Service:
@@ -241,6 +251,9 @@ def make_service(
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     watching(reload, reactor).setServiceParent(top)
     listener(config.status_port, status_site, "status").setServiceParent(top)
+    sampling = TimerService(EVERY, timeline.sample)
+    sampling.clock = reactor
+    sampling.setServiceParent(top)
     return top
 
 

@@ -89,21 +89,21 @@ def judge(report: dict, now: float, warn_after: Optional[float]) -> tuple[str, i
     words = [state]
     since = _seconds(report.get("state_since"))
     if since is not None:
-        words.append(f"for {_span(now - since)}")
+        words.append(f"for {span(now - since)}")
         if state == "TrustBased" and warn_after is not None and now - since > warn_after:
             code = CRITICAL
     last = _seconds(report.get("last_successful_checkin"))
     words.append(
-        "; never checked in" if last is None else f"; last check-in {_span(now - last)} ago"
+        "; never checked in" if last is None else f"; last check-in {span(now - last)} ago"
     )
     expiration = _seconds(report.get("trust_expiration"))
     if expiration is not None:
         left = expiration - now
         when = report["trust_expiration"]
         words.append(
-            f"; trust expires in {_span(left)} ({when})"
+            f"; trust expires in {span(left)} ({when})"
             if left > 0
-            else f"; trust expired {_span(-left)} ago ({when})"
+            else f"; trust expired {span(-left)} ago ({when})"
         )
     return " ".join(words).replace(" ;", ";"), code
 
@@ -114,7 +114,7 @@ def _seconds(rfc3339: Optional[str]) -> Optional[float]:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
-def _span(seconds: float) -> str:
+def span(seconds: float) -> str:
     """``3d4h``, ``2h5m``, ``4m12s``, ``7s``: the two largest units."""
     seconds = max(0, int(seconds))
     parts = []

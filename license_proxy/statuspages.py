@@ -1,13 +1,16 @@
 """
-The status listener's pages: ``/v1/status`` (the state as JSON, see ``status``),
+The status listener's pages: ``/`` (the page for people, see ``overview``), ``/v1/status`` (the state as JSON, see ``status``),
 ``/v1/ready`` (200 or 503, for readiness probes), ``/v1/health`` (for liveness probes) and
 ``/metrics``; nothing else, and never Twisted's error pages.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 from twisted.web.resource import Resource
 
+from .overview import CSP, Overview
 from .status import Status
 
 
@@ -42,6 +45,22 @@ class _HealthPage(Resource):
         return _json(request, b'{"alive":true}')
 
 
+class _OverviewPage(Resource):
+    """``/``: HTML, allowed nothing but its own style, never framed nor cached."""
+
+    def __init__(self, overview: Overview) -> None:
+        super().__init__()
+        self._overview = overview
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", CSP.encode("ascii"))
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"cache-control", b"no-store")
+        return self._overview.page()
+
+
 class _Routes(Resource):
     """
     The status listener's only routes: these exact paths (any query), GET and
@@ -67,14 +86,17 @@ class _Routes(Resource):
         return page.render(request)
 
 
-def status_resource(status: Status, metrics: Resource) -> Resource:
+def status_resource(
+    status: Status, metrics: Resource, overview: Optional[Overview] = None
+) -> Resource:
     """The status listener: ``/v1/status``, ``/v1/ready``, ``/v1/health``
-    and ``/metrics``."""
-    return _Routes(
-        {
-            b"/v1/status": _StatusPage(status),
-            b"/v1/ready": _ReadyPage(status),
-            b"/v1/health": _HealthPage(),
-            b"/metrics": metrics,
-        }
-    )
+    and ``/metrics``; ``/`` too given the ``overview``."""
+    pages = {
+        b"/v1/status": _StatusPage(status),
+        b"/v1/ready": _ReadyPage(status),
+        b"/v1/health": _HealthPage(),
+        b"/metrics": metrics,
+    }
+    if overview is not None:
+        pages[b"/"] = _OverviewPage(overview)
+    return _Routes(pages)

@@ -618,6 +618,11 @@ class TrustCache:
         """Does the file hold what memory holds, give or take ``FLUSH_DELAY``?"""
         return self.write_error is None
 
+    @property
+    def last_written(self) -> Optional[float]:
+        """When the file last took a write (a date); None before the first since the start."""
+        return self._mark_written
+
     def flush(self) -> Deferred:
         """
         Write now if anything changed, off the reactor; on failure keep serving from
