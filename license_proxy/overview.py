@@ -47,7 +47,8 @@ h1{font-size:1.4em;margin:0}h2{font-size:1.1em;margin:1.4em 0 .4em}
 .Failed{background:#f8d4d4;border-style:double;border-width:6px}.Ready{background:#eee}
 table{border-collapse:collapse}th,td{text-align:left;padding:.2em .9em .2em 0;vertical-align:top}
 .down{font-weight:bold}svg{display:block;max-width:100%;height:auto}
-svg text{font:12px system-ui,sans-serif}dt{float:left;clear:left;width:11em;color:#555}dd{margin:0 0 .2em 11em}
+svg text{font:12px system-ui,sans-serif}
+dt{float:left;clear:left;width:11em;color:#555}dd{margin:0 0 .2em 11em}
 """
 
 CSP = (
@@ -134,7 +135,8 @@ class Overview:
         peers = self._peers()
         if peers:
             parts.append(_servers("Peers", peers, now))
-        parts += [self._trust_cache(now), _timeline(self._timeline.samples, now), "</body></html>"]
+        day = [*self._timeline.samples, self._timeline.current()]
+        parts += [self._trust_cache(now), _timeline(day, now), "</body></html>"]
         return "".join(parts)
 
     def _words(self, state: str, now: float) -> str:
@@ -236,11 +238,6 @@ def _servers(title: str, servers: Sequence[Server], now: float) -> str:
 def _timeline(samples: Sequence[Sample], now: float) -> str:
     """The last ``SAMPLES`` minutes as inline SVG: state bands, then a row per outcome."""
     start = now - SAMPLES * EVERY
-    if not samples:
-        return (
-            "<h2>Last 24 hours</h2><p>No sample yet: one is taken every minute from the start"
-            " (a restart starts the day again).</p>"
-        )
 
     def x(when: float) -> int:
         return _LEFT + round(_PLOT * min(max(when - start, 0), now - start) / (now - start))

@@ -1,7 +1,8 @@
 """
-The status listener's pages: ``/`` (the page for people, see ``overview``), ``/v1/status`` (the state as JSON, see ``status``),
-``/v1/ready`` (200 or 503, for readiness probes), ``/v1/health`` (for liveness probes) and
-``/metrics``; nothing else, and never Twisted's error pages.
+The status listener's pages: ``/`` (the page for people, see ``overview``), ``/v1/status``
+(the state as JSON, see ``status``), ``/v1/ready`` (200 or 503, for readiness probes),
+``/v1/health`` (for liveness probes) and ``/metrics``; nothing else, and never Twisted's
+error pages.
 """
 
 from __future__ import annotations

@@ -52,10 +52,14 @@ class Timeline:
         self._totals = self._read()
 
     def sample(self) -> None:
-        totals = self._read()
-        relays = tuple(now - before for now, before in zip(totals, self._totals))
-        self._totals = totals
-        self._samples.append(Sample(self._dates.seconds(), self._status.state, relays))
+        current = self.current()
+        self._totals = self._read()
+        self._samples.append(current)
+
+    def current(self) -> Sample:
+        """The minute under way, as a sample taken now would be."""
+        relays = tuple(now - before for now, before in zip(self._read(), self._totals))
+        return Sample(self._dates.seconds(), self._status.state, relays)
 
     @property
     def samples(self) -> Sequence[Sample]:

@@ -136,7 +136,9 @@ class OverviewTests(SynchronousTestCase):
         self.assertNotIn("<h2>Peers</h2>", self.page())
         self.peers = [Server("https://peer-b.local:8443/")]
         self.assertIn("<h2>Peers</h2>", self.page())
-        self.assertIn("<td>https://peer-b.local:8443/</td><td>up</td><td>none yet</td>", self.page())
+        self.assertIn(
+            "<td>https://peer-b.local:8443/</td><td>up</td><td>none yet</td>", self.page()
+        )
 
     def test_the_day_is_drawn_within_a_few_tens_of_kilobytes(self):
         self.relay()
