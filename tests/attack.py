@@ -41,6 +41,7 @@ class Target:
 
     def __init__(self, args) -> None:
         self.host, self.port, self.base = args.host, args.port, args.base_url.encode()
+        self.status_port = args.status_port
         self.status_url = f"http://{args.host}:{args.status_port}/v1/status"
         self.context = None
         if not args.plain:
@@ -213,6 +214,42 @@ class Outage:
         return verdict, f"{kept} of the fleet's {self.FLEET} answers served from trust"
 
 
+# -- the page for people on the status listener (issue 21) ---------------------------------
+
+
+def status_page_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
+    """``/`` on the status listener, often exposed wider than the licensing port."""
+    return {
+        "status page: markup in the query echoed": lambda: _page_echo(t),
+        "status page: POST /": lambda: refused(_status(t, "POST", "/"), 405),
+        "status page: framed or given scripts by another site": lambda: _page_policy(t),
+    }
+
+
+def _status(t: Target, method: str, target: str) -> Answer:
+    connection = http.client.HTTPConnection(t.host, t.status_port, timeout=10)
+    try:
+        connection.request(method, target)
+        response = connection.getresponse()
+        return Answer(response.status, response.headers, response.read())
+    finally:
+        connection.close()
+
+
+def _page_echo(t: Target) -> tuple[str, str]:
+    answer = _status(t, "GET", "/?q=%3Cscript%3Eattack-7f3%3C/script%3E")
+    if answer.status != 200:
+        return "not tested", f"answered {answer.status}"
+    echoed = b"attack-7f3" in answer.body or b"<script" in answer.body
+    return ("UNSAFE" if echoed else "safe"), f"answered 200, {len(answer.body)} bytes, no echo"
+
+
+def _page_policy(t: Target) -> tuple[str, str]:
+    policy = _status(t, "GET", "/").headers.get("Content-Security-Policy", "")
+    strict = policy.startswith("default-src 'none';") and "frame-ancestors 'none'" in policy
+    return ("refused" if strict else "UNSAFE"), f"Content-Security-Policy: {policy or 'none'}"
+
+
 def run(attacks: dict[str, Callable[[], tuple[str, str]]], out) -> list[str]:
     verdicts = []
     for name, attack in attacks.items():
@@ -235,7 +272,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkin-interval", type=float, default=60.0)
     args = parser.parse_args(argv)
     target = Target(args)
-    verdicts = run(door_attacks(target), sys.stdout)
+    verdicts = run({**door_attacks(target), **status_page_attacks(target)}, sys.stdout)
     if args.outage:
         outage = Outage(target, args.max_entries, args.checkin_interval)
         outage.prime()
