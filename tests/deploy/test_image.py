@@ -35,6 +35,26 @@ def test_image_metadata(image):
     assert "/v1/status" in image["Healthcheck"]["Test"][-1]
 
 
+def test_man_pages_are_in_the_image_for_man_l(image):
+    """The image carries the pages, not man(1): they are read on the host with ``man -l -``."""
+    ctr = run("buildah", "from", "--pull-never", IMAGE).stdout.strip()
+    try:
+        for path, words in (
+            ("/opt/license-proxy/share/man/man8/license-proxy.8", "drop-in License Proxy"),
+            ("/opt/license-proxy/share/man/man1/license-proxy-status.1", "exit with it"),
+        ):
+            page = run("buildah", "run", "--isolation", "chroot", ctr, "--", "cat", path).stdout
+            shown = subprocess.run(
+                ["man", "-l", "-"], input=page, capture_output=True, text=True, timeout=60,
+                env={"PATH": "/usr/bin:/bin", "MANPAGER": "cat", "MANWIDTH": "80"},
+            )
+            assert words in shown.stdout, shown.stdout + shown.stderr
+        assert run("buildah", "run", "--isolation", "chroot", ctr, "--", "sh", "-c",
+                   "command -v man", check=False).returncode != 0  # as docs/deploying.md says
+    finally:
+        run("buildah", "rm", ctr, check=False)
+
+
 class Namespace:
     """A network namespace of this test's own, with loopback up."""
 

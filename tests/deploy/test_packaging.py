@@ -1,5 +1,5 @@
-"""The built wheel carries the twistd plugin, and an installed copy lists it and has the
-license-proxy and hermes commands."""
+"""The built wheel carries the twistd plugin and the man pages, and an installed copy lists
+the plugin, has the license-proxy and hermes commands, and ``man license-proxy`` finds its page."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def test_wheel_ships_the_plugin_and_twistd_lists_it(tmp_path):
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert not [n for n in names if n.endswith("dropin.cache")]
+    assert "license_proxy-0.1.0.data/data/share/man/man8/license-proxy.8" in names
+    assert "license_proxy-0.1.0.data/data/share/man/man1/license-proxy-status.1" in names
 
     # An operator's install: a fresh virtual environment with the wheel and its dependencies.
     venv = tmp_path / "venv"
@@ -56,3 +58,19 @@ def test_wheel_ships_the_plugin_and_twistd_lists_it(tmp_path):
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert checked.stdout.startswith("license-proxy: the built-in defaults: OK"), checked
+
+    # man-db maps each PATH entry's bin/ to ../share/man: with the venv's bin on PATH (as an
+    # activated venv has it), `man license-proxy` finds the venv's page; -M names it too.
+    man_env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "MANWIDTH": "80", "MANPAGER": "cat"}
+    for name, section in (("license-proxy", 8), ("license-proxy-status", 1)):
+        where = subprocess.run(["man", "-w", name], capture_output=True, text=True, env=man_env)
+        assert where.stdout.strip() == str(venv / f"share/man/man{section}/{name}.{section}"), (
+            where.stdout + where.stderr
+        )
+    page = subprocess.run(["man", "license-proxy"], capture_output=True, text=True, env=man_env)
+    assert "drop-in License Proxy for self-hosted speech containers" in page.stdout, page
+    page = subprocess.run(
+        ["man", "-M", str(venv / "share/man"), "1", "license-proxy-status"],
+        capture_output=True, text=True, env={**man_env, "PATH": "/usr/bin:/bin"},
+    )
+    assert "--warn-after" in page.stdout.replace("\u2010", "-"), page
