@@ -261,8 +261,7 @@ def _timeline(samples: Sequence[Sample], now: float) -> str:
             runs.append([sample.state, sample.at - EVERY, sample.at])
     for state, begin, end in runs:
         left, right = x(begin), x(end)
-        if right <= left:
-            continue
+        right = max(right, left + 2)  # a run of a minute or two is still seen
         out.append(
             f'<rect x="{left}" y="{top}" width="{right - left}" height="{_BAND}"'
             f' fill="{_BAND_FILLS.get(state, "#fff")}"><title>{state}</title></rect>'
