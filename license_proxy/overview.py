@@ -288,7 +288,7 @@ def _timeline(samples: Sequence[Sample], now: float) -> str:
         peak = max(values) / per_minute
         out.append(
             f'<text x="0" y="{base - 14}">{_OUTCOME_WORDS[outcome]}</text>'
-            f'<text x="0" y="{base}" fill="#444">{total} in all, peak {peak:.3g}/min</text>'
+            f'<text x="0" y="{base}" fill="#444">{total:,} in all, peak {peak:.3g}/min</text>'
             f'<line x1="{_LEFT}" x2="{_LEFT + _PLOT}" y1="{base}" y2="{base}" stroke="#999"/>'
         )
         bars = []
