@@ -4,9 +4,9 @@ The last 24 hours, a sample a minute, for the page at ``/`` (``overview``).
 Each minute (``timers``) the state is read from ``Status`` and the relays from the
 ``license_proxy_relays_total`` counter, whose growth since the last sample is that
 minute's relays by outcome.  The ring holds ``SAMPLES`` of them, so its memory is fixed
-(about 500 KB full) whatever the traffic, and the relay is not touched: it counts as it
-did.  It lives in memory only: a restart starts an empty day (the trust cache, not this,
-is what a restart must keep).
+(about 530 KiB full: ``bench/overview.py``) whatever the traffic, and the relay is not
+touched: it counts as it did.  It lives in memory only: a restart starts an empty day (the
+trust cache, not this, is what a restart must keep).
 """
 
 from __future__ import annotations
