@@ -28,7 +28,9 @@ from harness import CLK_TCK, Ours, cpu_ticks, cpu_used, free_port, run_wrk, wait
 
 
 class Checkout(Ours):
-    """``Ours``, run from another checkout."""
+    """``Ours``, run from another checkout: ``Ours.start`` takes the twistd and the source
+    from the harness module's ``TWISTD`` and ``REPO``, so they are that checkout's while it
+    starts."""
 
     def __init__(self, checkout: Path, *args) -> None:
         super().__init__(*args)
