@@ -28,7 +28,7 @@ OTHER_CLIENT = {**CLIENT, "Authorization": "Token other-auth-2c7e4b"}
 QUERY_SECRET = "query-token-91ab3d"
 LICENSING = f"/v1/license?token={QUERY_SECRET}"
 CACHED_BODY = b'{"license":"cached-answer-5e1f77"}'
-PAGES = ("/v1/status", "/v1/ready", "/v1/health", "/metrics")
+PAGES = ("/", "/v1/status", "/v1/ready", "/v1/health", "/metrics")
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "PROPFIND")
 
 
@@ -84,11 +84,11 @@ def status_port(proxy, method: str, path: str) -> tuple[int, bytes]:
     return response.status, head + body
 
 
-def test_status_listener_serves_its_four_pages_and_nothing_else(exercised, tmp_path):
+def test_status_listener_serves_its_five_pages_and_nothing_else(exercised, tmp_path):
     proxy, _ = exercised
     cache_path = str(tmp_path / "state" / "trust-cache.json")
     probes = [
-        "/", "/v1", "/v1/", "/v1/status/", "/v1/status/..", "/v1/status/x", "/v1/status/../status",
+        "/v1", "/v1/", "/v1/status/", "/v1/status/..", "/v1/status/x", "/v1/status/../status",
         "//v1/status", "/V1/STATUS", "/v1/status%00", "/v1/health;x", "/metrics/", "/metrics/x",
         "/%2e%2e/", "/%2e%2e/%2e%2e/etc/passwd", "/../../etc/passwd", "/..%2f..%2fetc%2fpasswd",
         "/trust-cache.json", "/state/trust-cache.json", cache_path, "/tls.key", "/tls.crt",
@@ -127,6 +127,7 @@ def test_no_secret_in_the_cache_file_logs_status_metrics_or_502(exercised, tmp_p
     for page in PAGES:
         code, answer = status_port(proxy, "GET", page)
         assert code == 200 and not leaks(answer, cache_path), (page, answer)
+        assert LICENSING.split("?")[0].encode() not in answer, (page, answer)  # no request path
     state = tmp_path / "state"
 
     def on_disk() -> bytes:  # the snapshot and its journal
