@@ -24,6 +24,7 @@ from license_proxy.health import Health
 from license_proxy.metrics import MetricsPage, UpstreamCollector
 from license_proxy.relay import Relay
 from license_proxy.status import Status
+from license_proxy.trustcache import FLUSH_DELAY, MARK_LAG, TrustCache
 from license_proxy.upstream import Upstream
 from tests.support.relayharness import TRUST, FakeLicenseServer, RelayHarness
 
@@ -185,7 +186,7 @@ class OutageTests(SynchronousTestCase):
         self.assertEqual(self.h.answer(self, d)[1], b'{"license":"ok"}')  # from trust
         with capturedLogs() as events:
             self.successResultOf(self.h.relay.stop())  # cancels the exchange going on
-            self.h.pump()
+            self.h.advance(30)  # its deadline: had it run on, the server would be down now
         self.assertTrue(self.h.health.servers[0].up)
         self.assertEqual(self.h.status.state, "Connected")
         self.assertEqual([e["log_format"] for e in events if "down" in e["log_format"]], [])
@@ -225,6 +226,34 @@ class OutageTests(SynchronousTestCase):
         self.server.hang = False
         self.server.code = 503
         self.assertEqual(self.h.answer(self, self.get())[1], b'{"license":"late"}')
+
+    def test_502_503_and_504_mean_down_and_other_answers_do_not(self):
+        for code, up in ((502, False), (503, False), (504, False), (500, True), (501, True)):
+            self.h.health.try_again("the next answer")
+            self.server.code = code
+            self.h.answer(self, self.get())
+            self.assertEqual(self.h.health.servers[0].up, up, code)
+
+    def test_an_exchange_completed_since_a_slow_one_began_keeps_the_server_usable(self):
+        """One slow request must not make a healthy server busy for everyone."""
+        self.server.hang = True
+        self.get()
+        self.h.advance(ANSWER_WITHIN / 2)
+        self.server.hang = False
+        self.assertIsNone(self.h.answer(self, self.get())[0].headers.getRawHeaders("age"))
+        self.h.advance(ANSWER_WITHIN)  # the slow one is outstanding for 1.5 answer_within
+        seen = self.server.count
+        response, _ = self.h.answer(self, self.get())
+        self.assertEqual(self.server.count, seen + 1)  # asked, not skipped as busy
+        self.assertIsNone(response.headers.getRawHeaders("age"))
+
+    def test_failed_probes_keep_the_clock_high_water_mark_up_in_an_idle_outage(self):
+        self.server.code = 503
+        self.h.answer(self, self.get())  # down; no client asks again
+        for _ in range(round(3 * MARK_LAG / RETRY)):
+            self.h.advance(RETRY)
+        mark = TrustCache.load(self.h.clock, self.h.cache_path).high_water
+        self.assertGreaterEqual(mark, self.h.clock.seconds() - MARK_LAG - FLUSH_DELAY)
 
     def test_the_status_and_metrics_show_each_server(self):
         self.server.code = 503
@@ -303,6 +332,15 @@ class FastConnectTests(SynchronousTestCase):
         self.assertEqual(self.reactor.tcpClients[1][:2], ("127.0.0.1", 443))
         self.refuse(1)
         self.failureResultOf(d, error.ConnectionRefusedError)
+
+    def test_the_next_address_is_tried_a_tenth_of_a_second_later(self):
+        """RFC 8305's minimum Connection Attempt Delay; Twisted's 0.3 s was each relay's wait."""
+        self.reactor.nameResolver = _Resolver([IPv6Address("TCP", "::1", 0), IPv4Address("TCP", "127.0.0.1", 0)])
+        FastEndpoint(self.reactor, "license.example", 443, 2.0).connect(self.factory)
+        self.reactor.advance(0.09)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.reactor.advance(0.02)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
 
     def test_a_slow_address_does_not_hold_the_next(self):
         self.reactor.nameResolver = _Resolver([IPv6Address("TCP", "::1", 0), IPv4Address("TCP", "127.0.0.1", 0)])
