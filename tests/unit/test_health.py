@@ -171,12 +171,34 @@ class OutageTests(SynchronousTestCase):
         unknown, _ = self.h.answer(self, self.get("/v1/unknown"))
         self.assertEqual(unknown.code, 502)
         self.assertEqual(self.server.count, 2)
-        # Busy is not down: the state and the server's health wait for the outcome...
-        self.assertEqual(self.h.status.state, "Connected")
+        # Busy is not down: the server's health waits for the outcome (the state says the
+        # containers are on cached answers)...
+        self.assertEqual(self.h.status.state, "TrustBased")
         self.assertTrue(self.h.health.servers[0].up)
         # ...which the timeout gives: now it is down.
         self.h.advance(30)
         self.assertFalse(self.h.health.servers[0].up)
+        self.assertEqual(self.h.status.state, "TrustBased")
+
+    def test_trust_based_from_the_first_answer_from_trust_until_an_exchange_completes(self):
+        """The vendor's TrustBased: the relay failed and a cached answer was returned."""
+        self.server.hang = True
+        unknown = self.get("/v1/unknown")  # no trusted answer: it waits for the server
+        self.h.advance(ANSWER_WITHIN - 0.01)
+        self.assertEqual(self.h.status.state, "Connected")
+        self.h.advance(0.01)  # the server is busy now
+        self.assertEqual(self.h.status.state, "Connected")  # no one answered from trust yet
+        self.assertEqual(self.h.answer(self, self.get())[1], b'{"license":"ok"}')
+        self.assertEqual(self.h.status.state, "TrustBased")
+        self.assertTrue(self.h.health.servers[0].up)  # busy, not down
+        self.server.release()
+        self.h.pump()
+        self.assertEqual(self.h.answer(self, unknown)[0].code, 200)
+        self.assertEqual(self.h.status.state, "Connected")
+        self.server.hang = True
+        d = self.get()
+        self.h.advance(ANSWER_WITHIN)  # its own exchange outstanding answer_within
+        self.assertEqual(self.h.answer(self, d)[1], b'{"license":"ok"}')
         self.assertEqual(self.h.status.state, "TrustBased")
 
     def test_a_stop_is_not_taken_for_a_failure_of_the_exchange_it_cancels(self):
@@ -188,7 +210,7 @@ class OutageTests(SynchronousTestCase):
             self.successResultOf(self.h.relay.stop())  # cancels the exchange going on
             self.h.advance(30)  # its deadline: had it run on, the server would be down now
         self.assertTrue(self.h.health.servers[0].up)
-        self.assertEqual(self.h.status.state, "Connected")
+        self.assertEqual(self.h.status.state, "TrustBased")  # as the trusted answer left it
         self.assertEqual([e["log_format"] for e in events if "down" in e["log_format"]], [])
 
     def test_an_exchange_sent_to_the_background_after_a_stop_began_is_cancelled(self):
@@ -209,7 +231,7 @@ class OutageTests(SynchronousTestCase):
         self.h.answer(self, d)  # the server is busy now, not down
         with capturedLogs() as events:
             self.successResultOf(Deferred.fromCoroutine(self.h.checkin.periodic()))
-        self.assertEqual(self.h.status.state, "Connected")
+        self.assertEqual(self.h.status.state, "TrustBased")  # as the trusted answer left it
         self.assertEqual([e for e in events if "check-in failed" in e["log_format"]], [])
 
     def test_a_slow_but_healthy_server_is_not_taken_for_dead(self):
