@@ -58,8 +58,10 @@ class OutageHarness(RelayHarness):
     """The relay with a ``Health`` whose jitter is fixed (probes at exactly
     ``RETRY``) and whose probe is the check-in, as the service wires them."""
 
-    def __init__(self, testcase, urls=("https://license.example",)):
+    def __init__(self, testcase, urls=("https://license.example",), bound=None):
+        """``bound``: each server's connections and waiting requests (None: unbounded)."""
         self.jitter = 1.0
+        self.bound = bound
         super().__init__(testcase, urls)
 
     def use(self, server, cache):
@@ -71,7 +73,7 @@ class OutageHarness(RelayHarness):
         self.status = Status(self.clock, cache, TRUST, self.health)
         self.agent = RequestTraversalAgent(server)
         self.upstream = Upstream.using(
-            self.agent, self.clock, self.urls, 30.0, health=self.health
+            self.agent, self.clock, self.urls, 30.0, health=self.health, bound=self.bound
         )
         self.relay = Relay(self.clock, self.clock, self.upstream, cache, self.status, self.base, self.metrics)
         self.client = RequestTraversalAgent(self.relay)
