@@ -303,6 +303,32 @@ class OutageTests(SynchronousTestCase):
         self.assertNotIn(KEY.encode(), page)
 
 
+class RelayBeyondTheBoundTests(SynchronousTestCase):
+    """Through the relay: beyond the bound is answered as in an outage."""
+
+    def setUp(self):
+        self.h = OutageHarness(self, bound=(1, 0))
+        self.server = HeldServer()
+        self.h.use(self.server, self.h.cache)
+        self.h.answer(self, self.h.request())  # a trusted answer to GET /v1/check
+
+    def test_a_request_beyond_the_bound_is_answered_from_trust_or_502_at_once(self):
+        self.server.hang = True
+        first = self.h.request()
+        trusted, body = self.h.answer(self, self.h.request())
+        self.assertEqual((trusted.code, body), (200, b'{"license":"ok"}'))
+        self.assertIsNotNone(trusted.headers.getRawHeaders("age"))
+        unknown, _ = self.h.answer(self, self.h.request(path="/v1/unknown"))
+        self.assertEqual(unknown.code, 502)
+        self.assertEqual(self.server.count, 2)  # the first (and the one before): no others
+        # The server is neither down nor slow: the proxy's own bound changes no state.
+        self.assertEqual(self.h.status.state, "Connected")
+        self.assertTrue(self.h.health.servers[0].up)
+        self.server.release()
+        self.h.pump()
+        self.assertEqual(self.h.answer(self, first)[1], b'{"license":"late"}')
+
+
 class _FakeRequest:
     def setHeader(self, name, value):
         pass
