@@ -101,6 +101,8 @@ class Upstream:
         self.idle_closes = 0  # connections closed for waiting longer
         self.requests: list[Request] = []
         self.connections = 0  # TCP connections accepted
+        self.open_connections = 0  # accepted and not yet closed
+        self.most_open = 0  # the most open at once
         self.handshakes = 0  # TLS handshakes completed
         self.answers = 0  # responses decided (numbers the default body)
 
@@ -210,7 +212,10 @@ class Upstream:
                 return  # stop() shut the listener down
             with self._lock:
                 self.connections += 1
+                self.open_connections += 1
+                self.most_open = max(self.most_open, self.open_connections)
                 if stopping.is_set():
+                    self.open_connections -= 1
                     sock.close()
                     return
                 # A dup of the socket lets stop() shut the connection down from its thread
@@ -227,6 +232,8 @@ class Upstream:
             pass
         finally:
             conn.close()
+            with self._lock:
+                self.open_connections -= 1
 
     def _next_response(self) -> tuple[str, int, list[tuple[str, str]], bytes]:
         """The mode, status, headers and body of the next answer (one atomic snapshot)."""
