@@ -64,6 +64,8 @@ class Slots:
                 QUEUE_FULL, f"{self.size} connections in use and {self.pending} requests waiting"
             )
         taking = self._semaphore.acquire()
+        if taking.called:
+            return  # one was free: no timer (the common case, on every exchange)
         taking.addTimeout(wait, self._timers)
         try:
             await taking

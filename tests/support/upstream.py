@@ -97,6 +97,7 @@ class Upstream:
         self._headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         self.set_cookie: str | None = None  # when set, every answer carries Set-Cookie
         self.drip_interval = 1.0
+        self.delay = 0.0  # seconds each answer waits, as a distant server's would (benchmarks)
         self.idle_timeout = _IDLE_TIMEOUT  # seconds a kept-alive connection may wait for a request
         self.idle_closes = 0  # connections closed for waiting longer
         self.requests: list[Request] = []
@@ -304,7 +305,7 @@ class _Connection:
         up = self.up
         with up._lock:
             up._lock.wait_for(lambda: up._mode != "hang" or self.stopping.is_set())
-        if self.stopping.is_set():
+        if self.stopping.is_set() or self.stopping.wait(up.delay):
             return False
         mode, status, headers, body = up._next_response()
         length = len(body)  # a HEAD answer's Content-Length is the GET answer's
