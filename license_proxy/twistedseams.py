@@ -54,7 +54,8 @@ from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogPublisher
-from twisted.web._newclient import HTTP11ClientProtocol, Request, RequestNotSent  # noqa: F401 (for pool)
+# For pool (re-exported):
+from twisted.web._newclient import HTTP11ClientProtocol, Request, RequestNotSent  # noqa: F401
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 

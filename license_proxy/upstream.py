@@ -241,7 +241,8 @@ class Upstream:
         try:
             await slots.take(self.health.answer_within)
         except Overflow as e:
-            raise UpstreamFailure(self._urls[index].decode("ascii"), str(e), attempted=False) from None
+            url = self._urls[index].decode("ascii")
+            raise UpstreamFailure(url, str(e), attempted=False) from None
         try:
             return await self._attempt(index, method, rest, headers, body, timeout)
         finally:

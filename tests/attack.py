@@ -132,7 +132,9 @@ def _head(t: Target) -> tuple[str, str]:
 # -- issue 20, item 11 (upstream): a storm of clients must not become one at the license server --
 
 
-def storm_attacks(t: Target, bound: int, clients: int = 100) -> dict[str, Callable[[], tuple[str, str]]]:
+def storm_attacks(
+    t: Target, bound: int, clients: int = 100
+) -> dict[str, Callable[[], tuple[str, str]]]:
     """A fleet arriving at once: the connections to the license server stay within the bound."""
     return {f"burst of {clients} clients at once (connections to the license server)":
             lambda: _storm(t, bound, clients)}

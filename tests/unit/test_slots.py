@@ -76,7 +76,9 @@ class SlotsTests(SynchronousTestCase):
         """Answer each request sent and not yet answered, those that go out meanwhile too."""
         answered = [0] * len(self.server.connections)
         for _ in range(20):
-            due = [n for n, count in enumerate(answered) if self.server.sent(n).count(b"GET ") > count]
+            due = [
+                n for n, count in enumerate(answered) if self.server.sent(n).count(b"GET ") > count
+            ]
             if not due:
                 return
             for n in due:
@@ -115,8 +117,9 @@ class SlotsTests(SynchronousTestCase):
         for _ in range(CONNECTIONS + 1):
             self.exchange()
         page = self._page()
-        self.assertIn(b'license_proxy_upstream_connections{server_url="%s"} 2.0' % URL.encode(), page)
-        self.assertIn(b'license_proxy_upstream_waiting{server_url="%s"} 1.0' % URL.encode(), page)
+        url = URL.encode()
+        self.assertIn(b'license_proxy_upstream_connections{server_url="%s"} 2.0' % url, page)
+        self.assertIn(b'license_proxy_upstream_waiting{server_url="%s"} 1.0' % url, page)
 
     def _page(self) -> bytes:
         registry = CollectorRegistry()
