@@ -118,13 +118,14 @@ class CheckIn:
         """
         The check-in with server ``index`` alone, while it is down (``Health``
         runs it); its outcome marks the server.  A success is a check-in;
-        a failure keeps the state failed while no server is usable.
+        a failure (no answer, or a 5xx as for any check-in) keeps the state failed
+        while no server is usable, and with it the clock's high-water mark moving.
         """
         try:
             answer = await self._upstream.attempt(index, b"GET", b"", self._headers(), None)
         except UpstreamFailure:
-            if not self._upstream.health.available:
-                self._status.failed()
-            return
-        if answer.status < 500:
+            answer = None
+        if answer is not None and answer.status < 500:
             self._checked_in(answer)
+        elif not self._upstream.health.available:
+            self._status.failed()

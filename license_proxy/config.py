@@ -59,6 +59,8 @@ class Config:
     startup_timeout: float = 30.0  # [license] startup_timeout, seconds
     answer_within: float = ANSWER_WITHIN  # [license] answer_within, seconds
     retry_interval: float = RETRY_INTERVAL  # [license] retry_interval, seconds
+    upstream_max_connections: int = 32  # [license] max_connections, per server_url
+    upstream_max_pending: int = 1024  # [license] max_pending, per server_url
     proxy: str = attrs.field(default="", repr=False)  # [license] proxy: may hold a password
     no_proxy: str = ""  # [license] no_proxy
     trust_duration: float = 86400.0  # [trust] duration, seconds
@@ -278,6 +280,17 @@ def _positive_integer(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected an integer greater than 0, got {_show(value)}")
     return value
+
+
+def _integer_from(low: int, high: int) -> Callable[[object], int]:
+    """A parser of integers from ``low`` to ``high``."""
+
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}, got {_show(value)}")
+        return value
+
+    return parse
 
 
 def _boolean(value: object) -> bool:
@@ -580,6 +593,23 @@ _KEYS: dict[tuple[str, str], Key] = {
             'while a license server is down, it is probed with the check-in request every '
             '`retry_interval`, jittered between half of it and all of it, one probe at a '
             'time; the first answer makes it usable again'
+        ),
+    ),
+    ("license", "max_connections"): Key(
+        "upstream_max_connections", _integer_from(1, 1024), '32',
+        (
+            'most connections (exchanges) open to each `server_url` at once, check-ins and '
+            "probes included; the requests beyond wait for one, first come first served (see "
+            '[Outages](outages.md#outages))'
+        ),
+    ),
+    ("license", "max_pending"): Key(
+        "upstream_max_pending", _integer_from(0, 65536), '1024',
+        (
+            'most requests waiting for one of those connections, per `server_url`; one that '
+            'finds the queue full, or waits `answer_within`, is answered as in an outage '
+            '(the next `server_url`, else from trust, else 502) and counted in '
+            '`license_proxy_upstream_overflows_total`'
         ),
     ),
     ("license", "proxy"): Key(

@@ -10,15 +10,15 @@ fetched from the FIPS provider, so nothing outside it can be negotiated on eithe
 
 from __future__ import annotations
 
-from cryptography.hazmat.backends.openssl.backend import backend
 from OpenSSL import SSL
 
 from .config import Config, ConfigError
+from .twistedseams import fips_enabled
 
 
 def in_fips_mode() -> bool:
     """Whether the process's OpenSSL fetches every algorithm from its FIPS provider."""
-    return bool(backend._fips_enabled)
+    return fips_enabled()
 
 
 def openssl_version() -> str:

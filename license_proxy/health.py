@@ -21,7 +21,10 @@ finds it back.  The rules (docs/outages.md):
   the server is *busy*: skipped like a down one, so only the first request
   waits.  Being busy is not a failure: no probe starts, the gauge stays up,
   and when the slow exchange completes well the server is used again; only
-  if it then fails (its ``timeout``) is the server down.
+  if it then fails (its ``timeout``) is the server down.  The state, though, is
+  ``TrustBased`` from the first answer given from trust while an exchange has been
+  outstanding for ``answer_within`` (``slow``): the relay failed and the containers are on
+  cached answers; an exchange that completes makes it ``Connected`` again.
 
 Nothing here touches the network: ``Upstream`` reports each exchange with
 ``begin``/``end``, and the probe is a callable given by whoever knows the
@@ -65,6 +68,10 @@ class Server:
     @property
     def up(self) -> bool:
         return self.down_since is None
+
+    def slow(self, now: float, bound: float) -> bool:
+        """An exchange outstanding for ``bound``."""
+        return any(now - started >= bound for started in self._pending.values())
 
     def busy(self, now: float, bound: float) -> bool:
         """An exchange outstanding for ``bound``, and none completed since it began."""
@@ -120,6 +127,13 @@ class Health:
     def available(self) -> bool:
         """Is any server usable?"""
         return any(self.usable(i) for i in range(len(self.servers)))
+
+    @property
+    def slow(self) -> bool:
+        """Has an exchange with a server been outstanding for ``answer_within``?  Then a
+        request answered from trust meanwhile was answered so for want of the server."""
+        now = self._timers.seconds()
+        return any(server.slow(now, self.answer_within) for server in self.servers)
 
     def why_not(self, index: int) -> str:
         """Why a server is skipped, for the 502's message and the logs."""

@@ -171,6 +171,31 @@ class UpstreamCollector:
         for server in self._upstream.health.servers:
             up.add_metric([server.url], 1 if server.up else 0)
         yield up
+        if not self._upstream.slots:
+            return
+        labels = ["server_url"]
+        open_ = GaugeMetricFamily(
+            "license_proxy_upstream_connections",
+            "Exchanges (connections) with a server_url under way ([license] max_connections).",
+            labels=labels,
+        )
+        waiting = GaugeMetricFamily(
+            "license_proxy_upstream_waiting",
+            "Requests waiting for a connection to a server_url ([license] max_pending).",
+            labels=labels,
+        )
+        overflows = CounterMetricFamily(
+            "license_proxy_upstream_overflows",
+            "Requests answered as in an outage for want of a connection to a server_url:"
+            " the queue was full, or they waited answer_within.",
+            labels=[*labels, "reason"],
+        )
+        for slots in self._upstream.slots:
+            open_.add_metric([slots.url], slots.in_use)
+            waiting.add_metric([slots.url], slots.waiting)
+            for reason, count in slots.overflows.items():
+                overflows.add_metric([slots.url, reason], count)
+        yield from (open_, waiting, overflows)
 
 
 def registry_for(dates: IReactorTime, status: Status, cache: TrustCache) -> CollectorRegistry:

@@ -31,16 +31,17 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    HTTP11ClientProtocol,
-    Request,
-    RequestNotSent,
-    ResponseNeverReceived,
-)
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from .twistedseams import ReuseAwarePool
+from .twistedseams import (
+    HTTP11ClientProtocol,
+    Request,
+    RequestNotSent,
+    ReuseAwarePool,
+    pool_key_host,
+)
 
 IDLE_TIMEOUT = 20.0
 """Seconds an idle pooled connection is kept: below the keep-alive timeouts
@@ -154,7 +155,7 @@ class RetryingPool(ReuseAwarePool):
             "{method} to {host}: the pooled connection was closed {when};"
             " sending it on a new connection",
             method=request.method.decode("ascii"),
-            host=key[1].decode("ascii"),  # Agent's key: (scheme, host, port)
+            host=pool_key_host(key).decode("ascii"),
             when="before the request went out"
             if failure.check(RequestNotSent)
             else "before any answer",

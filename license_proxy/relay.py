@@ -176,7 +176,7 @@ class Relay:
             # No server to ask (see health.py): answered now, logged once per
             # transition, not per request.
             outcome = await self._without_server(asked, key, entry, known_outage)
-            self._metrics.outcomes.labels(outcome).inc()
+            self._count(outcome)
             return
         path = request.path.decode("ascii")  # the query may carry secrets: not logged
         exchange = Deferred.fromCoroutine(self._exchange(method, rest, headers, body, key))
@@ -188,7 +188,7 @@ class Relay:
                 self._in_background(exchange, method, path, started)
                 if not gone:
                     self._answer_failure(request, entry, None)
-                self._metrics.outcomes.labels(SERVED_FROM_TRUST).inc()
+                self._count(SERVED_FROM_TRUST)
                 self.log.warn(
                     "relay {method} {path}: no answer within {bound:g} s; {outcome}"
                     " (cache: {cache}); the exchange goes on in the background",
@@ -205,7 +205,7 @@ class Relay:
         if isinstance(result, UpstreamFailure):
             entry = self._lookup(key, headers) if self._status.trusted() else None
             outcome = await self._without_server(asked, key, entry, result)
-            self._metrics.outcomes.labels(outcome).inc()
+            self._count(outcome)
             if not result.attempted:
                 return  # a known outage: logged once, when the server went down
             self.log.warn(
@@ -223,7 +223,7 @@ class Relay:
         if not gone:
             _write(request, answer.status, _relayed(method, answer), answer.body)
         outcome = UPSTREAM_4XX if 400 <= answer.status < 500 else UPSTREAM_OK
-        self._metrics.outcomes.labels(outcome).inc()
+        self._count(outcome)
         self.log.info(
             "relay {method} {path} -> {status} in {ms:.1f} ms; {outcome} (cache: {cache})",
             method=method.decode("ascii"),
@@ -233,6 +233,14 @@ class Relay:
             cache="stored" if cacheable else "not stored",
             ms=latency * 1000,
         )
+
+    def _count(self, outcome: str) -> None:
+        """Count a relay's outcome.  An answer from trust while a license server has left
+        an exchange unanswered for ``answer_within`` is the vendor's ``TrustBased``: the
+        relay failed and a cached answer went out (``Connected`` again when one completes)."""
+        self._metrics.outcomes.labels(outcome).inc()
+        if outcome == SERVED_FROM_TRUST and self._upstream.health.slow:
+            self._status.failed()
 
     def _key(self, method: bytes, rest: bytes, headers: Headers) -> str:
         """The cache key of a request the license server is sent with ``headers``:

@@ -192,7 +192,8 @@ def make_service(
     certificate_files = CertificateFiles.read(config)  # before reading them: see CertificateReload
     upstream_certificates = upstream_tls(config)
     upstream = Upstream.build(
-        reactor, config.server_urls, config.timeout, upstream_certificates, egress, health
+        reactor, config.server_urls, config.timeout, upstream_certificates, egress, health,
+        (config.upstream_max_connections, config.upstream_max_pending),
     )
     registry = registry_for(dates, status, cache)
     registry.register(UpstreamCollector(upstream))

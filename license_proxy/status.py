@@ -3,9 +3,11 @@ The proxy's state, as the status endpoint reports it (the pages: ``statuspages``
 
 The state answers one question for operators and probes: would a container
 that checks in now be licensed?  It follows the most recent relay or check-in
-(``Ready`` before any), and is judged against the trust window at the moment
-it is asked, so ``TrustBased`` turns into ``Failed`` when the window closes
-even if nothing happens in between.
+(``Ready`` before any; an answer from trust while the license server leaves an
+exchange unanswered for ``answer_within`` counts as a failed relay, see
+``relay``), and is judged against the trust window at the moment it is asked,
+so ``TrustBased`` turns into ``Failed`` when the window closes even if nothing
+happens in between.
 
 The JSON is compact and on one line, with ``state`` first, because existing
 readiness probes grep it: ``'^{.*"state":"\\(Connected\\|TrustBased\\)".*}$'``.

@@ -1,5 +1,6 @@
 """
-The private Twisted code this project relies on, all of it, for want of a public way.
+The private Twisted code this project relies on, all of it (and cryptography's one), for want
+of a public way.
 
 The rest of the code uses only the names below.  ``tests/unit/test_seams.py`` fails, naming
 the seam, when a Twisted release changes what is relied on here; setup.cfg keeps twisted
@@ -28,6 +29,19 @@ calls its private ``_newConnection(key, endpoint)`` at once, from ``getConnectio
 when no pooled connection for ``key`` is usable; it connects ``endpoint`` with a factory that
 returns the connection to the pool once idle.
 
+The Agent's client side, for ``pool``: ``HTTP11ClientProtocol``, ``Request`` and
+``RequestNotSent`` live in the private ``twisted.web._newclient`` (``twisted.web.client``
+imports them but does not export them). The pool hands ``Agent`` a connection whose
+``request(Request)`` fails with ``RequestNotSent`` when nothing of the request was written
+(the connection already closed), and with ``ResponseNeverReceived`` when it was written and
+the connection closed before an answer byte; ``Request`` keeps ``method``, ``headers`` and
+``bodyProducer``.  ``pool_key_host(key)``: ``Agent`` asks the pool for a connection with the key
+``(scheme, host, port)``, undocumented.
+
+``fips_enabled()``: cryptography has no public way to ask whether its OpenSSL is in FIPS
+mode; its backend's private ``_fips_enabled`` says it (what ``fips`` refuses to start
+without).  Not Twisted's, but kept here so that private library code has one place.
+
 ``replace_clock(reactor, seconds)``: ``ReactorBase`` (twisted.internet.base) reads the time
 through ``self.seconds()`` to schedule (``callLater``), to run (``runUntilCurrent``) and to
 sleep (``timeout``), and each ``DelayedCall`` keeps the ``seconds`` it was created with; so
@@ -40,6 +54,8 @@ from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogPublisher
+# For pool (re-exported):
+from twisted.web._newclient import HTTP11ClientProtocol, Request, RequestNotSent  # noqa: F401
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 
@@ -85,3 +101,16 @@ class ReuseAwarePool(HTTPConnectionPool):
 def replace_clock(reactor, seconds: Callable[[], float]) -> None:
     """Make ``seconds`` the clock of ``reactor``'s timers scheduled from now on."""
     reactor.seconds = seconds
+
+
+def pool_key_host(key: tuple) -> bytes:
+    """The host in the key ``Agent`` gives ``HTTPConnectionPool.getConnection``."""
+    _scheme, host, _port = key
+    return host
+
+
+def fips_enabled() -> bool:
+    """Whether the OpenSSL cryptography links fetches every algorithm from its FIPS provider."""
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    return bool(backend._fips_enabled)

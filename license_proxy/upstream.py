@@ -40,6 +40,7 @@ from twisted.web.iweb import IAgent
 from .egress import Egress, Settings
 from .health import ANSWER_WITHIN, RETRY_INTERVAL, Health
 from .pool import BytesBody, RetryingPool
+from .slots import Overflow, Slots
 from .tls.contexts import UpstreamTLS
 from .tunnel import ProxyError
 
@@ -117,6 +118,8 @@ class Upstream:
     _timeout: float
     health: Health
     _pool: Optional[RetryingPool] = None
+    #: Each server's bounded connections (``slots``); none: unbounded.
+    slots: Sequence[Slots] = ()
 
     @classmethod
     def using(
@@ -127,10 +130,13 @@ class Upstream:
         timeout: float,
         pool: Optional[RetryingPool] = None,
         health: Optional[Health] = None,
+        bound: Optional[tuple[int, int]] = None,
     ) -> Upstream:
-        """The client over ``agent``."""
+        """The client over ``agent``; ``bound``: each server's connections at once and
+        requests waiting for one (None: unbounded)."""
         if health is None:
             health = Health.of(clock, urls, ANSWER_WITHIN, RETRY_INTERVAL)
+        slots = () if bound is None else [Slots(clock, url, *bound) for url in urls]
         return cls(
             clock,
             agent,
@@ -138,6 +144,7 @@ class Upstream:
             timeout,
             health,
             pool,
+            slots,
         )
 
     @classmethod
@@ -149,16 +156,18 @@ class Upstream:
         tls: UpstreamTLS,
         egress: Settings,
         health: Health,
+        bound: tuple[int, int],
     ) -> Upstream:
         """The production client: pooled connections, verified TLS, direct
         or through the forward proxy ``egress`` chooses.  A connection not
-        made within ``health.answer_within`` is a failure (see ``health``)."""
+        made within ``health.answer_within`` is a failure (see ``health``);
+        at most ``bound`` (connections, waiting requests) per server (``slots``)."""
         pool = RetryingPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 16
+        pool.maxPersistentPerHost = min(16, bound[0])
         connect_timeout = min(timeout, health.answer_within)
         endpoints = Egress(reactor, tls, egress, connect_timeout)
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-        return cls.using(agent, reactor, urls, timeout, pool, health)
+        return cls.using(agent, reactor, urls, timeout, pool, health, bound)
 
     @property
     def retries(self) -> int:
@@ -223,7 +232,31 @@ class Upstream:
         timeout: Optional[float] = None,
     ) -> Answer:
         """One exchange with server ``index`` (any answer, 5xx too), its
-        outcome told to ``health``; ``UpstreamFailure`` when there is none."""
+        outcome told to ``health``; ``UpstreamFailure`` when there is none.
+        With a bound, it first waits for one of the server's connections
+        (``slots``): up to ``answer_within``, else a failure without an attempt."""
+        if not self.slots:
+            return await self._attempt(index, method, rest, headers, body, timeout)
+        slots = self.slots[index]
+        try:
+            await slots.take(self.health.answer_within)
+        except Overflow as e:
+            url = self._urls[index].decode("ascii")
+            raise UpstreamFailure(url, str(e), attempted=False) from None
+        try:
+            return await self._attempt(index, method, rest, headers, body, timeout)
+        finally:
+            slots.give()
+
+    async def _attempt(
+        self,
+        index: int,
+        method: bytes,
+        rest: bytes,
+        headers: Headers,
+        body: Optional[bytes],
+        timeout: Optional[float],
+    ) -> Answer:
         deadline = self._timeout if timeout is None else min(timeout, self._timeout)
         url = self._urls[index]
         token = self.health.begin(index)

@@ -130,6 +130,43 @@ def _head(t: Target) -> tuple[str, str]:
     return verdict, f"Content-Length {sent[1]} for HEAD, {sent[0]} for GET"
 
 
+# -- issue 20, item 11 (upstream): a storm of clients must not become one at the license server --
+
+
+def storm_attacks(
+    t: Target, bound: int, clients: int = 100
+) -> dict[str, Callable[[], tuple[str, str]]]:
+    """A fleet arriving at once: the connections to the license server stay within the bound."""
+    return {f"burst of {clients} clients at once (connections to the license server)":
+            lambda: _storm(t, bound, clients)}
+
+
+def _storm(t: Target, bound: int, clients: int) -> tuple[str, str]:
+    import threading
+
+    metrics = t.status_url.replace("/v1/status", "/metrics")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    codes: list[int] = []
+    threads = [threading.Thread(target=lambda n=n: codes.append(
+        t.request("GET", b"storm/%d" % n).status)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    peak, seen = 0, False
+    while any(thread.is_alive() for thread in threads):
+        with opener.open(metrics, timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("license_proxy_upstream_connections{"):
+                    seen, peak = True, max(peak, int(float(line.rsplit(" ", 1)[1])))
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(timeout=30)
+    answered = f"{len([c for c in codes if c])} of {clients} answered"
+    if not seen:
+        return "UNSAFE", f"{answered}; no license_proxy_upstream_connections: no bound"
+    verdict = "safe" if peak <= bound else "UNSAFE"
+    return verdict, f"{answered}; at most {peak} connections to the license server (bound {bound})"
+
+
 class Outage:
     """Attacks on the trust cache: ``prime`` while the license server is up, ``check`` in an
     outage.  Each check is (name, function)."""
@@ -270,9 +307,12 @@ def main(argv=None) -> int:
     parser.add_argument("--outage", action="store_true", help="also the trust cache attacks")
     parser.add_argument("--max-entries", type=int, default=10_000)
     parser.add_argument("--checkin-interval", type=float, default=60.0)
+    parser.add_argument("--max-connections", type=int, default=32,
+                        help="the proxy's [license] max_connections")
     args = parser.parse_args(argv)
     target = Target(args)
     verdicts = run({**door_attacks(target), **status_page_attacks(target)}, sys.stdout)
+    verdicts += run(storm_attacks(target, args.max_connections), sys.stdout)
     if args.outage:
         outage = Outage(target, args.max_entries, args.checkin_interval)
         outage.prime()

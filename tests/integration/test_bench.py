@@ -77,3 +77,10 @@ def test_the_trust_cache_write_costs_run_and_a_checkin_writes_one_line():
     checkin_bytes = [int(row[4].replace(",", "")) for row in rows if row[1] == "checkin"]
     assert checkin_bytes[0] == checkin_bytes[1] < 100, out  # whatever the number of answers
     assert int(rows[3][4].replace(",", "")) > 100 * int(rows[1][4].replace(",", "")) / 2, out
+
+
+def test_the_upstream_storm_runs_and_the_connections_stay_within_the_bound():
+    out = _script("upstreamstorm.py", "--clients", "30", "--max-connections", "4")
+    result = json.loads(out.splitlines()[-1])
+    assert result["answers"] == {"200": 30}, result
+    assert 1 <= result["most_upstream_connections_at_once"] <= 4, result

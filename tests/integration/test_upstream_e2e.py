@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import signal
 import ssl
+import threading
 import time
 
 import pytest
@@ -85,3 +86,45 @@ def test_a_close_the_proxy_has_not_read_yet_loses_no_post(tmp_path, pki, upstrea
     assert [r.method for r in relayed(upstream, "/v1/lic")] == ["POST"]
     assert "POST to localhost: the pooled connection was closed before the request went out" in log
 
+
+
+BOUND = 4
+BURST = 24
+
+
+def test_a_burst_opens_no_more_connections_to_the_license_server_than_the_bound(
+    tmp_path, pki, upstream
+):
+    """A fleet arriving at once (issue 20: 389 connections at once for 1,000 clients) waits
+    for the bounded connections; the license server sees ``max_connections`` at most."""
+    text = config(
+        tmp_path, pki, upstream.url,
+        license=f'max_connections = {BOUND}\nanswer_within = "8s"',
+    ).replace('timeout = "2s"\n', 'timeout = "20s"\n')
+    with ProxyProcess(tmp_path, text) as proxy:
+        proxy.wait_state("Connected")
+        upstream.mode = "hang"
+        answers: list = []
+        clients = [
+            threading.Thread(
+                target=lambda n=n: answers.append(proxy.request("GET", f"/v1/lic/{n}", timeout=30))
+            )
+            for n in range(BURST)
+        ]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 10
+        while len(upstream.requests) < 1 + BOUND and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # time for any more to arrive
+        held = len(upstream.requests) - 1
+        metrics = scrape(proxy)
+        upstream.mode = "normal"
+        for client in clients:
+            client.join(timeout=30)
+    assert held == BOUND
+    assert upstream.most_open <= BOUND, upstream.most_open
+    assert [code for code, _, _ in answers] == [200] * BURST
+    url = (("server_url", upstream.url),)
+    assert metrics["license_proxy_upstream_connections", url] == BOUND
+    assert metrics["license_proxy_upstream_waiting", url] == BURST - BOUND

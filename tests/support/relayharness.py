@@ -69,7 +69,8 @@ class RelayHarness:
         self.clock = Clock()
         self.clock.advance(T0)
         self.server = FakeLicenseServer()
-        self.cache = TrustCache(self.clock, f"{tmpdir}/cache.json")
+        self.cache_path = f"{tmpdir}/cache.json"
+        self.cache = TrustCache(self.clock, self.cache_path)
         self.status = Status(self.clock, self.cache, TRUST)
         self.registry = registry_for(self.clock, self.status, self.cache)
         self.metrics = RelayMetrics.on(self.registry)

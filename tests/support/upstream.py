@@ -97,10 +97,13 @@ class Upstream:
         self._headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         self.set_cookie: str | None = None  # when set, every answer carries Set-Cookie
         self.drip_interval = 1.0
+        self.delay = 0.0  # seconds each answer waits, as a distant server's would (benchmarks)
         self.idle_timeout = _IDLE_TIMEOUT  # seconds a kept-alive connection may wait for a request
         self.idle_closes = 0  # connections closed for waiting longer
         self.requests: list[Request] = []
         self.connections = 0  # TCP connections accepted
+        self.open_connections = 0  # accepted and not yet closed
+        self.most_open = 0  # the most open at once
         self.handshakes = 0  # TLS handshakes completed
         self.answers = 0  # responses decided (numbers the default body)
 
@@ -210,7 +213,10 @@ class Upstream:
                 return  # stop() shut the listener down
             with self._lock:
                 self.connections += 1
+                self.open_connections += 1
+                self.most_open = max(self.most_open, self.open_connections)
                 if stopping.is_set():
+                    self.open_connections -= 1
                     sock.close()
                     return
                 # A dup of the socket lets stop() shut the connection down from its thread
@@ -227,6 +233,8 @@ class Upstream:
             pass
         finally:
             conn.close()
+            with self._lock:
+                self.open_connections -= 1
 
     def _next_response(self) -> tuple[str, int, list[tuple[str, str]], bytes]:
         """The mode, status, headers and body of the next answer (one atomic snapshot)."""
@@ -297,7 +305,7 @@ class _Connection:
         up = self.up
         with up._lock:
             up._lock.wait_for(lambda: up._mode != "hang" or self.stopping.is_set())
-        if self.stopping.is_set():
+        if self.stopping.is_set() or self.stopping.wait(up.delay):
             return False
         mode, status, headers, body = up._next_response()
         length = len(body)  # a HEAD answer's Content-Length is the GET answer's

@@ -508,6 +508,27 @@ def test_nan_duration_from_toml(tmp_path):
     )
 
 
+def test_the_bound_on_connections_to_each_license_server(tmp_path):
+    assert (Config().upstream_max_connections, Config().upstream_max_pending) == (32, 1024)
+    text = "[license]\nmax_connections = 1\nmax_pending = 0\n"
+    config = load_text(tmp_path, text)
+    assert (config.upstream_max_connections, config.upstream_max_pending) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("max_connections", "0", "expected an integer from 1 to 1024, got 0"),
+        ("max_connections", "1025", "expected an integer from 1 to 1024, got 1025"),
+        ("max_connections", '"8"', "expected an integer from 1 to 1024, got '8'"),
+        ("max_pending", "-1", "expected an integer from 0 to 65536, got -1"),
+        ("max_pending", "true", "expected an integer from 0 to 65536, got true"),
+    ],
+)
+def test_a_bound_out_of_range_names_the_key(tmp_path, key, value, message):
+    assert error(tmp_path, f"[license]\n{key} = {value}\n") == f"[license] {key}: {message}"
+
+
 # [cache]
 
 

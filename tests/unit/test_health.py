@@ -24,6 +24,7 @@ from license_proxy.health import Health
 from license_proxy.metrics import MetricsPage, UpstreamCollector
 from license_proxy.relay import Relay
 from license_proxy.status import Status
+from license_proxy.trustcache import FLUSH_DELAY, MARK_LAG, TrustCache
 from license_proxy.upstream import Upstream
 from tests.support.relayharness import TRUST, FakeLicenseServer, RelayHarness
 
@@ -57,8 +58,10 @@ class OutageHarness(RelayHarness):
     """The relay with a ``Health`` whose jitter is fixed (probes at exactly
     ``RETRY``) and whose probe is the check-in, as the service wires them."""
 
-    def __init__(self, testcase, urls=("https://license.example",)):
+    def __init__(self, testcase, urls=("https://license.example",), bound=None):
+        """``bound``: each server's connections and waiting requests (None: unbounded)."""
         self.jitter = 1.0
+        self.bound = bound
         super().__init__(testcase, urls)
 
     def use(self, server, cache):
@@ -70,7 +73,7 @@ class OutageHarness(RelayHarness):
         self.status = Status(self.clock, cache, TRUST, self.health)
         self.agent = RequestTraversalAgent(server)
         self.upstream = Upstream.using(
-            self.agent, self.clock, self.urls, 30.0, health=self.health
+            self.agent, self.clock, self.urls, 30.0, health=self.health, bound=self.bound
         )
         self.relay = Relay(self.clock, self.clock, self.upstream, cache, self.status, self.base, self.metrics)
         self.client = RequestTraversalAgent(self.relay)
@@ -170,12 +173,34 @@ class OutageTests(SynchronousTestCase):
         unknown, _ = self.h.answer(self, self.get("/v1/unknown"))
         self.assertEqual(unknown.code, 502)
         self.assertEqual(self.server.count, 2)
-        # Busy is not down: the state and the server's health wait for the outcome...
-        self.assertEqual(self.h.status.state, "Connected")
+        # Busy is not down: the server's health waits for the outcome (the state says the
+        # containers are on cached answers)...
+        self.assertEqual(self.h.status.state, "TrustBased")
         self.assertTrue(self.h.health.servers[0].up)
         # ...which the timeout gives: now it is down.
         self.h.advance(30)
         self.assertFalse(self.h.health.servers[0].up)
+        self.assertEqual(self.h.status.state, "TrustBased")
+
+    def test_trust_based_from_the_first_answer_from_trust_until_an_exchange_completes(self):
+        """The vendor's TrustBased: the relay failed and a cached answer was returned."""
+        self.server.hang = True
+        unknown = self.get("/v1/unknown")  # no trusted answer: it waits for the server
+        self.h.advance(ANSWER_WITHIN - 0.01)
+        self.assertEqual(self.h.status.state, "Connected")
+        self.h.advance(0.01)  # the server is busy now
+        self.assertEqual(self.h.status.state, "Connected")  # no one answered from trust yet
+        self.assertEqual(self.h.answer(self, self.get())[1], b'{"license":"ok"}')
+        self.assertEqual(self.h.status.state, "TrustBased")
+        self.assertTrue(self.h.health.servers[0].up)  # busy, not down
+        self.server.release()
+        self.h.pump()
+        self.assertEqual(self.h.answer(self, unknown)[0].code, 200)
+        self.assertEqual(self.h.status.state, "Connected")
+        self.server.hang = True
+        d = self.get()
+        self.h.advance(ANSWER_WITHIN)  # its own exchange outstanding answer_within
+        self.assertEqual(self.h.answer(self, d)[1], b'{"license":"ok"}')
         self.assertEqual(self.h.status.state, "TrustBased")
 
     def test_a_stop_is_not_taken_for_a_failure_of_the_exchange_it_cancels(self):
@@ -185,9 +210,9 @@ class OutageTests(SynchronousTestCase):
         self.assertEqual(self.h.answer(self, d)[1], b'{"license":"ok"}')  # from trust
         with capturedLogs() as events:
             self.successResultOf(self.h.relay.stop())  # cancels the exchange going on
-            self.h.pump()
+            self.h.advance(30)  # its deadline: had it run on, the server would be down now
         self.assertTrue(self.h.health.servers[0].up)
-        self.assertEqual(self.h.status.state, "Connected")
+        self.assertEqual(self.h.status.state, "TrustBased")  # as the trusted answer left it
         self.assertEqual([e["log_format"] for e in events if "down" in e["log_format"]], [])
 
     def test_an_exchange_sent_to_the_background_after_a_stop_began_is_cancelled(self):
@@ -208,7 +233,7 @@ class OutageTests(SynchronousTestCase):
         self.h.answer(self, d)  # the server is busy now, not down
         with capturedLogs() as events:
             self.successResultOf(Deferred.fromCoroutine(self.h.checkin.periodic()))
-        self.assertEqual(self.h.status.state, "Connected")
+        self.assertEqual(self.h.status.state, "TrustBased")  # as the trusted answer left it
         self.assertEqual([e for e in events if "check-in failed" in e["log_format"]], [])
 
     def test_a_slow_but_healthy_server_is_not_taken_for_dead(self):
@@ -225,6 +250,34 @@ class OutageTests(SynchronousTestCase):
         self.server.hang = False
         self.server.code = 503
         self.assertEqual(self.h.answer(self, self.get())[1], b'{"license":"late"}')
+
+    def test_502_503_and_504_mean_down_and_other_answers_do_not(self):
+        for code, up in ((502, False), (503, False), (504, False), (500, True), (501, True)):
+            self.h.health.try_again("the next answer")
+            self.server.code = code
+            self.h.answer(self, self.get())
+            self.assertEqual(self.h.health.servers[0].up, up, code)
+
+    def test_an_exchange_completed_since_a_slow_one_began_keeps_the_server_usable(self):
+        """One slow request must not make a healthy server busy for everyone."""
+        self.server.hang = True
+        self.get()
+        self.h.advance(ANSWER_WITHIN / 2)
+        self.server.hang = False
+        self.assertIsNone(self.h.answer(self, self.get())[0].headers.getRawHeaders("age"))
+        self.h.advance(ANSWER_WITHIN)  # the slow one is outstanding for 1.5 answer_within
+        seen = self.server.count
+        response, _ = self.h.answer(self, self.get())
+        self.assertEqual(self.server.count, seen + 1)  # asked, not skipped as busy
+        self.assertIsNone(response.headers.getRawHeaders("age"))
+
+    def test_failed_probes_keep_the_clock_high_water_mark_up_in_an_idle_outage(self):
+        self.server.code = 503
+        self.h.answer(self, self.get())  # down; no client asks again
+        for _ in range(round(3 * MARK_LAG / RETRY)):
+            self.h.advance(RETRY)
+        mark = TrustCache.load(self.h.clock, self.h.cache_path).high_water
+        self.assertGreaterEqual(mark, self.h.clock.seconds() - MARK_LAG - FLUSH_DELAY)
 
     def test_the_status_and_metrics_show_each_server(self):
         self.server.code = 503
@@ -248,6 +301,32 @@ class OutageTests(SynchronousTestCase):
             b'license_proxy_license_server_up{server_url="https://license.example"} 0.0', page
         )
         self.assertNotIn(KEY.encode(), page)
+
+
+class RelayBeyondTheBoundTests(SynchronousTestCase):
+    """Through the relay: beyond the bound is answered as in an outage."""
+
+    def setUp(self):
+        self.h = OutageHarness(self, bound=(1, 0))
+        self.server = HeldServer()
+        self.h.use(self.server, self.h.cache)
+        self.h.answer(self, self.h.request())  # a trusted answer to GET /v1/check
+
+    def test_a_request_beyond_the_bound_is_answered_from_trust_or_502_at_once(self):
+        self.server.hang = True
+        first = self.h.request()
+        trusted, body = self.h.answer(self, self.h.request())
+        self.assertEqual((trusted.code, body), (200, b'{"license":"ok"}'))
+        self.assertIsNotNone(trusted.headers.getRawHeaders("age"))
+        unknown, _ = self.h.answer(self, self.h.request(path="/v1/unknown"))
+        self.assertEqual(unknown.code, 502)
+        self.assertEqual(self.server.count, 2)  # the first (and the one before): no others
+        # The server is neither down nor slow: the proxy's own bound changes no state.
+        self.assertEqual(self.h.status.state, "Connected")
+        self.assertTrue(self.h.health.servers[0].up)
+        self.server.release()
+        self.h.pump()
+        self.assertEqual(self.h.answer(self, first)[1], b'{"license":"late"}')
 
 
 class _FakeRequest:
@@ -303,6 +382,15 @@ class FastConnectTests(SynchronousTestCase):
         self.assertEqual(self.reactor.tcpClients[1][:2], ("127.0.0.1", 443))
         self.refuse(1)
         self.failureResultOf(d, error.ConnectionRefusedError)
+
+    def test_the_next_address_is_tried_a_tenth_of_a_second_later(self):
+        """RFC 8305's minimum Connection Attempt Delay; Twisted's 0.3 s was each relay's wait."""
+        self.reactor.nameResolver = _Resolver([IPv6Address("TCP", "::1", 0), IPv4Address("TCP", "127.0.0.1", 0)])
+        FastEndpoint(self.reactor, "license.example", 443, 2.0).connect(self.factory)
+        self.reactor.advance(0.09)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.reactor.advance(0.02)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
 
     def test_a_slow_address_does_not_hold_the_next(self):
         self.reactor.nameResolver = _Resolver([IPv6Address("TCP", "::1", 0), IPv4Address("TCP", "127.0.0.1", 0)])

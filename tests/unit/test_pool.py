@@ -6,15 +6,11 @@ with the license server's side of each connection in memory and a clock.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
-from attrs import define, field
 from prometheus_client import CollectorRegistry
-from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import (
@@ -30,59 +26,9 @@ from twisted.web.http_headers import Headers
 from license_proxy.metrics import UpstreamCollector
 from license_proxy.pool import BytesBody, RetryingPool, should_retry
 from license_proxy.upstream import Upstream, UpstreamFailure
+from tests.support.memoryserver import OK, Server
 
 TIMEOUT = 30.0
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-class _Socket(FileDescriptor):
-    """A real socket under a connection's transport, as TCP is under TLS."""
-
-    def __init__(self, sock: socket.socket, reactor) -> None:
-        super().__init__(reactor)
-        self.socket = sock
-
-    def fileno(self) -> int:
-        return self.socket.fileno()
-
-
-@define
-class Server:
-    """The license server's end of every connection the pool opens: the bytes
-    in memory, over a real socket pair whose other end is in ``peers``;
-    ``hold``: new connections never complete."""
-
-    reactor: object
-    connections: list = field(factory=list)  # (client protocol, transport)
-    peers: list = field(factory=list)
-    hold: bool = False
-
-    def endpointForURI(self, uri):
-        return self
-
-    def connect(self, factory):
-        if self.hold:
-            return Deferred()
-        protocol = factory.buildProtocol(None)
-        ours, theirs = socket.socketpair()
-        self.peers += [ours, theirs]
-        transport = StringTransport()
-        transport.transport = _Socket(ours, self.reactor)
-        protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))
-        return succeed(protocol)
-
-    def sent(self, n: int) -> bytes:
-        return self.connections[n][1].value()
-
-    def answer(self, n: int, data: bytes = OK) -> None:
-        self.connections[n][0].dataReceived(data)
-
-    def close(self, n: int) -> None:
-        """The server closes connection ``n`` (FIN)."""
-        self.connections[n][0].connectionLost(Failure(ConnectionDone()))
-
-
 class RetryTests(SynchronousTestCase):
     def setUp(self):
         self.clock = MemoryReactorClock()

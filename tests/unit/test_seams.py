@@ -11,20 +11,33 @@ import inspect
 from contextlib import contextmanager
 
 import pytest
-from twisted.internet.defer import succeed
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, globalLogPublisher
 from twisted.web import http
-from twisted.web.client import HTTPConnectionPool, Request
+from twisted.web.client import Agent, HTTPConnectionPool, Request, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from license_proxy.guards import _GuardedChannel
 from license_proxy.pool import RetryingPool
-from license_proxy.twistedseams import HookedHTTPChannel, ReuseAwarePool, replace_clock
+from license_proxy.twistedseams import (
+    HTTP11ClientProtocol,
+    HookedHTTPChannel,
+    Request as SeamRequest,
+    RequestNotSent,
+    ReuseAwarePool,
+    fips_enabled,
+    pool_key_host,
+    replace_clock,
+)
 
 
 @contextmanager
@@ -299,3 +312,70 @@ def test_an_attribute_on_the_reactor_is_its_clock():
     finally:
         reactor.removeReader(reactor.waker)
         reactor.waker.connectionLost(None)
+
+
+class _KeyRecorder(HTTPConnectionPool):
+    """Notes the keys ``Agent`` asks for connections with; connects nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(Clock())
+        self.keys = []
+
+    def getConnection(self, key, endpoint):
+        self.keys.append(key)
+        return Deferred()
+
+    def endpointForURI(self, uri):  # as the Agent's endpoint factory too
+        return None
+
+
+def test_the_agent_keys_its_pool_by_scheme_host_and_port():
+    with seam("Agent's pool key"):
+        pool = _KeyRecorder()
+        agent = Agent.usingEndpointFactory(Clock(), pool, pool=pool)
+        agent.request(b"GET", b"https://license.example:8443/v1/lic")
+        assert pool.keys == [(b"https", b"license.example", 8443)], f"the key is {pool.keys}"
+        assert pool_key_host(pool.keys[0]) == b"license.example"
+
+
+def _get() -> SeamRequest:
+    return SeamRequest(b"GET", b"/v1/lic", Headers({b"host": [b"a"]}), None, persistent=True)
+
+
+def test_the_client_protocol_tells_a_request_not_sent_from_one_never_answered():
+    with seam("twisted.web._newclient HTTP11ClientProtocol, Request, RequestNotSent"):
+        request = _get()
+        assert (request.method, request.bodyProducer) == (b"GET", None), "Request's fields"
+        assert request.headers.getRawHeaders(b"host") == [b"a"], "Request's headers"
+        closed = HTTP11ClientProtocol()
+        closed.makeConnection(StringTransport())
+        closed.connectionLost(Failure(ConnectionDone()))
+        failure = []
+        closed.request(_get()).addErrback(failure.append)
+        assert failure and failure[0].check(RequestNotSent), f"on a closed one: {failure}"
+        written = HTTP11ClientProtocol()
+        transport = StringTransport()
+        written.makeConnection(transport)
+        failure = []
+        written.request(_get()).addErrback(failure.append)
+        assert b"GET /v1/lic" in transport.value(), "the request was not written"
+        written.connectionLost(Failure(ConnectionDone()))
+        assert failure and failure[0].check(ResponseNeverReceived), f"closed unanswered: {failure}"
+        written.abort()  # what the pool calls on a connection it drops
+
+
+def _md5_available() -> bool:
+    try:
+        hashes.Hash(hashes.MD5())
+    except UnsupportedAlgorithm:
+        return False
+    return True
+
+
+def test_cryptography_says_whether_its_openssl_is_in_fips_mode():
+    """In FIPS mode nothing outside the FIPS provider (MD5) can be fetched: the public
+    sign of the mode, against which the private flag is checked."""
+    with seam("cryptography's backend._fips_enabled"):
+        enabled = fips_enabled()
+        assert isinstance(enabled, bool), f"not a flag: {enabled!r}"
+        assert enabled is not _md5_available(), f"says {enabled} with MD5 {_md5_available()}"
