@@ -97,6 +97,7 @@ class CheckIn:
 
     async def periodic(self) -> None:
         """One scheduled check-in; never raises, so the schedule goes on."""
+        started = self._timers.seconds()
         try:
             answer = await self._exchange()
         except UpstreamFailure as failure:
@@ -104,10 +105,11 @@ class CheckIn:
                 self._status.failed()
                 self.log.warn("check-in failed: {failure}", failure=str(failure))
             return
-        self._checked_in(answer)
+        took = self._timers.seconds() - started
+        self._checked_in(answer, late=took >= self._upstream.health.answer_within)
 
-    def _checked_in(self, answer: Answer) -> None:
-        self._status.succeeded()
+    def _checked_in(self, answer: Answer, late: bool = False) -> None:
+        self._status.succeeded(late)
         if answer.status in _REJECTED:
             self.log.error(
                 "the license server rejected the key (HTTP {status})",

@@ -237,7 +237,8 @@ class Relay:
     def _count(self, outcome: str) -> None:
         """Count a relay's outcome.  An answer from trust while a license server has left
         an exchange unanswered for ``answer_within`` is the vendor's ``TrustBased``: the
-        relay failed and a cached answer went out (``Connected`` again when one completes)."""
+        relay failed and a cached answer went out (``Connected`` again when one completes
+        within ``answer_within``: see ``Status.succeeded``)."""
         self._metrics.outcomes.labels(outcome).inc()
         if outcome == SERVED_FROM_TRUST and self._upstream.health.slow:
             self._status.failed()
@@ -282,8 +283,9 @@ class Relay:
                 self._metrics.latency.observe(self._timers.seconds() - started)
                 self._status.failed()
             return failure
-        self._metrics.latency.observe(self._timers.seconds() - started)
-        self._status.succeeded()
+        took = self._timers.seconds() - started
+        self._metrics.latency.observe(took)
+        self._status.succeeded(late=took >= self._upstream.health.answer_within)
         return answer, self._store(key, headers, method, answer)
 
     def _in_background(self, exchange: Deferred, method: bytes, path: str, started: float) -> None:

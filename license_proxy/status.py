@@ -59,8 +59,13 @@ class Status:
     def __attrs_post_init__(self) -> None:
         self._since = self._dates.seconds()
 
-    def succeeded(self) -> None:
-        self._last_ok = True
+    def succeeded(self, late: bool = False) -> None:
+        """An exchange completed: a check-in.  A ``late`` one (it took ``answer_within`` or
+        more) renews trust but leaves a failed state as it is: while the license server
+        answers that slowly, the containers that hold a trusted answer get it instead, so
+        the state would otherwise flip at every request."""
+        if not (late and self._last_ok is False):
+            self._last_ok = True
         self._cache.record_checkin(self._dates.seconds())
         self._report()
 

@@ -196,6 +196,10 @@ class OutageTests(SynchronousTestCase):
         self.server.release()
         self.h.pump()
         self.assertEqual(self.h.answer(self, unknown)[0].code, 200)
+        # A late answer: a check-in, but the containers were still on cached answers.
+        self.assertEqual(self.h.status.state, "TrustBased")
+        self.server.hang = False
+        self.h.answer(self, self.get())  # completed within answer_within
         self.assertEqual(self.h.status.state, "Connected")
         self.server.hang = True
         d = self.get()
@@ -244,12 +248,49 @@ class OutageTests(SynchronousTestCase):
         self.h.advance(1)
         self.server.release()  # answered after 3 s
         self.h.pump()
-        # Its late answer updated the cache and the state; the server was never down.
-        self.assertEqual(self.h.status.state, "Connected")
+        # Its late answer updated the cache and renewed trust, and the state stays as the
+        # trusted answer left it; the server was never down.
+        self.assertEqual(self.h.status.state, "TrustBased")
         self.assertTrue(self.h.health.servers[0].up)
         self.server.hang = False
         self.server.code = 503
         self.assertEqual(self.h.answer(self, self.get())[1], b'{"license":"late"}')
+
+    def test_a_steadily_slow_server_leaves_the_state_trust_based_not_flipping(self):
+        """Every answer 1.5 answer_within late: the containers are on cached answers
+        throughout, so one change of state, not one per request."""
+        self.server.hang = True
+        with capturedLogs() as events:
+            for _ in range(5):
+                d = self.get()
+                self.h.advance(ANSWER_WITHIN)
+                self.assertEqual(self.h.answer(self, d)[0].code, 200)  # from trust
+                self.assertEqual(self.h.status.state, "TrustBased")
+                self.h.advance(ANSWER_WITHIN / 2)
+                self.server.release()  # its late answer: a check-in
+                self.h.pump()
+                self.assertEqual(self.h.status.state, "TrustBased")
+        changes = [e for e in events if e.get("log_namespace", "").endswith("status.Status")]
+        self.assertEqual([(e["old"], e["new"]) for e in changes], [("Connected", "TrustBased")])
+
+    def test_a_late_periodic_check_in_renews_trust_and_leaves_the_state(self):
+        self.server.hang = True
+        d = self.get()
+        self.h.advance(ANSWER_WITHIN)
+        self.h.answer(self, d)  # from trust: TrustBased
+        self.server.release()
+        self.h.pump()
+        checkin = Deferred.fromCoroutine(self.h.checkin.periodic())
+        self.h.advance(ANSWER_WITHIN)
+        before = self.h.cache.last_checkin
+        self.server.release()  # the check-in's answer, late
+        self.h.pump()
+        self.successResultOf(checkin)
+        self.assertGreater(self.h.cache.last_checkin, before)  # trust renewed...
+        self.assertEqual(self.h.status.state, "TrustBased")  # ...the state as it was
+        self.server.hang = False
+        self.successResultOf(Deferred.fromCoroutine(self.h.checkin.periodic()))
+        self.assertEqual(self.h.status.state, "Connected")  # answered in time
 
     def test_502_503_and_504_mean_down_and_other_answers_do_not(self):
         for code, up in ((502, False), (503, False), (504, False), (500, True), (501, True)):
