@@ -48,6 +48,7 @@ class Config:
     idle_timeout: float = 60.0  # [server] idle_timeout, seconds
     max_connections: int = 4096  # [server] max_connections, per listener
     max_connections_per_peer: int = 1024  # [server] max_connections_per_peer, per listener
+    backlog: int = 4096  # [server] backlog: each listener's listen queue
     fips: bool = False  # [fips] mode
     server_urls: tuple[str, ...] = ("https://license.deepgram.com",)  # [license] server_url
     # [license] key, else $DEEPGRAM_API_KEY: a secret
@@ -277,6 +278,13 @@ def _port(value: object) -> int:
 def _positive_integer(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"expected an integer greater than 0, got {_show(value)}")
+    return value
+
+
+def _backlog(value: object) -> int:
+    """Linux takes at most net.core.somaxconn (4096 since 5.4) and silently caps above it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"expected an integer from 1 to 65535, got {_show(value)}")
     return value
 
 
@@ -514,6 +522,16 @@ _KEYS: dict[tuple[str, str], Key] = {
         (
             'open connections per listener from one client address; generous because whole '
             'fleets often arrive from one NAT or load-balancer address'
+        ),
+    ),
+    ("server", "backlog"): Key(
+        "backlog", _backlog, '4096',
+        (
+            'connections each listener lets wait for their accept (the listen queue): a fleet '
+            'reconnecting at once after a blip overflows a small one, and each SYN dropped '
+            'costs its client a retry 1 s, then 3 s, later. The kernel caps it at '
+            '`net.core.somaxconn` (4096 on Linux 5.4 and later); see '
+            '[A reconnect storm](performance.md#a-reconnect-storm)'
         ),
     ),
     ("fips", "mode"): Key(

@@ -600,6 +600,15 @@ def test_bad_listener_count_names_the_key(tmp_path, key, toml, shown):
     )
 
 
+@pytest.mark.parametrize(
+    "toml, shown", [("0", "0"), ("65536", "65536"), ("true", "true"), ('"4096"', "'4096'")]
+)
+def test_bad_backlog_names_the_key(tmp_path, toml, shown):
+    assert error(tmp_path, f"[server]\nbacklog = {toml}\n") == (
+        f"[server] backlog: expected an integer from 1 to 65535, got {shown}"
+    )
+
+
 @pytest.mark.parametrize("key", ["header_timeout", "idle_timeout"])
 def test_bad_listener_timeout_names_the_key(tmp_path, key):
     assert error(tmp_path, f"[server]\n{key} = 0\n") == (
