@@ -77,3 +77,12 @@ def test_the_trust_cache_write_costs_run_and_a_checkin_writes_one_line():
     checkin_bytes = [int(row[4].replace(",", "")) for row in rows if row[1] == "checkin"]
     assert checkin_bytes[0] == checkin_bytes[1] < 100, out  # whatever the number of answers
     assert int(rows[3][4].replace(",", "")) > 100 * int(rows[1][4].replace(",", "")) / 2, out
+
+
+def test_the_reconnect_storm_runs_on_both_listeners_and_both_backlogs():
+    out = _script("storm.py", "--clients", "100")
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [[cell.strip() for cell in row] for row in rows] == [
+        ["status", "50"], ["licensing", "50"], ["status", "4096"], ["licensing", "4096"]
+    ], out
+    assert out.count("| 100 of 100 |") == 4, out  # every client answered
