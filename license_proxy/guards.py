@@ -25,16 +25,17 @@ closes the connection:
 
 A refused request never reaches the resource.  Between requests the idle timeout still
 applies: it also closes a connection that never sends a byte, or never starts TLS.
-
-One request of a connection is answered at a time (Twisted's own rule: HTTP/1.1 answers go
-in order), and the next one is not read while the client leaves its answers unread: once the
-transport says its buffer is full (``pauseProducing``), what arrives, pipelined requests
-included, is held and the transport paused until it drains (``resumeProducing``).  So a
-client that pipelines a thousand requests and reads nothing costs the answers the socket
-buffers take and one more, not a thousand exchanges with the license server.  Answers carry
-no ``Server`` version banner (a relayed answer keeps the license server's own).
 ``ConnectionLimits`` wraps a listener's outermost factory and closes, before any TLS or HTTP
 work, a connection over the listener's total or per-peer limit.
+
+One request of a connection is answered at a time (Twisted's own rule: HTTP/1.1 answers go
+in order), and the next one is not read while the client leaves its answers unread: when a
+request is done while the transport says its buffer is full (``pauseProducing``), what
+follows, pipelined requests included, is held unparsed and the transport paused until it
+drains (``resumeProducing``).  So a client that pipelines a thousand requests and reads
+nothing costs the answers the socket buffers take and one more, not a thousand exchanges
+with the license server.  Answers carry no ``Server`` version banner (a relayed answer keeps
+the license server's own).
 
 The channel overrides ``HTTPChannel``'s methods ``dataReceived``, ``lineReceived``,
 ``allHeadersReceived``, ``allContentReceived``, ``rawDataReceived``, ``requestDone``,

@@ -81,9 +81,10 @@ class HookedHTTPChannel(HTTPChannel):
         return self.paused
 
     def releaseInput(self) -> None:
-        """Parse what was held, now."""
+        """Parse what was held, now (``dataReceived(b"")`` only when there is some)."""
         self.paused = False
-        self.dataReceived(b"")
+        if self._buffer:
+            self.dataReceived(b"")
 
     def announcedLength(self) -> int | None:
         """In ``allHeadersReceived``: the body's length (0: none), None when chunked."""

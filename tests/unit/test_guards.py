@@ -350,6 +350,15 @@ def test_a_pipelined_request_waits_for_the_client_to_read_the_answer_before():
     assert not client.closed
 
 
+def test_a_client_that_reads_late_gets_no_deadline_for_a_request_it_did_not_send():
+    client = Client(room=10)
+    client.send(head(method="GET"))
+    assert client.transport.drain().startswith(b"HTTP/1.1 200 ")
+    client.clock.advance(30)
+    assert client.answer == b""
+    assert not client.closed
+
+
 def test_a_client_that_never_reads_is_closed_when_idle():
     client = Client(room=10)
     client.send(head(method="GET") * 100)
