@@ -86,3 +86,8 @@ def test_the_reconnect_storm_runs_on_both_listeners_and_both_backlogs():
         ["status", "50"], ["licensing", "50"], ["status", "4096"], ["licensing", "4096"]
     ], out
     assert out.count("| 100 of 100 |") == 4, out  # every client answered
+
+
+def test_the_pipeline_figures_run_and_every_answer_arrives_in_order():
+    out = _script("pipeline.py", "--requests", "100", "--answer-kib", "128")
+    assert "then read 100 of 100 answers" in out and "in order" in out, out
