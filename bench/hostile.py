@@ -114,7 +114,8 @@ class Attack:
         while not self.stopping.is_set():
             with socket.create_connection(
                     (self.proxy.host, self.proxy.status_port), 5, ("127.0.0.3", 0)) as sock:
-                sock.sendall(b"POST /v1/status HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")
+                sock.sendall(b"POST /v1/status HTTP/1.1\r\nHost: p\r\nContent-Length: 99999999\r\n"
+                             b"\r\n")
                 self.count(sock.recv(12).decode(errors="replace") or "closed")
 
     def _flood(self) -> None:

@@ -48,6 +48,7 @@ class Config:
     idle_timeout: float = 60.0  # [server] idle_timeout, seconds
     max_connections: int = 4096  # [server] max_connections, per listener
     max_connections_per_peer: int = 1024  # [server] max_connections_per_peer, per listener
+    backlog: int = 4096  # [server] backlog: each listener's listen queue
     fips: bool = False  # [fips] mode
     server_urls: tuple[str, ...] = ("https://license.deepgram.com",)  # [license] server_url
     # [license] key, else $DEEPGRAM_API_KEY: a secret
@@ -527,6 +528,16 @@ _KEYS: dict[tuple[str, str], Key] = {
         (
             'open connections per listener from one client address; generous because whole '
             'fleets often arrive from one NAT or load-balancer address'
+        ),
+    ),
+    ("server", "backlog"): Key(
+        "backlog", _integer_from(1, 65535), '4096',
+        (
+            'connections each listener lets wait for their accept (the listen queue): a fleet '
+            'reconnecting at once after a blip overflows a small one, and each SYN dropped '
+            'costs its client a retry 1 s, then 3 s, later. The kernel caps it at '
+            '`net.core.somaxconn` (4096 on Linux 5.4 and later); see '
+            '[A reconnect storm](performance.md#a-reconnect-storm)'
         ),
     ),
     ("fips", "mode"): Key(

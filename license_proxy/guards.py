@@ -14,7 +14,10 @@ closes the connection:
 - 400 as well for what Twisted lets through: ``Transfer-Encoding`` over several lines that,
   joined as RFC 9112 requires, is not exactly ``chunked`` (Twisted reads each line alone, so
   ``chunked`` then ``identity`` was chunked to it and not to a front end that joins them),
-  a second ``Host``, or a control byte in a header value (Twisted refuses only NUL, CR, LF);
+  a second ``Host``, an HTTP/1.1 request without one, a control byte in a header value
+  (Twisted refuses only NUL, CR, LF), a header line folded onto the one before (obs-fold,
+  which Twisted unfolds: ``Transfer-Encoding:`` then `` chunked`` was chunked), and the
+  asterisk-form target (``OPTIONS *``, which Twisted answers 200 itself);
 - 408 when a request, head and body, is not complete ``header_timeout`` after its first byte
   (more bytes do not move that deadline; the stray line end a client may send after a body
   is not a first byte).  Licensing bodies are a few kilobytes, so a slow
@@ -25,12 +28,22 @@ applies: it also closes a connection that never sends a byte, or never starts TL
 ``ConnectionLimits`` wraps a listener's outermost factory and closes, before any TLS or HTTP
 work, a connection over the listener's total or per-peer limit.
 
-The channel overrides ``HTTPChannel``'s methods ``lineReceived``, ``allHeadersReceived``,
-``allContentReceived``, ``rawDataReceived``, ``requestDone`` and ``lineLengthExceeded``;
-``allHeadersReceived`` is where the whole head is known (as ``requestHeaders`` of the
-channel's last request) and the body not yet read: the head's rules are checked there.
-Twisted's own 400s and its unread input are reached through ``twistedseams``, the one
-module that touches Twisted's privates.
+One request of a connection is answered at a time (Twisted's own rule: HTTP/1.1 answers go
+in order), and the next one is not read while the client leaves its answers unread: when a
+request is done while the transport says its buffer is full (``pauseProducing``), what
+follows, pipelined requests included, is held unparsed and the transport paused until it
+drains (``resumeProducing``).  So a client that pipelines a thousand requests and reads
+nothing costs the answers the socket buffers take and one more, not a thousand exchanges
+with the license server.  Answers carry no ``Server`` version banner (a relayed answer keeps
+the license server's own).
+
+The channel overrides ``HTTPChannel``'s methods ``dataReceived``, ``lineReceived``,
+``allHeadersReceived``, ``allContentReceived``, ``rawDataReceived``, ``requestDone``,
+``lineLengthExceeded``, ``pauseProducing`` and ``resumeProducing``; ``allHeadersReceived`` is
+where the whole head is known (as ``requestHeaders`` of the request arriving) and the body
+not yet read: the head's rules are checked there.  Twisted's own 400s, its unread input, the
+announced length, the arriving request and whether the connection is kept alive are reached
+through ``twistedseams``, the one module that touches Twisted's privates.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from __future__ import annotations
 import re
 
 from prometheus_client import Counter
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.server import Request, Site
@@ -91,6 +104,11 @@ class _GuardedRequest(Request):
         if self.channel.admitBody(len(data)):
             super().handleContentChunk(data)
 
+    def render(self, resource) -> None:
+        # Twisted has just set "Server: TwistedWeb/<version>": a banner for scanners.
+        self.responseHeaders.removeHeader(b"server")
+        super().render(resource)
+
 
 class _GuardedChannel(HookedHTTPChannel):
     """An ``HTTPChannel`` that refuses what ``GuardedSite`` does not allow."""
@@ -103,12 +121,25 @@ class _GuardedChannel(HookedHTTPChannel):
     _deadline: IDelayedCall | None = None  # while a request is arriving
     _answering = False  # a complete request is with the resource
     _refused = False  # an answer was sent; the rest of the input is ignored
+    _hostRequired = False  # the request arriving is HTTP/1.1
+    _transportFull = False  # the client is not reading its answers: read no next request
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
         self._startDeadline()
         super().dataReceived(data)
+
+    def pauseProducing(self) -> None:
+        self._transportFull = True
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The client has read: the requests it sent meanwhile are read now, in order."""
+        self._transportFull = False
+        super().resumeProducing()  # reading again, unless a request is being answered
+        if self.holdingInput():
+            self.releaseInput()
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
@@ -123,6 +154,12 @@ class _GuardedChannel(HookedHTTPChannel):
             if self._headLines > MAX_HEADERS + 1:
                 self._refuse(HEADERS_TOO_LARGE)
                 return
+            if line and self._headLines == 1 and not self._startLine(line):
+                self._refuse(BAD_REQUEST)  # the asterisk-form
+                return
+            if line[:1] in (b" ", b"\t"):
+                self._refuse(BAD_REQUEST)  # folded onto the line before (obs-fold), or indented
+                return
         else:
             # Not the start of a request, so not of its deadline: on a kept-alive
             # connection the idle timeout covers the wait (a 408 there would be
@@ -132,15 +169,22 @@ class _GuardedChannel(HookedHTTPChannel):
                 self._startDeadline()
         super().lineReceived(line)
 
+    def _startLine(self, line: bytes) -> bool:
+        """Notes the request line's version; False for the asterisk-form target."""
+        parts = line.split()
+        self._hostRequired = parts[2:] == [b"HTTP/1.1"]
+        return parts[1:2] != [b"*"]
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse(URI_TOO_LONG if self._headLines == 0 else HEADERS_TOO_LARGE)
 
     def allHeadersReceived(self) -> None:
         self._headLines = self._headBytes = self._bodyBytes = 0
-        if not _wellFormed(self.requests[-1].requestHeaders):
+        if not _wellFormed(self.arrivingRequest().requestHeaders, self._hostRequired):
             self._refuse(BAD_REQUEST)
             return
-        if self.length is not None and self.length > self.site.config.max_body_size:
+        length = self.announcedLength()
+        if length is not None and length > self.site.config.max_body_size:
             self._refuse(CONTENT_TOO_LARGE)
             return
         super().allHeadersReceived()
@@ -168,11 +212,14 @@ class _GuardedChannel(HookedHTTPChannel):
 
     def requestDone(self, request) -> None:
         self._answering = False  # before Twisted replays the next request's bytes
+        if self._transportFull:  # the client reads none of its answers: read on later
+            self.holdInput()
+            IPushProducer(self.transport).pauseProducing()
         super().requestDone(request)
         # The start of the next request may have come in the same read as the end of this
         # one (a request without a body answered at once): it is already in the line buffer,
         # and no dataReceived call will start its deadline.
-        if self.unreadInput() and self.persistent:
+        if self.unreadInput() and self.keepsAlive():
             self._startDeadline()
 
     def badRequest(self) -> None:
@@ -180,7 +227,7 @@ class _GuardedChannel(HookedHTTPChannel):
 
     def _startDeadline(self) -> None:
         """The request now arriving must be complete ``header_timeout`` from now."""
-        if self._deadline is None and not self._answering and not self._refused:
+        if self._deadline is None and not (self._answering or self._refused or self.holdingInput()):
             self._deadline = self.callLater(self.site.config.header_timeout, self._tooSlow)
 
     def _tooSlow(self) -> None:
@@ -211,12 +258,13 @@ class _GuardedChannel(HookedHTTPChannel):
         super().connectionLost(reason)
 
 
-def _wellFormed(headers) -> bool:
+def _wellFormed(headers, hostRequired: bool) -> bool:
     """The head's rules Twisted does not check, line by line as it reads."""
     codings = b",".join(headers.getRawHeaders(b"transfer-encoding", []))
     if codings and [c.strip().lower() for c in codings.split(b",")] != [b"chunked"]:
         return False
-    if len(headers.getRawHeaders(b"host", [])) > 1:
+    hosts = len(headers.getRawHeaders(b"host", []))
+    if hosts > 1 or hostRequired and not hosts:  # HTTP/1.0 may send none
         return False
     return not any(
         _CONTROL.search(value) for _, values in headers.getAllRawHeaders() for value in values

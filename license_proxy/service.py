@@ -81,6 +81,50 @@ class _Connections(WrappingFactory):
         return gone
 
 
+class _Listener(Service):
+    """
+    One listener: ``factory`` on the endpoint string ``description``.  A port that can't be
+    opened (another process has it, or a privileged port) stops the start with one line naming
+    the listener and the port, ``fatal``'s, the same whichever listener and whenever it opens:
+    the status one as twistd starts the services, the licensing one after the start-up rule.
+    ``listening`` says whether it opened.
+    """
+
+    def __init__(
+        self, name: str, description: str, factory, reactor, fatal: Callable[[str], None]
+    ) -> None:
+        self._name = name
+        self._port = strports.service(description, factory, reactor=reactor)
+        self._fatal = fatal
+        self._tried = False
+        self.listening = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._open(self._port.privilegedStartService)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._tried:  # by twistd's privilegedStartService: listening, or said why not
+            self._port.startService()
+        else:  # added to a running service
+            self._open(self._port.startService)
+
+    def _open(self, start: Callable[[], None]) -> None:
+        self._tried = True
+        try:
+            start()
+        except CannotListenError as e:
+            where = f"{e.interface or '*'}:{e.port}"
+            self._fatal(f"cannot listen for {self._name} requests on {where}: {e.socketError}")
+        else:
+            self.listening = True
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self._port.stopService() if self._port.running else succeed(None)
+
+
 class _Lifecycle(Service):
     """
     Start-up check-in, then the licensing listener and the periodic check-in; on
@@ -100,7 +144,7 @@ class _Lifecycle(Service):
         cache: TrustCache,
         upstream: Upstream,
         connections: _Connections,
-        licensing: Service,
+        licensing: _Listener,
         config: Config,
         timers,
         fatal: Callable[[str], None],
@@ -132,12 +176,9 @@ class _Lifecycle(Service):
             return
         except CancelledError:
             return
-        try:
-            # Added to the running parent: started now, and stopped before this service.
-            self._licensing.setServiceParent(self.parent)
-        except CannotListenError as e:
-            where = f"{e.interface or '*'}:{e.port}"
-            self._fatal(f"cannot listen for licensing requests on {where}: {e.socketError}")
+        # Added to the running parent: started now, and stopped before this service.
+        self._licensing.setServiceParent(self.parent)
+        if not self._licensing.listening:
             return
         self._looping = self._loop.start(self._interval, now=False)
         self._looping.addErrback(
@@ -236,9 +277,9 @@ def make_service(
         status_resource(status, MetricsPage(registry), overview), config, reactor, guarded.rejected
     )
 
-    def listener(port: int, factory, name: str) -> Service:
+    def listener(port: int, factory, name: str) -> _Listener:
         limited = ConnectionLimits(factory, config, reactor, guarded.refused, name)
-        return strports.service(_tcp(config.host, port), limited, reactor=reactor)
+        return _Listener(name, _tcp(config.host, port, config.backlog), limited, reactor, fatal)
 
     top = MultiService()
     # Added first, so it stops last: the listeners stop accepting before it
@@ -280,6 +321,6 @@ def _writer_thread(reactor) -> Callable[[Callable[[], object]], Deferred]:
     return partial(deferToThreadPool, reactor, pool, then_release)
 
 
-def _tcp(host: str, port: int) -> str:
+def _tcp(host: str, port: int, backlog: int) -> str:
     """An endpoint string; IPv6 hosts have their colons quoted."""
-    return f"tcp:port={port}:interface={quoteStringArgument(host)}"
+    return f"tcp:port={port}:interface={quoteStringArgument(host)}:backlog={backlog}"

@@ -148,10 +148,14 @@ class _LoggingTo(MultiService):
 
 
 def _fatal(reactor, line: str) -> None:
-    """Stop with a non-zero status: twistd itself has no way to set one."""
+    """Stop with a non-zero status: twistd itself has no way to set one.  Before the
+    reactor runs (a port found taken as twistd starts the services), as soon as it does."""
     log.critical("license-proxy cannot start: {line}", line=line)
     reactor.addSystemEventTrigger("after", "shutdown", _exit, 1)
-    reactor.stop()
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
 
 
 def _exit(code: int) -> None:

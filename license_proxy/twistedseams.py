@@ -18,7 +18,19 @@ below its next major (27), and CI runs ``tests/unit`` on the oldest allowed vers
 - ``unreadInput()``: whether ``LineReceiver._buffer`` (twisted.protocols.basic) holds bytes
   received but not yet delivered, during ``lineReceived`` and after ``requestDone``;
 - the private class attribute ``HTTPChannel._log``, the logger of its idle-timeout close
-  ("Timing out client"), replaced by a silent one.
+  ("Timing out client"), replaced by a silent one;
+- ``announcedLength()``: the undocumented ``HTTPChannel.length`` in ``allHeadersReceived``: the
+  body's ``Content-Length`` (0 without one), None for a chunked body;
+- ``arrivingRequest()``: the undocumented ``HTTPChannel.requests[-1]``, the request whose head
+  is being read (its ``requestHeaders`` complete in ``allHeadersReceived``);
+- ``keepsAlive()``: the undocumented ``HTTPChannel.persistent`` after ``requestDone``: whether
+  the connection stays open for a next request;
+- ``holdInput()``, ``releaseInput()``, ``holdingInput()``: ``LineReceiver.paused``, the flag
+  of its pausable mixin, which ``HTTPChannel`` (whose own ``pauseProducing`` is the
+  transport's flow control) never sets: while it is set, ``LineReceiver.dataReceived``
+  delivers no line, keeping what it was given in ``_buffer``, also the pipelined input
+  ``HTTPChannel.requestDone`` hands back, and, within ``lineReceived``, the lines after the
+  current one; ``dataReceived(b"")`` delivers them once it is unset.
 
 A subclass's own attributes share ``HTTPChannel``'s namespace: the test checks that none of
 the guard's is also a name ``HTTPChannel`` uses.
@@ -57,7 +69,7 @@ from twisted.logger import Logger, LogPublisher
 # For pool (re-exported):
 from twisted.web._newclient import HTTP11ClientProtocol, Request, RequestNotSent  # noqa: F401
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, Request
 
 
 class HookedHTTPChannel(HTTPChannel):
@@ -76,6 +88,31 @@ class HookedHTTPChannel(HTTPChannel):
     def unreadInput(self) -> bool:
         """Whether bytes of a next line or request are received and not yet handled."""
         return bool(self._buffer)
+
+    def holdInput(self) -> None:
+        """Parse nothing more, received or pipelined, until ``releaseInput``."""
+        self.paused = True
+
+    def holdingInput(self) -> bool:
+        return self.paused
+
+    def releaseInput(self) -> None:
+        """Parse what was held, now (``dataReceived(b"")`` only when there is some)."""
+        self.paused = False
+        if self._buffer:
+            self.dataReceived(b"")
+
+    def announcedLength(self) -> int | None:
+        """In ``allHeadersReceived``: the body's length (0: none), None when chunked."""
+        return self.length
+
+    def arrivingRequest(self) -> Request:
+        """The request whose head is being read."""
+        return self.requests[-1]
+
+    def keepsAlive(self) -> bool:
+        """After ``requestDone``: whether the connection stays open for a next request."""
+        return bool(self.persistent)
 
 
 class ReuseAwarePool(HTTPConnectionPool):

@@ -70,6 +70,16 @@ class Target:
         lines += list(headers) + [b"Content-Length: %d" % len(body), b"Connection: close"]
         return self.raw(b"\r\n".join(lines) + b"\r\n\r\n" + body, method)
 
+    def relays(self) -> int:
+        """Licensing requests the proxy has relayed or answered (its metrics)."""
+        url = self.status_url.removesuffix("/v1/status") + "/metrics"
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            url, timeout=10
+        ) as response:
+            text = response.read().decode()
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("license_proxy_relays_total{"))
+
     def last_checkin(self) -> float:
         with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
             self.status_url, timeout=10
@@ -108,6 +118,7 @@ def door_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
         t.raw(b"GET http://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n"), 400, 404
     )
     attacks["HEAD answer's Content-Length"] = lambda: _head(t)
+    attacks.update(listener_attacks(t))
     return attacks
 
 
@@ -165,6 +176,71 @@ def _storm(t: Target, bound: int, clients: int) -> tuple[str, str]:
         return "UNSAFE", f"{answered}; no license_proxy_upstream_connections: no bound"
     verdict = "safe" if peak <= bound else "UNSAFE"
     return verdict, f"{answered}; at most {peak} connections to the license server (bound {bound})"
+
+
+# -- issue 20: framing, the version banner, pipelining (the listeners) --------------------
+
+
+def listener_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
+    """Framing read more than one way, a version banner, a pipeline that is never read."""
+    return {
+        "obs-fold Transfer-Encoding (folded onto a second line)": lambda: refused(
+            t.raw(b"POST %sprobe HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding:\r\n chunked\r\n"
+                  b"\r\n3\r\nabc\r\n0\r\n\r\n" % t.base), 400
+        ),
+        "HTTP/1.1 request without Host": lambda: refused(
+            t.raw(b"GET %sprobe HTTP/1.1\r\nConnection: close\r\n\r\n" % t.base), 400
+        ),
+        "OPTIONS * (asterisk-form)": lambda: refused(
+            t.raw(b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n", "OPTIONS"),
+            400,
+        ),
+        "version banner in the proxy's own answers": lambda: _banner(t),
+        "1,000 pipelined requests, answers never read": lambda: _pipelined(t, 1000),
+    }
+
+
+def _banner(t: Target) -> tuple[str, str]:
+    own = t.request("TRACE", b"probe")  # answered by the proxy itself (405)
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+        t.status_url, timeout=10
+    ) as response:
+        servers = [own.headers.get("Server"), response.headers.get("Server")]
+    verdict = "safe" if servers == [None, None] else "UNSAFE"
+    return verdict, f"Server: {servers[0]} (licensing 405), {servers[1]} (status)"
+
+
+#: Generous room for answers in socket buffers (the client's and the proxy's) and the proxy's
+#: own write buffer: what a client that reads nothing may make the proxy relay, in bytes.
+BUFFERS = 2 << 20
+
+
+def _pipelined(t: Target, count: int) -> tuple[str, str]:
+    """``count`` GETs pipelined on one connection whose client reads nothing: each answer
+    beyond the buffers is an exchange with the license server and memory held for nobody."""
+    size = len(t.request("GET", b"pipelined-probe").body)
+    allowed = 2 + BUFFERS // max(size, 1)
+    if 2 * allowed > count:
+        return "not tested", f"answers of {size} bytes: {count} of them fit in the buffers"
+    before = t.relays()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads nothing
+    sock.settimeout(10)
+    sock.connect((t.host, t.port))
+    if t.context is not None:
+        sock = t.context.wrap_socket(sock, server_hostname=t.host)
+    with sock:
+        sock.sendall(b"".join(b"GET %spipelined-%d HTTP/1.1\r\nHost: proxy\r\n\r\n"
+                              % (t.base, n) for n in range(count)))
+        relayed, deadline = -1, time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the proxy stops relaying for a second
+            time.sleep(1)
+            now = t.relays() - before
+            if now == relayed:
+                break
+            relayed = now
+    verdict = "safe" if relayed <= allowed else "UNSAFE"
+    return verdict, f"relayed {relayed} of {count} with answers of {size} bytes unread"
 
 
 class Outage:

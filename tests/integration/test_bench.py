@@ -84,3 +84,17 @@ def test_the_upstream_storm_runs_and_the_connections_stay_within_the_bound():
     result = json.loads(out.splitlines()[-1])
     assert result["answers"] == {"200": 30}, result
     assert 1 <= result["most_upstream_connections_at_once"] <= 4, result
+
+
+def test_the_reconnect_storm_runs_on_both_listeners_and_both_backlogs():
+    out = _script("storm.py", "--clients", "100")
+    rows = [line.split("|")[1:3] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [[cell.strip() for cell in row] for row in rows] == [
+        ["status", "50"], ["licensing", "50"], ["status", "4096"], ["licensing", "4096"]
+    ], out
+    assert out.count("| 100 of 100 |") == 4, out  # every client answered
+
+
+def test_the_pipeline_figures_run_and_every_answer_arrives_in_order():
+    out = _script("pipeline.py", "--requests", "100", "--answer-kib", "128")
+    assert "then read 100 of 100 answers" in out and "in order" in out, out

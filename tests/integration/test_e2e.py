@@ -8,8 +8,10 @@ status, log lines, files on disk.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import stat
+import subprocess
 import threading
 import time
 
@@ -401,3 +403,42 @@ def test_a_bad_certificate_file_is_a_config_error(tmp_path, pki, upstream):
 def _no_stray_state(tmp_path):
     yield
     assert not list(tmp_path.glob("state/*.tmp-*")), "a temporary cache file was left behind"
+
+
+def _listen_queue(port: int) -> int:
+    """The backlog of the socket listening on ``port`` (Send-Q of a LISTEN socket in ss)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True, timeout=10).stdout
+    (line,) = out.splitlines()
+    return int(line.split()[2])
+
+
+@pytest.mark.parametrize("server, backlog", [("", 4096), ("backlog = 1000", 1000)])
+def test_both_listeners_listen_with_the_configured_backlog(tmp_path, pki, upstream, server, backlog):
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    with ProxyProcess(tmp_path, config(tmp_path, pki, upstream.url, server=server)) as proxy:
+        proxy.wait_state("Connected")
+        assert proxy.request("GET", "/v1/opened")[0] == 200  # both listening
+        queues = [_listen_queue(port) for port in (proxy.port, proxy.status_port)]
+    assert queues == [min(backlog, somaxconn)] * 2
+
+
+@pytest.mark.parametrize("listener", ["status", "licensing"])
+def test_a_taken_port_is_one_line_and_status_1(tmp_path, pki, upstream, listener):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = config(tmp_path, pki, upstream.url)
+        key = "status_port" if listener == "status" else "port"
+        text = re.sub(rf"^{key} = \d+$", f"{key} = {port}", text, count=1, flags=re.M)
+        with ProxyProcess(tmp_path, text) as proxy:
+            assert proxy.wait_exit(timeout=20) == 1
+    log = proxy.log_text()
+    assert "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if "cannot" in line]
+    assert len(lines) == 1, log
+    assert lines[0].endswith(
+        f"license-proxy cannot start: cannot listen for {listener} requests on 127.0.0.1:{port}:"
+        " [Errno 98] Address already in use"
+    ), lines[0]

@@ -6,8 +6,10 @@ on the wire, that the process still answers everyone else, and that it logged no
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import ssl
 import time
 import urllib.request
 
@@ -77,6 +79,75 @@ def test_each_refusal_as_the_client_sees_it(proxy, upstream, listener):
 
 
 @pytest.mark.parametrize("listener", LISTENERS)
+def test_framing_read_more_than_one_way_is_400_and_no_banner(proxy, upstream, listener):
+    cases = {
+        "obs-fold": b"POST /v1/f HTTP/1.1\r\nHost: p\r\nTransfer-Encoding:\r\n chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+        "no Host": b"GET /v1/status HTTP/1.1\r\n\r\n",
+        "OPTIONS *": b"OPTIONS * HTTP/1.1\r\nHost: p\r\n\r\n",
+    }
+    for name, data in cases.items():
+        answer = exchange(proxy, listener, data)
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (name, answer[:200])
+    assert not [r for r in upstream.requests if r.path.startswith("/v1/f")]
+    assert metric(proxy, "license_proxy_requests_rejected_total", 'code="400"') == 3
+    # The proxy's own answers carry no Server banner; a relayed one keeps the license server's.
+    own = exchange(proxy, listener, b"TRACE /v1/x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    status = exchange(proxy, listener, b"GET /v1/status HTTP/1.1\r\nHost: p\r\nConnection: close"
+                                       b"\r\n\r\n")
+    for answer in (own, status):
+        assert answer[:12] in (b"HTTP/1.1 200", b"HTTP/1.1 404", b"HTTP/1.1 405"), answer[:200]
+        assert b"\r\nserver:" not in answer.split(b"\r\n\r\n")[0].lower(), answer[:300]
+    upstream.respond(headers={"Content-Type": "application/json", "Server": "license-server/7"})
+    relayed = exchange(proxy, "licensing", b"GET /v1/r HTTP/1.1\r\nHost: p\r\nConnection: close"
+                                           b"\r\n\r\n")
+    assert b"\r\nServer: license-server/7\r\n" in relayed, relayed[:300]
+
+
+PIPELINED = 200
+
+
+def test_pipelined_requests_are_relayed_as_the_client_reads_them(proxy, upstream):
+    upstream.pad = 256 * 1024
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads nothing
+    sock.settimeout(10)
+    sock.connect((proxy.host, proxy.port))
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(sock, server_hostname="localhost") as sock:
+        sock.sendall(b"".join(
+            b"GET /v1/pipe/%d HTTP/1.1\r\nHost: p\r\n\r\n" % n for n in range(PIPELINED)
+        ))
+
+        def relayed():
+            return len([r for r in upstream.requests if r.path.startswith("/v1/pipe/")])
+
+        seen, deadline = -1, time.monotonic() + 20
+        while relayed() != seen and time.monotonic() < deadline:  # still relaying
+            seen = relayed()
+            time.sleep(1)
+        # What the socket buffers and the proxy's write buffer hold, and one more.
+        assert seen <= 10, f"{seen} of {PIPELINED} relayed for a client that reads nothing"
+        reader = sock.makefile("rb")
+        numbers = []
+        for _ in range(PIPELINED):
+            assert reader.readline() == b"HTTP/1.1 200 OK\r\n"
+            headers = {}
+            for line in iter(reader.readline, b"\r\n"):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.lower()] = value.strip()
+            body = reader.read(int(headers["content-length"]))
+            numbers.append(json.loads(body)["n"])
+    assert [r.path for r in upstream.requests if r.path.startswith("/v1/pipe/")] == [
+        f"/v1/pipe/{n}" for n in range(PIPELINED)
+    ]
+    assert numbers == sorted(numbers) and len(set(numbers)) == PIPELINED  # in order, each once
+    still_serving(proxy, upstream)
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
 def test_413_arrives_before_the_client_has_sent_its_body(proxy, upstream, listener):
     with connect(proxy, listener) as sock:
         sock.sendall(b"POST /v1/big HTTP/1.1\r\nHost: p\r\nContent-Length: 10485760\r\n\r\n")
@@ -124,7 +195,7 @@ def test_everyone_else_is_served_while_hostile_clients_hold_connections(proxy, u
         for source in ("127.0.0.2", "127.0.0.3"):
             for _ in range(3):
                 sock = connect(proxy, listener, source)
-                sock.sendall(b"POST /v1/held HTTP/1.1\r\nContent-Length: 10\r\n\r\nx")
+                sock.sendall(b"POST /v1/held HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n\r\nx")
                 hostile.append(sock)
     try:
         still_serving(proxy, upstream)

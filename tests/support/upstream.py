@@ -96,6 +96,7 @@ class Upstream:
         self._body: bytes | None = None  # None: a JSON body with a counter
         self._headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         self.set_cookie: str | None = None  # when set, every answer carries Set-Cookie
+        self.pad = 0  # the default JSON body is padded to at least this many bytes
         self.drip_interval = 1.0
         self.delay = 0.0  # seconds each answer waits, as a distant server's would (benchmarks)
         self.idle_timeout = _IDLE_TIMEOUT  # seconds a kept-alive connection may wait for a request
@@ -243,6 +244,10 @@ class Upstream:
             body = self._body
             if body is None:
                 body = json.dumps({"license": "ok", "n": self.answers}).encode()
+                if len(body) < self.pad:
+                    padded = {"license": "ok", "n": self.answers, "pad": ""}
+                    padded["pad"] = "x" * (self.pad - len(json.dumps(padded)))
+                    body = json.dumps(padded).encode()
             headers = list(self._headers)
             if self.set_cookie is not None:
                 headers.append(("Set-Cookie", self.set_cookie))

@@ -659,7 +659,7 @@ def test_unknown_key(tmp_path):
     assert error(tmp_path, "[server]\nprot = 8443\n") == (
         "unknown key [server] prot (known: host, port, base_url, status_port, tls, tls_cert,"
         " tls_key, tls_names, max_body_size, header_timeout, idle_timeout, max_connections,"
-        " max_connections_per_peer)"
+        " max_connections_per_peer, backlog)"
     )
 
 

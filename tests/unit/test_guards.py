@@ -47,22 +47,47 @@ class Echo(Resource):
         return b"%d" % len(body)
 
     def release(self) -> None:
-        for request in self.held:
+        held, self.held = self.held, []
+        for request in held:
             request.write(b"late")
             request.finish()
+
+
+class FillingTransport(StringTransport):
+    """A transport whose client reads nothing: full (it pauses its producer, as Twisted's
+    transports do) once more than ``room`` bytes are written; ``drain`` is the client reading."""
+
+    def __init__(self, room: int = 1 << 30) -> None:
+        super().__init__()
+        self.room = room
+        self.full = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if not self.full and len(self.value()) > self.room:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        read = self.value()
+        self.clear()
+        if self.full:
+            self.full = False
+            self.producer.resumeProducing()
+        return read
 
 
 class Client:
     """One connection to a ``GuardedSite``, fed by the test."""
 
-    def __init__(self, config: Config = CONFIG) -> None:
+    def __init__(self, config: Config = CONFIG, room: int = 1 << 30) -> None:
         self.clock = MemoryReactorClock()
         self.registry = CollectorRegistry()
         self.metrics = ListenerMetrics.on(self.registry)
         self.resource = Echo()
         site = GuardedSite(self.resource, config, self.clock, self.metrics.rejected)
         self.channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 40000))
-        self.transport = StringTransport()
+        self.transport = FillingTransport(room)
         self.channel.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
@@ -240,11 +265,106 @@ def test_what_twisted_lets_through_is_400_before_the_body(lines):
     assert client.rejected(400) == 1
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        # obs-fold: Twisted unfolded it, and read the body as chunked.
+        b"POST /v1/x HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding:\r\n chunked\r\n\r\n",
+        b"POST /v1/x HTTP/1.1\r\nHost: proxy\r\nX-Token: a\r\n\tb\r\nContent-Length: 0\r\n\r\n",
+        b"GET /v1/x HTTP/1.1\r\n Host: proxy\r\n\r\n",
+        b"GET /v1/x HTTP/1.1\r\nX-Token: a\r\n\r\n",  # HTTP/1.1 needs a Host
+        b"GET /v1/x HTTP/1.1\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: proxy\r\n\r\n",  # Twisted answered 200 itself
+        b"GET * HTTP/1.1\r\nHost: proxy\r\n\r\n",
+    ],
+    ids=["folded Transfer-Encoding", "folded value", "indented first header", "no Host",
+         "no header at all",
+         "OPTIONS *", "GET *"],
+)
+def test_framing_with_more_than_one_reading_is_400(data):
+    client = Client()
+    client.send(data + b"3\r\nabc\r\n0\r\n\r\n")
+    assert client.answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), client.answer
+    assert client.closed
+    assert client.resource.seen == []
+    assert client.rejected(400) == 1
+
+
+def test_http_1_0_without_host_is_answered():
+    client = Client()
+    client.send(b"GET /v1/status HTTP/1.0\r\n\r\n")  # HAProxy's httpchk, by default
+    assert client.answer.startswith(b"HTTP/1.0 200 ")
+
+
+def test_answers_carry_no_version_banner():
+    client = Client()
+    client.send(head(method="GET"))
+    answer_head = client.answer.split(b"\r\n\r\n")[0].lower()
+    assert answer_head.startswith(b"http/1.1 200 ")
+    assert b"\r\nserver:" not in answer_head
+    assert b"twisted" not in answer_head
+
+
 def test_chunked_in_any_case_with_a_tab_in_a_value_is_relayed():
     client = Client()
     client.send(head("Transfer-Encoding:  Chunked ", "X-Token: a\tb\x80") + b"3\r\nabc\r\n0\r\n\r\n")
     assert client.answer.startswith(b"HTTP/1.1 200 ")
     assert client.resource.seen == [b"abc"]
+
+
+# Pipelining
+
+
+def test_pipelined_requests_wait_while_the_client_reads_no_answer():
+    client = Client(room=10)  # full after the first answer: the client reads nothing
+    client.send(head(method="GET") * 100)
+    assert len(client.resource.seen) == 1
+    assert client.transport.producerState == "paused"  # nothing more is read either
+    client.send(head(method="GET"))  # what arrives before the pause took effect waits too
+    assert len(client.resource.seen) == 1
+    answers = b""
+    for _ in range(200):  # the client reads, one answer a time
+        answers += client.transport.drain()
+        if len(client.resource.seen) == 101:
+            break
+    answers += client.transport.drain()
+    assert len(client.resource.seen) == 101
+    assert answers.count(b"HTTP/1.1 200 ") == 101
+    assert not client.closed
+
+
+def test_a_pipelined_request_waits_for_the_client_to_read_the_answer_before():
+    client = Client(room=10)
+    client.resource.hold = True
+    client.send(head(method="GET") * 3)
+    client.resource.release()  # the first answer fills the transport
+    assert len(client.resource.seen) == 1
+    client.transport.drain()
+    assert len(client.resource.seen) == 2
+    client.clock.advance(30)  # the deadline does not run while a request waits in line
+    assert b" 408 " not in client.answer
+    client.resource.hold = False
+    client.resource.release()
+    client.transport.drain()
+    assert len(client.resource.seen) == 3
+    assert not client.closed
+
+
+def test_a_client_that_reads_late_gets_no_deadline_for_a_request_it_did_not_send():
+    client = Client(room=10)
+    client.send(head(method="GET"))
+    assert client.transport.drain().startswith(b"HTTP/1.1 200 ")
+    client.clock.advance(30)
+    assert client.answer == b""
+    assert not client.closed
+
+
+def test_a_client_that_never_reads_is_closed_when_idle():
+    client = Client(room=10)
+    client.send(head(method="GET") * 100)
+    client.clock.advance(60)
+    assert client.closed
+    assert len(client.resource.seen) == 1
 
 
 # The request deadline
@@ -486,6 +606,15 @@ def test_listener_defaults_fit_a_fleet_behind_one_address():
 def test_bad_listener_count_names_the_key(tmp_path, key, toml, shown):
     assert error(tmp_path, f"[server]\n{key} = {toml}\n") == (
         f"[server] {key}: expected an integer greater than 0, got {shown}"
+    )
+
+
+@pytest.mark.parametrize(
+    "toml, shown", [("0", "0"), ("65536", "65536"), ("true", "true"), ('"4096"', "'4096'")]
+)
+def test_bad_backlog_names_the_key(tmp_path, toml, shown):
+    assert error(tmp_path, f"[server]\nbacklog = {toml}\n") == (
+        f"[server] backlog: expected an integer from 1 to 65535, got {shown}"
     )
 
 

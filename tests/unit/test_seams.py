@@ -24,7 +24,7 @@ from twisted.web import http
 from twisted.web.client import Agent, HTTPConnectionPool, Request, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from license_proxy.guards import _GuardedChannel
 from license_proxy.pool import RetryingPool
@@ -176,6 +176,110 @@ def test_unread_input_is_the_line_buffer():
         ], f"not the bytes still unread: {channel.unread}"
 
 
+class _Seen(HookedHTTPChannel):
+    """Notes what the channel's accessors said at the points the guard asks them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list = []
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        request = self.arrivingRequest()
+        self.seen.append(
+            (self.announcedLength(), request.requestHeaders.getRawHeaders(b"x-n"), request)
+        )
+        super().allHeadersReceived()
+
+    def requestDone(self, request) -> None:
+        super().requestDone(request)
+        self.seen.append(("kept alive", self.keepsAlive()))
+
+
+def test_the_announced_length_is_length_when_the_head_is_read():
+    with seam("HTTPChannel.length"):
+        channel = _channel(_Seen)
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\n\r\n")
+        channel.dataReceived(b"1234567")
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"0\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        lengths = [seen[0] for seen in channel.seen if seen[0] != "kept alive"]
+        assert lengths == [7, None, 0], f"not the announced lengths: {lengths}"
+
+
+def test_the_arriving_request_is_the_last_of_requests():
+    with seam("HTTPChannel.requests[-1]"):
+        channel = _channel(_Seen)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nX-N: 1\r\n\r\n")
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nX-N: 2\r\n\r\n")
+        heads = [seen for seen in channel.seen if seen[0] != "kept alive"]
+        assert [headers for _, headers, _ in heads] == [[b"1"], [b"2"]], (
+            f"not the head being read: {heads}"
+        )
+        assert all(isinstance(request, http.Request) for _, _, request in heads), heads
+
+
+def test_keeps_alive_is_persistent_after_the_answer():
+    with seam("HTTPChannel.persistent"):
+        channel = _channel(_Seen)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        kept = [seen[1] for seen in channel.seen if seen[0] == "kept alive"]
+        assert kept == [True, False], f"not whether the connection stays open: {kept}"
+        assert channel.transport.disconnecting, "not closed after Connection: close"
+
+
+class _Held(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list = []
+        self.hold = True
+
+    def render(self, request):
+        self.requests.append(request)
+        return NOT_DONE_YET if self.hold else b"ok"
+
+
+class _HoldsAfterEach(HookedHTTPChannel):
+    """Holds its input after each answer, as the guard does when the client reads none."""
+
+    def requestDone(self, request) -> None:
+        self.holdInput()
+        super().requestDone(request)
+
+
+PIPELINED = b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % n for n in range(3))
+
+
+def test_held_input_is_parsed_only_once_released():
+    with seam("LineReceiver.paused"):
+        resource = _Held()
+        site = Site(resource, reactor=Clock())
+        site.protocol = _HoldsAfterEach
+        channel = site.buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(PIPELINED[:40])
+        channel.dataReceived(PIPELINED[40:])  # kept by HTTPChannel while /0 is answered
+        resource.requests[0].finish()  # and handed back, held
+        assert [r.path for r in resource.requests] == [b"/0"], "the replayed input was parsed"
+        assert channel.holdingInput() and channel.unreadInput(), "not held as unread input"
+        resource.hold = False  # answered at once: the next is held inside lineReceived
+        channel.releaseInput()
+        assert [r.path for r in resource.requests] == [b"/0", b"/1"], (
+            f"released, it parsed {[r.path for r in resource.requests]}, not the next request"
+        )
+        assert channel.holdingInput() and channel.unreadInput(), "the lines after it were parsed"
+        channel.releaseInput()
+        assert [r.path for r in resource.requests] == [b"/0", b"/1", b"/2"], "not in order"
+        assert channel.transport.value().count(b" 200 ") == 3
+
+
 class _Logged(HookedHTTPChannel):
     events: list = []
     _log = Logger(observer=events.append)
@@ -215,14 +319,18 @@ def test_the_guard_adds_no_name_httpchannel_uses():
         "requestDone",
         "connectionLost",
         "badRequest",
+        "pauseProducing",
+        "resumeProducing",
     }
     with seam("HTTPChannel's namespace"):
-        own = {name for name in vars(_GuardedChannel) if not name.startswith("__")} - overrides
+        seams = {"_log", "_respondToBadRequestAndDisconnect"}  # replaced on purpose
+        own = {n for c in (_GuardedChannel, HookedHTTPChannel) for n in vars(c)
+               if not n.startswith("__")} - overrides - seams
         channel = _channel(HookedHTTPChannel, timeout=60)
         channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nok")
         channel.dataReceived(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         channel.connectionLost(None)
-        used = set(dir(HookedHTTPChannel)) | set(vars(channel))
+        used = set(dir(http.HTTPChannel)) | set(vars(channel))
         assert not own & used, f"it now uses {sorted(own & used)}, as listener's guard does"
         assert overrides <= set(dir(HookedHTTPChannel)), (
             f"the guard overrides what is gone: {sorted(overrides - set(dir(HookedHTTPChannel)))}"

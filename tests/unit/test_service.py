@@ -10,7 +10,7 @@ import json
 import time
 
 import pytest
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
@@ -22,10 +22,25 @@ LICENSING, STATUS = 8443, 8080
 SERVER = "https://127.0.0.1:9443"
 
 
+class BusyPorts(MemoryReactorClock):
+    """A memory reactor on which another process has ``busy`` ports."""
+
+    def __init__(self, busy: tuple[int, ...]) -> None:
+        super().__init__()
+        self.busy = busy
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        if port in self.busy:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return super().listenTCP(port, factory, backlog, interface)
+
+
 class Started:
     """``make_service`` on a memory reactor, started as twistd starts it; stopped after the test."""
 
-    def __init__(self, tmp_path, trust_cache: dict | None = None) -> None:
+    def __init__(
+        self, tmp_path, trust_cache: dict | None = None, busy: tuple[int, ...] = (), server=""
+    ) -> None:
         if trust_cache is not None:
             (tmp_path / "state").mkdir(mode=0o700)
             (tmp_path / "state" / "trust-cache.json").write_text(json.dumps(trust_cache))
@@ -34,6 +49,7 @@ class Started:
 host = "127.0.0.1"
 port = {LICENSING}
 status_port = {STATUS}
+{server}
 [license]
 server_url = "{SERVER}"
 key = "k-service"
@@ -41,14 +57,18 @@ startup_timeout = "3s"
 [cache]
 path = "{tmp_path}/state/trust-cache.json"
 """)
-        self.reactor = MemoryReactorClock()
+        self.reactor = BusyPorts(busy)
         self.fatal: list[str] = []
         egress = Settings(self.config.proxy, self.config.no_proxy, {})
         self.service = make_service(self.config, self.reactor, self.fatal.append, egress)
+        self.service.privilegedStartService()
         self.service.startService()
 
     def listening(self) -> list[tuple[str, int]]:
         return [(interface, port) for port, _, _, interface in self.reactor.tcpServers]
+
+    def backlogs(self) -> dict[int, int]:
+        return {port: backlog for port, _, backlog, _ in self.reactor.tcpServers}
 
     def connecting(self) -> list[tuple[str, int]]:
         return [(host, port) for host, port, *_ in self.reactor.tcpClients]
@@ -97,3 +117,37 @@ def test_a_refused_check_in_inside_the_trust_caches_window_opens_licensing_at_on
     s.refuse()
     assert sorted(s.listening()) == [("127.0.0.1", STATUS), ("127.0.0.1", LICENSING)]
     assert s.fatal == []
+
+
+def _trusted_cache() -> dict:
+    checked_in = time.time() - 60
+    return {"format": 1, "last_successful_checkin": checked_in, "salt": "00" * 16, "entries": {}}
+
+
+def test_both_listeners_listen_with_a_backlog_sized_for_a_fleet(started):
+    s = started(trust_cache=_trusted_cache())
+    s.refuse()
+    assert s.backlogs() == {STATUS: 4096, LICENSING: 4096}
+
+
+def test_the_backlog_is_configurable(started):
+    s = started(trust_cache=_trusted_cache(), server="backlog = 511")
+    s.refuse()
+    assert s.backlogs() == {STATUS: 511, LICENSING: 511}
+
+
+def test_a_taken_status_port_is_one_fatal_line(started):
+    s = started(busy=(STATUS,))
+    assert s.fatal == [
+        "cannot listen for status requests on 127.0.0.1:8080: [Errno 98] Address already in use"
+    ]
+    assert s.listening() == []
+
+
+def test_a_taken_licensing_port_is_the_same_one_fatal_line(started):
+    s = started(trust_cache=_trusted_cache(), busy=(LICENSING,))
+    s.refuse()
+    assert s.fatal == [
+        "cannot listen for licensing requests on 127.0.0.1:8443: [Errno 98] Address already in use"
+    ]
+    assert s.listening() == [("127.0.0.1", STATUS)]
