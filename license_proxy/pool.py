@@ -36,8 +36,8 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from .twistedseams import (
+    ClientRequest,
     HTTP11ClientProtocol,
-    Request,
     RequestNotSent,
     ReuseAwarePool,
     pool_key_host,
@@ -78,7 +78,7 @@ class BytesBody:
         pass
 
 
-def should_retry(request: Request, failure: Failure) -> bool:
+def should_retry(request: ClientRequest, failure: Failure) -> bool:
     """Whether ``request``, which failed with ``failure`` on a connection
     reused from the pool, may be sent again."""
     if request.bodyProducer is not None and not isinstance(request.bodyProducer, BytesBody):
@@ -101,9 +101,9 @@ class _RetryOnce:
     sent once more through ``retry``."""
 
     _connection: HTTP11ClientProtocol
-    _retry: Callable[[Request, Failure], Deferred]
+    _retry: Callable[[ClientRequest, Failure], Deferred]
 
-    def request(self, request: Request) -> Deferred:
+    def request(self, request: ClientRequest) -> Deferred:
         def failed(failure: Failure):
             if not should_retry(request, failure):
                 return failure
@@ -149,7 +149,7 @@ class RetryingPool(ReuseAwarePool):
             return connection
         return connection.addCallback(_RetryOnce, partial(self._again, key, endpoint))
 
-    def _again(self, key, endpoint, request: Request, failure: Failure) -> Deferred:
+    def _again(self, key, endpoint, request: ClientRequest, failure: Failure) -> Deferred:
         self.retries += 1
         self.log.info(
             "{method} to {host}: the pooled connection was closed {when};"

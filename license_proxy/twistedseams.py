@@ -41,7 +41,8 @@ calls its private ``_newConnection(key, endpoint)`` at once, from ``getConnectio
 when no pooled connection for ``key`` is usable; it connects ``endpoint`` with a factory that
 returns the connection to the pool once idle.
 
-The Agent's client side, for ``pool``: ``HTTP11ClientProtocol``, ``Request`` and
+The Agent's client side, for ``pool``: ``HTTP11ClientProtocol``, ``Request`` (here
+``ClientRequest``, not to be confused with the server's) and
 ``RequestNotSent`` live in the private ``twisted.web._newclient`` (``twisted.web.client``
 imports them but does not export them). The pool hands ``Agent`` a connection whose
 ``request(Request)`` fails with ``RequestNotSent`` when nothing of the request was written
@@ -67,7 +68,8 @@ from typing import Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogPublisher
 # For pool (re-exported):
-from twisted.web._newclient import HTTP11ClientProtocol, Request, RequestNotSent  # noqa: F401
+from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent  # noqa: F401
+from twisted.web._newclient import Request as ClientRequest  # noqa: F401
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel, Request
 

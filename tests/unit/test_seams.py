@@ -31,7 +31,7 @@ from license_proxy.pool import RetryingPool
 from license_proxy.twistedseams import (
     HTTP11ClientProtocol,
     HookedHTTPChannel,
-    Request as SeamRequest,
+    ClientRequest as SeamRequest,
     RequestNotSent,
     ReuseAwarePool,
     fips_enabled,
