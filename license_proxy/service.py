@@ -178,7 +178,7 @@ def make_service(
         dates, config.cache_path, config.cache_max_entries, run=_writer_thread(reactor)
     )
     # An answer counts as one the fleet keeps asking for once asked for a check-in later.
-    cache.keep_after = config.checkin_interval
+    cache.memory.keep_after = config.checkin_interval
     dates.not_before(cache.high_water)
     health = Health.of(
         dates, config.server_urls, config.answer_within, config.retry_interval, timers=reactor

@@ -46,43 +46,33 @@ never touched until its replacement is whole on disk.
 
 The file also keeps the high-water mark of the proxy's clock (see ``clock``),
 so that a wall clock set back while the proxy was down cannot stretch trust.
-Its size is bounded (``max_entries``): a client varying its query string adds
-an entry per request.  When full, the answer stored longest ago makes room,
-taken first among those not yet kept: an answer is kept once it is stored again
-``keep_after`` (a check-in interval) or more after it was first stored.  A fleet
-stores its own again at every check-in, so a flood of one-off requests (each sent
-twice in a row, too) evicts its own kind (answers read from the file count as kept).
 
-Each answer is kept in memory as the JSON it is written as, and decoded only
-when it is served from trust: the common path stores, and rarely reads.
-
-Requests are keyed by an HMAC over method, path, query and credentials, with a
-random salt kept in the file: credentials never reach the disk in clear, and
-one licensee's answer is never returned to another.  An answer whose ``Vary``
-names request headers is kept under a variant of that key (``variant``) that
-adds their values; the key string names those headers, so the file alone says
-which headers a later request's lookup must add.
+The answers themselves, their keys, variants and eviction are ``memorycache``'s.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import math
 import os
 import secrets
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
-from attrs import define, field, frozen
+from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 
 from .durable import Disk, append, remove_leftovers, write_atomically
+from .memorycache import (  # noqa: F401 (CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES: config's)
+    CREDENTIAL_HEADERS,
+    DEFAULT_MAX_ENTRIES,
+    Entry,
+    Kept,
+    MemoryCache,
+    RequestHeaders,
+)
 
 FLUSH_DELAY = 2.0
 """Seconds a change may wait before it is written: the bound on how far the
@@ -91,26 +81,12 @@ file lags behind memory (plus the write in flight, on a slow disk)."""
 RETRY_MAX = 30.0
 """Longest pause, in seconds, between attempts to write while writes fail."""
 
-DEFAULT_MAX_ENTRIES = 10_000
-"""Answers kept at most: about 0.75 kB of memory each for a 300-byte answer, 3 kB for a
-2 kB one, 0.25 kB for one equal to an answer stored lately (``bin/measure-cache-entry``),
-so ~29 MiB at most for 2 kB answers."""
 
 
 MARK_LAG = 60.0
 """Seconds the file's high-water mark of the clock may fall behind when nothing
 else changes (during an outage): the most a restart with a wall clock set back
 can stretch trust by, bought with one write a minute."""
-
-STORED_AT_LAG = 300.0
-"""Seconds the time of an answer stored again unchanged may lag on disk: the
-same answer is journaled again only once the time on disk is this old, so a
-fleet checking in every minute does not write every answer every minute (after
-a restart, its ``Age`` may read up to this much too old)."""
-
-SHARED_ANSWERS = 16
-"""Distinct answers remembered, so that an answer equal to one of them is kept once: a
-fleet whose requests differ (by instance, by query) often gets the same answer to each."""
 
 JOURNAL_MIN = 1 << 16
 """Bytes of journal never worth a compaction, however small the snapshot."""
@@ -128,68 +104,6 @@ and a reader that knows nothing of them still reads the snapshot."""
 JOURNAL = ".journal"
 """The journal is ``path + JOURNAL``."""
 
-#: Request headers that identify a licensee; part of the cache key ([cache] key_headers).
-CREDENTIAL_HEADERS = (b"authorization", b"cookie", b"x-api-key")
-
-DEFAULT_KEEP_AFTER = 60.0
-"""Seconds between two stores of an answer for it to count as kept (the check-in interval)."""
-
-_VARIANT = ";"
-"""Separates a key, the names its answer varies on, and their values' HMAC (no header name
-holds it)."""
-
-
-@frozen
-class Entry:
-    """One cached answer, as the upstream gave it."""
-
-    status: int
-    headers: tuple[tuple[bytes, bytes], ...]
-    body: bytes
-    stored_at: float
-
-    @classmethod
-    def from_json(cls, obj: dict) -> Entry:
-        return cls(
-            status=int(obj["status"]),
-            headers=tuple((_unb64(n), _unb64(v)) for n, v in obj["headers"]),
-            body=_unb64(obj["body"]),
-            stored_at=float(obj["stored_at"]),
-        )
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
-
-
-def _answer(entry: Entry) -> bytes:
-    """The answer's JSON members, without braces or time: as it is kept and written."""
-    text = json.dumps(
-        {
-            "status": entry.status,
-            "headers": [[_b64(n), _b64(v)] for n, v in entry.headers],
-            "body": _b64(entry.body),
-        },
-        separators=(",", ":"),
-    )
-    return text[1:-1].encode("ascii")
-
-
-@define(weakref_slot=False)
-class _Kept:
-    """An answer in memory: its JSON, when it was stored, and the time the disk has."""
-
-    answer: bytes
-    stored_at: float
-    on_disk: float
-
-    def entry(self) -> Entry:
-        obj = json.loads(b"{" + self.answer + b"}")
-        return Entry.from_json({**obj, "stored_at": self.stored_at})
 
 
 def _time(value) -> bytes:
@@ -197,7 +111,7 @@ def _time(value) -> bytes:
     return json.dumps(value).encode("ascii")
 
 
-def _snapshot(head: bytes, entries: dict[str, _Kept]) -> Iterator[bytes]:
+def _snapshot(head: bytes, entries: dict[str, Kept]) -> Iterator[bytes]:
     """The snapshot's JSON, in pieces."""
     yield head
     separator = b""
@@ -212,7 +126,7 @@ def _snapshot(head: bytes, entries: dict[str, _Kept]) -> Iterator[bytes]:
     yield b"}}"
 
 
-def _lines(changes: dict[str, Optional[_Kept]], times: bytes) -> Iterator[bytes]:
+def _lines(changes: dict[str, Optional[Kept]], times: bytes) -> Iterator[bytes]:
     """Journal lines: each answer stored or evicted, then the times."""
     for key, kept in changes.items():
         if kept is None:
@@ -264,32 +178,17 @@ class TrustCache:
 
     _dates: IReactorTime  # dates (``clock``); its delayed calls run on the reactor
     _path: str
-    _salt: bytes = field(factory=lambda: secrets.token_bytes(16))
+    #: The answers, their keys and eviction.
+    memory: MemoryCache = field(
+        default=Factory(lambda self: MemoryCache(self._dates.seconds), takes_self=True)
+    )
     last_checkin: Optional[float] = None
-    # In the order they were stored: the first is the one stored longest ago.
-    _entries: dict[str, _Kept] = field(factory=dict)
-    max_entries: int = DEFAULT_MAX_ENTRIES
-    #: Seconds after its first store that a new store of an answer makes it kept.
-    keep_after: float = DEFAULT_KEEP_AFTER
     #: The latest time the file shows the clock had reached (None: empty cache).
     high_water: Optional[float] = None
     #: Runs a write's disk I/O and fires with its result: off the reactor in the proxy.
     _run: Callable[[Callable[[], object]], Deferred] = on_this_thread
     #: The system calls writes are made of (a recording or failing one in tests).
     _disk: Disk = field(factory=Disk)
-    # Keys not yet kept, oldest first, with the time of their first store: evicted before
-    # the answers a fleet keeps asking for, so a flood of one-off requests cannot push those out.
-    _once: dict[str, float] = field(factory=dict, init=False)
-    # Key -> the request headers its latest answer varied on (from the variant keys), and
-    # how many variants of it are kept: forgotten with the last, so a flood of answers
-    # with Vary can't grow it past max_entries.
-    _varies: dict[str, tuple[bytes, ...]] = field(factory=dict, init=False)
-    _variants: dict[str, int] = field(factory=dict, init=False)
-    # The answers stored last, each its own key: a new one equal to one of these is kept
-    # as the same bytes (see ``SHARED_ANSWERS``).
-    _recent: dict[bytes, bytes] = field(factory=dict, init=False)
-    # Answers stored (or evicted: None) since the last write: the journal's next lines.
-    _changes: dict[str, Optional[_Kept]] = field(factory=dict, init=False)
     # Whether the next write replaces the snapshot, its size and the journal's.
     _compact: bool = field(default=True, init=False)
     _snapshot_size: int = field(default=0, init=False)
@@ -308,7 +207,6 @@ class TrustCache:
     #: Why the last write failed; None once one succeeds.
     write_error: Optional[str] = field(default=None, init=False)
     write_failures: int = field(default=0, init=False)
-    evictions: int = field(default=0, init=False)
     _eviction_logged_at: Optional[float] = field(default=None, init=False)
 
     log = Logger()
@@ -333,14 +231,14 @@ class TrustCache:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return cls(dates, path, max_entries=max_entries, run=run)
+            return cls(dates, path, MemoryCache(dates.seconds, max_entries=max_entries), run=run)
         except OSError as e:
             cls.log.error(
                 "trust cache {path} cannot be read ({reason}); starting without it",
                 path=path,
                 reason=e.strerror,
             )
-            return cls(dates, path, max_entries=max_entries, run=run)
+            return cls(dates, path, MemoryCache(dates.seconds, max_entries=max_entries), run=run)
         try:
             return cls._parse(dates, path, raw, max_entries, run)
         except CorruptCache as e:
@@ -356,7 +254,7 @@ class TrustCache:
                 reason=str(e),
                 where=where,
             )
-            return cls(dates, path, max_entries=max_entries, run=run)
+            return cls(dates, path, MemoryCache(dates.seconds, max_entries=max_entries), run=run)
 
     @classmethod
     def _parse(
@@ -391,19 +289,11 @@ class TrustCache:
                 max_entries=max_entries,
             )
             entries = entries[len(entries) - max_entries :]
-        cache = cls(
-            dates,
-            path,
-            salt=salt,
-            last_checkin=checkin,
-            max_entries=max_entries,
-            high_water=max(seen) or None,
-            run=run,
+        memory = MemoryCache(dates.seconds, salt=salt, max_entries=max_entries)
+        memory.restore(entries)
+        return cls(
+            dates, path, memory, last_checkin=checkin, high_water=max(seen) or None, run=run
         )
-        for key, entry in entries:
-            cache._entries[key] = _Kept(cache._shared(_answer(entry)), *[entry.stored_at] * 2)
-            cache._remember_variant(key, new=True)
-        return cache
 
     @classmethod
     def _replay(
@@ -467,122 +357,50 @@ class TrustCache:
                 break
         return checkin
 
-    def key(
-        self,
-        method: bytes,
-        target: bytes,
-        credentials: Iterable[tuple[bytes, bytes]],
-    ) -> str:
-        """
-        The cache key of a request: method, path and query (``target``), and
-        the credential headers, in the order given (the caller's: names in a
-        fixed order, each name's values as sent).  The body is not part of it:
-        the licensing protocol is not public, and a body that carries a
-        timestamp or a usage counter would never match again.
-        """
-        mac = hmac.new(self._salt, digestmod=hashlib.sha256)
-        for part in (method, target):
-            mac.update(len(part).to_bytes(4, "big") + part)
-        for name, value in credentials:
-            mac.update(len(name).to_bytes(4, "big") + name)
-            mac.update(len(value).to_bytes(4, "big") + value)
-        return mac.hexdigest()
+    def key(self, method: bytes, target: bytes, credentials: Iterable[tuple[bytes, bytes]]) -> str:
+        """The cache key of a request (``MemoryCache.key``)."""
+        return self.memory.key(method, target, credentials)
 
     def variant(
-        self, key: str, headers: Headers, vary: Optional[Sequence[bytes]] = None
+        self, key: str, headers: RequestHeaders, vary: Optional[Sequence[bytes]] = None
     ) -> str:
-        """
-        The key, under ``key``, of the answer to a request with ``headers`` when
-        answers vary (``Vary``) on the request headers ``vary`` (lower case,
-        sorted): the answer's, at a store; at a lookup (None), those the latest
-        answer stored for ``key`` varied on.  ``key`` itself when there are none.
-        """
-        names = self._varies.get(key, ()) if vary is None else tuple(vary)
-        if not names:
-            return key
-        mac = hmac.new(self._salt, key.encode("ascii"), digestmod=hashlib.sha256)
-        for name in names:
-            values = headers.getRawHeaders(name)
-            mac.update(b"-" if values is None else len(values).to_bytes(4, "big"))
-            for value in values or ():
-                mac.update(len(value).to_bytes(4, "big") + value)
-        listed = b",".join(names).decode("ascii")
-        return f"{key}{_VARIANT}{listed}{_VARIANT}{mac.hexdigest()}"
-
-    def _remember_variant(self, key: str, new: bool) -> None:
-        primary, _, rest = key.partition(_VARIANT)
-        if not rest:
-            self._varies.pop(primary, None)
-            return
-        listed = rest.partition(_VARIANT)[0]
-        self._varies[primary] = tuple(n.encode("ascii") for n in listed.split(","))
-        if new:
-            self._variants[primary] = self._variants.get(primary, 0) + 1
-
-    def _forget_variant(self, key: str) -> None:
-        primary, _, rest = key.partition(_VARIANT)
-        if rest:
-            self._variants[primary] -= 1
-            if not self._variants[primary]:
-                del self._variants[primary]
-                self._varies.pop(primary, None)
+        """The key of a variant of ``key``'s answer (``MemoryCache.variant``)."""
+        return self.memory.variant(key, headers, vary)
 
     def lookup(self, key: str) -> Optional[Entry]:
         """The answer kept for ``key``, decoded (this is the stale path: rare)."""
-        kept = self._entries.get(key)
-        return None if kept is None else kept.entry()
+        return self.memory.lookup(key)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.memory)
+
+    @property
+    def evictions(self) -> int:
+        return self.memory.evictions
 
     def store(self, key: str, entry: Entry) -> None:
         """
-        Keep ``entry``, last in line for eviction; the file learns of it only if
-        the answer changed, or its time on disk is ``STORED_AT_LAG`` old.
+        Keep ``entry`` (``MemoryCache.store``); the file learns of it if it is a change.
+        A full cache is said now and then, not at each eviction.
         """
-        now = self._dates.seconds()
-        old = self._entries.pop(key, None)
-        if old is None and len(self._entries) >= self.max_entries:
-            self._evict()
-        if old is None:
-            self._once[key] = now
-        elif now - self._once.get(key, now) >= self.keep_after:
-            self._once.pop(key)  # asked for again a check-in later: kept
-        self._remember_variant(key, new=old is None)
-        answer = self._shared(_answer(entry))
-        if old is not None and old.answer == answer:
-            kept = self._entries[key] = old
-            kept.stored_at = entry.stored_at
-            if entry.stored_at - kept.on_disk < STORED_AT_LAG:
-                return
-        else:
-            kept = self._entries[key] = _Kept(answer, entry.stored_at, entry.stored_at)
-        kept.on_disk = entry.stored_at
-        self._changes[key] = kept
-        self._changed()
+        evictions = self.memory.evictions
+        if self.memory.store(key, entry):
+            self._changed()
+        if self.memory.evictions != evictions:
+            self._said_full()
 
-    def _shared(self, answer: bytes) -> bytes:
-        """``answer``, or the same bytes stored recently (kept once in memory)."""
-        recent = self._recent
-        found = recent.pop(answer, None)
-        if found is None:
-            found = answer
-            if len(recent) >= SHARED_ANSWERS:
-                del recent[next(iter(recent))]
-        recent[found] = found
-        return found
+    def offer(self, key: str, entry: Entry) -> bool:
+        """Keep another instance's ``entry`` if newer than what is held
+        (``MemoryCache.offer``); whether it was taken."""
+        evictions = self.memory.evictions
+        taken = self.memory.offer(key, entry)
+        if taken:
+            self._changed()
+        if self.memory.evictions != evictions:
+            self._said_full()
+        return taken
 
-    def _evict(self) -> None:
-        """
-        Drop the answer stored longest ago among those not yet kept, if any,
-        else among all; say so now and then, not each time.
-        """
-        oldest = next(iter(self._once or self._entries))
-        del self._entries[oldest]
-        self._once.pop(oldest, None)
-        self._forget_variant(oldest)
-        self._changes[oldest] = None  # the journal says it is gone
-        self.evictions += 1
+    def _said_full(self) -> None:
         now = self._dates.seconds()
         last = self._eviction_logged_at
         if last is None or now - last >= EVICTION_LOG_INTERVAL:
@@ -590,8 +408,8 @@ class TrustCache:
             self.log.warn(
                 "trust cache is full ({max_entries} answers): each new answer replaces the"
                 " one stored longest ago, one-off requests first ({evictions} replaced so far)",
-                max_entries=self.max_entries,
-                evictions=self.evictions,
+                max_entries=self.memory.max_entries,
+                evictions=self.memory.evictions,
             )
 
     def record_checkin(self, when: float) -> None:
@@ -635,7 +453,6 @@ class TrustCache:
         if not self._dirty:
             return succeed(None)
         write, work = self._prepare()
-        self._changes = {}
         self._dirty = False
         self._ends, self._queued = self._queued + [ended], []
         self._writing = self._run(work)
@@ -648,10 +465,10 @@ class TrustCache:
         as they will be written); the work, for the writer thread.
         """
         path, disk, mark = self._path, self._disk, self._dates.seconds()
-        # The thread reads the answers' bytes (never changed: a new answer is a new _Kept)
+        changes = self.memory.take_changes()  # a snapshot holds them too
+        # The thread reads the answers' bytes (never changed: a new answer is a new Kept)
         # and times (a later one read is as good) from dicts the reactor no longer changes.
         if not self._compact:
-            changes = self._changes  # flush() starts the next
             times = b'{"last_successful_checkin":%s,"clock_high_water":%s}\n' % (
                 _time(self.last_checkin),
                 _time(mark),
@@ -663,10 +480,10 @@ class TrustCache:
             "generation": generation,
             "last_successful_checkin": self.last_checkin,
             "clock_high_water": mark,
-            "salt": self._salt.hex(),
+            "salt": self.memory.salt.hex(),
         }
         opening = json.dumps(head, separators=(",", ":"))[:-1].encode("ascii") + b',"entries":{'
-        snapshot = _snapshot(opening, self._entries.copy())
+        snapshot = _snapshot(opening, self.memory.kept())
         return _Write(mark, generation), lambda: compact(path, generation, snapshot, disk)
 
     def _ended(self, result, write: _Write) -> None:

@@ -112,7 +112,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertIn(b',"cache_persisted":true,"cache_error":null}', self.get(b"/v1/status")[1])
 
     def test_evictions_are_counted_and_entries_stay_bounded(self):
-        self.h.cache.max_entries = 2
+        self.h.cache.memory.max_entries = 2
         for n in range(5):
             self.relay(f"/v1/check?n={n}")
         m = self.scrape()

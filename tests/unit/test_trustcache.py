@@ -15,13 +15,12 @@ from twisted.logger import capturedLogs
 from twisted.web.http_headers import Headers
 
 from license_proxy.durable import CHUNK, Disk
+from license_proxy.memorycache import DEFAULT_KEEP_AFTER, STORED_AT_LAG
 from license_proxy.trustcache import (
-    DEFAULT_KEEP_AFTER,
     EVICTION_LOG_INTERVAL,
     FLUSH_DELAY,
     MARK_LAG,
     RETRY_MAX,
-    STORED_AT_LAG,
     Entry,
     TrustCache,
 )
@@ -276,7 +275,7 @@ def test_a_flood_of_one_off_requests_does_not_evict_the_answers_a_fleet_refreshe
 def test_an_answer_stored_twice_within_a_check_in_interval_is_not_kept(tmp_path, clock):
     """The attack of issue 14: each of many distinct requests sent twice in a row."""
     cache = TrustCache.load(clock, str(tmp_path / "cache.json"), max_entries=50)
-    cache.keep_after = 10.0
+    cache.memory.keep_after = 10.0
     fleet = [f"container-{n}" for n in range(10)]
     for key in fleet:
         cache.store(key, entry_at(T0))
@@ -313,7 +312,7 @@ def test_variants_are_found_after_a_restart_and_forgotten_with_their_last_answer
     for n in range(3):
         cache.store(f"flood-{n}", entry_at(T0))
     assert cache.evictions == 2
-    assert (cache._varies, cache._variants) == ({}, {})
+    assert (cache.memory._varies, cache.memory._variants) == ({}, {})
     assert cache.variant(key, tenant[b"a"]) == key
 
 
