@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from .config import Config, ConfigError
 from .tls.contexts import GENERATED_CERT, GENERATED_KEY
-from .trustcache import JOURNAL
+from .cachefile import JOURNAL
 
 PRIVATE = "private"
 """The subdirectory used when the state directory is writable by others."""

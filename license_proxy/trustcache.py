@@ -10,53 +10,19 @@ takes a second to fsync never holds the reactor, and one write is in flight at
 most.  What a write costs follows what changed: a check-in adds one short line,
 not the whole file.
 
-The files (JSON, readable and backed up with standard tools):
-
-``PATH`` (``trust-cache.json``), the snapshot, replaced whole (temporary file,
-fsync, rename, fsync of the directory) so a crash leaves the old one or the new::
-
-    {"format":1,"generation":"<id>","last_successful_checkin":T,
-     "clock_high_water":T,"salt":"<hex>",
-     "entries":{"<key>":{"status":200,"headers":[["<b64>","<b64>"]],
-                         "body":"<b64>","stored_at":T}, ...}}
-
-``PATH.journal``, what changed since, one JSON object a line, appended and
-fsynced; its first line names the snapshot it follows::
-
-    {"journal":"<id>"}
-    {"store":"<key>","status":200,"headers":[...],"body":"<b64>","stored_at":T}
-    {"evict":"<key>"}
-    {"last_successful_checkin":T,"clock_high_water":T}
-
-Loading reads the snapshot, then replays the journal if its id is the
-snapshot's ``generation`` (a journal of another generation is left over from a
-crash between the two renames of a compaction: the snapshot already holds it),
-up to its first line that cannot be read (a write cut short).  The first write
-after a start, every write once the journal has grown past the snapshot (and
-``JOURNAL_MIN``), the first after a failed write and the last one at a stop
-compact: a new snapshot from memory, then an empty journal naming it.  A file
-without ``generation`` (written before the journal existed) loads as before;
-an older version reads the snapshot alone.
-
 A disk that cannot be written (read-only, full, failing) does not stop the
 proxy: it keeps serving from memory, retries (backing off to one attempt every
 ``RETRY_MAX`` seconds) and says so (``write_error``), until a write succeeds.
 The temporary file of a failed write is removed; the snapshot in place is
 never touched until its replacement is whole on disk.
 
-The file also keeps the high-water mark of the proxy's clock (see ``clock``),
-so that a wall clock set back while the proxy was down cannot stretch trust.
-
-The answers themselves, their keys, variants and eviction are ``memorycache``'s.
+The answers themselves, their keys, variants and eviction are ``memorycache``'s;
+the files' format, ``cachefile``'s.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import secrets
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -64,12 +30,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .durable import Disk, append, remove_leftovers, write_atomically
+from .cachefile import CacheFile
+from .durable import Disk
 from .memorycache import (  # noqa: F401 (CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES: config's)
     CREDENTIAL_HEADERS,
     DEFAULT_MAX_ENTRIES,
     Entry,
-    Kept,
     MemoryCache,
     RequestHeaders,
 )
@@ -80,8 +46,6 @@ file lags behind memory (plus the write in flight, on a slow disk)."""
 
 RETRY_MAX = 30.0
 """Longest pause, in seconds, between attempts to write while writes fail."""
-
-
 
 MARK_LAG = 60.0
 """Seconds the file's high-water mark of the clock may fall behind when nothing
@@ -94,64 +58,6 @@ JOURNAL_MIN = 1 << 16
 EVICTION_LOG_INTERVAL = 3600.0
 """Seconds between log lines about a full cache."""
 
-LATEST_TIME = 253402300799.0
-"""9999-12-31T23:59:59Z, the latest time ``datetime`` (hence the status) can show."""
-
-FORMAT = 1
-"""The snapshot's format: ``generation`` and the journal beside it came later,
-and a reader that knows nothing of them still reads the snapshot."""
-
-JOURNAL = ".journal"
-"""The journal is ``path + JOURNAL``."""
-
-
-
-def _time(value) -> bytes:
-    """A time (or a key) as JSON."""
-    return json.dumps(value).encode("ascii")
-
-
-def _snapshot(head: bytes, entries: dict[str, Kept]) -> Iterator[bytes]:
-    """The snapshot's JSON, in pieces."""
-    yield head
-    separator = b""
-    for key, kept in entries.items():
-        yield b'%s%s:{%s,"stored_at":%s}' % (
-            separator,
-            _time(key),
-            kept.answer,
-            _time(kept.stored_at),
-        )
-        separator = b","
-    yield b"}}"
-
-
-def _lines(changes: dict[str, Optional[Kept]], times: bytes) -> Iterator[bytes]:
-    """Journal lines: each answer stored or evicted, then the times."""
-    for key, kept in changes.items():
-        if kept is None:
-            yield b'{"evict":%s}\n' % _time(key)
-        else:
-            yield b'{"store":%s,%s,"stored_at":%s}\n' % (
-                _time(key),
-                kept.answer,
-                _time(kept.stored_at),
-            )
-    yield times
-
-
-def compact(
-    path: str, generation: str, snapshot: Iterable[bytes], disk: Disk = Disk()
-) -> tuple[int, int]:
-    """
-    Replace the snapshot, then start an empty journal naming it; returns both sizes.
-    A crash between the two leaves a journal of another generation, which loading ignores.
-    """
-    size = write_atomically(path, snapshot, disk)
-    header = b'{"journal":"%s"}\n' % generation.encode("ascii")
-    write_atomically(path + JOURNAL, [header], disk)
-    return size, len(header)
-
 
 def on_this_thread(work: Callable[[], object]) -> Deferred:
     """Run ``work`` now, on the calling thread: for tools and tests with a fake clock.
@@ -159,17 +65,13 @@ def on_this_thread(work: Callable[[], object]) -> Deferred:
     return maybeDeferred(work)
 
 
-class CorruptCache(Exception):
-    """The cache file exists but cannot be used."""
-
-
 @frozen
 class _Write:
-    """A write in flight, as its end needs it: the mark written, and for a compaction
-    the new snapshot's generation (None: an append to the journal)."""
+    """A write in flight, as its end needs it: the mark written, and whether it
+    replaced the snapshot (or appended to the journal)."""
 
     mark: float
-    generation: Optional[str]
+    compaction: bool
 
 
 @define
@@ -219,143 +121,17 @@ class TrustCache:
         max_entries: int = DEFAULT_MAX_ENTRIES,
         run: Callable[[Callable[[], object]], Deferred] = on_this_thread,
     ) -> TrustCache:
-        """
-        Read the snapshot and its journal (on this thread: nothing is served yet).  A
-        missing file starts an empty cache; an unusable one is logged once, moved aside
-        (so nobody loses it) and replaced.  Temporary files left by a crash inside a
-        write are removed.  ``run`` runs the writes (see ``_run``).
-        """
-        for name in remove_leftovers(path) + remove_leftovers(path + JOURNAL):
-            cls.log.info("removed {name}, left by a process stopped inside a write", name=name)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return cls(dates, path, MemoryCache(dates.seconds, max_entries=max_entries), run=run)
-        except OSError as e:
-            cls.log.error(
-                "trust cache {path} cannot be read ({reason}); starting without it",
-                path=path,
-                reason=e.strerror,
-            )
-            return cls(dates, path, MemoryCache(dates.seconds, max_entries=max_entries), run=run)
-        try:
-            return cls._parse(dates, path, raw, max_entries, run)
-        except CorruptCache as e:
-            aside = f"{path}.corrupt-{int(dates.seconds())}"
-            try:
-                os.replace(path, aside)
-                where = f"moved aside to {aside}"
-            except OSError as move:
-                where = f"could not be moved aside: {move.strerror}"
-            cls.log.error(
-                "trust cache {path} is corrupt ({reason}); {where}; starting without it",
-                path=path,
-                reason=str(e),
-                where=where,
-            )
-            return cls(dates, path, MemoryCache(dates.seconds, max_entries=max_entries), run=run)
-
-    @classmethod
-    def _parse(
-        cls, dates: IReactorTime, path: str, raw: bytes, max_entries: int, run
-    ) -> TrustCache:
-        try:
-            obj = json.loads(raw)
-            if obj.get("format") != FORMAT:
-                raise CorruptCache(f"unknown format {obj.get('format')!r}")
-            salt = bytes.fromhex(obj["salt"])
-            checkin = obj["last_successful_checkin"]
-            checkin = None if checkin is None else float(checkin)
-            found = {_ascii(k): Entry.from_json(v) for k, v in obj["entries"].items()}
-            # Files written before the mark existed: the times in them were seen too.
-            seen = [float(obj.get("clock_high_water") or 0), checkin or 0]
-            _finite(seen + [entry.stored_at for entry in found.values()])
-            generation = obj.get("generation")
-        except CorruptCache:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
-            raise CorruptCache(f"{type(e).__name__}: {e}") from None
-        if generation is not None:
-            checkin = cls._replay(path + JOURNAL, str(generation), found, seen, checkin)
-        entries = sorted(found.items(), key=lambda item: item[1].stored_at)
-        seen += [entry.stored_at for _, entry in entries]
-        if len(entries) > max_entries:
-            cls.log.info(
-                "trust cache {path} holds {count} answers, more than [cache] max_entries;"
-                " keeping the {max_entries} stored last",
-                path=path,
-                count=len(entries),
-                max_entries=max_entries,
-            )
-            entries = entries[len(entries) - max_entries :]
-        memory = MemoryCache(dates.seconds, salt=salt, max_entries=max_entries)
-        memory.restore(entries)
+        """The cache the files at ``path`` hold (``CacheFile.load``); ``run`` runs the
+        writes (see ``_run``)."""
+        found = CacheFile(path).load(dates.seconds, max_entries)
         return cls(
-            dates, path, memory, last_checkin=checkin, high_water=max(seen) or None, run=run
+            dates,
+            path,
+            found.memory,
+            last_checkin=found.last_checkin,
+            high_water=found.high_water,
+            run=run,
         )
-
-    @classmethod
-    def _replay(
-        cls,
-        journal: str,
-        generation: str,
-        entries: dict[str, Entry],
-        seen: list[float],
-        checkin: Optional[float],
-    ) -> Optional[float]:
-        """
-        Apply the journal that follows the snapshot of ``generation`` to what it holds;
-        returns the last check-in.  A journal of another generation is ignored, and so is
-        what follows a line that cannot be read (a write cut short).
-        """
-        try:
-            with open(journal, "rb") as f:
-                lines = f.read().split(b"\n")
-        except FileNotFoundError:
-            return checkin
-        except OSError as e:
-            cls.log.error(
-                "trust cache journal {path} cannot be read ({reason}); starting without it",
-                path=journal,
-                reason=e.strerror,
-            )
-            return checkin
-        try:
-            if json.loads(lines[0]) != {"journal": generation}:
-                return checkin
-        except ValueError:
-            return checkin
-        # The last piece follows the last newline: empty unless a line was cut short.
-        for number, line in enumerate(lines[1:], start=2):
-            try:
-                record = json.loads(line)
-                if "store" in record:
-                    key = _ascii(record.pop("store"))
-                    entry = Entry.from_json(record)
-                    _finite([entry.stored_at])
-                    entries.pop(key, None)
-                    entries[key] = entry
-                elif "evict" in record:
-                    entries.pop(record["evict"], None)
-                else:
-                    times = [float(record["clock_high_water"])]
-                    last = record["last_successful_checkin"]
-                    if last is not None:
-                        times.append(float(last))
-                    _finite(times)
-                    seen += times
-                    checkin = checkin if last is None else max(checkin or 0, float(last))
-            except (CorruptCache, ValueError, KeyError, TypeError, AttributeError, OverflowError):
-                if line or number != len(lines):
-                    cls.log.info(
-                        "trust cache journal {path}: line {number} cannot be read (a write"
-                        " cut short); what follows it is ignored",
-                        path=journal,
-                        number=number,
-                    )
-                break
-        return checkin
 
     def key(self, method: bytes, target: bytes, credentials: Iterable[tuple[bytes, bytes]]) -> str:
         """The cache key of a request (``MemoryCache.key``)."""
@@ -464,27 +240,15 @@ class TrustCache:
         What to write, taken now on the reactor (cheap: references to bytes kept
         as they will be written); the work, for the writer thread.
         """
-        path, disk, mark = self._path, self._disk, self._dates.seconds()
+        file, checkin = CacheFile(self._path, self._disk), self.last_checkin
+        mark = self._dates.seconds()
         changes = self.memory.take_changes()  # a snapshot holds them too
         # The thread reads the answers' bytes (never changed: a new answer is a new Kept)
         # and times (a later one read is as good) from dicts the reactor no longer changes.
         if not self._compact:
-            times = b'{"last_successful_checkin":%s,"clock_high_water":%s}\n' % (
-                _time(self.last_checkin),
-                _time(mark),
-            )
-            return _Write(mark, None), lambda: append(path + JOURNAL, _lines(changes, times), disk)
-        generation = secrets.token_hex(8)
-        head = {
-            "format": FORMAT,
-            "generation": generation,
-            "last_successful_checkin": self.last_checkin,
-            "clock_high_water": mark,
-            "salt": self.memory.salt.hex(),
-        }
-        opening = json.dumps(head, separators=(",", ":"))[:-1].encode("ascii") + b',"entries":{'
-        snapshot = _snapshot(opening, self.memory.kept())
-        return _Write(mark, generation), lambda: compact(path, generation, snapshot, disk)
+            return _Write(mark, False), lambda: file.append(changes, checkin, mark)
+        salt, kept = self.memory.salt, self.memory.kept()
+        return _Write(mark, True), lambda: file.compact(salt, checkin, mark, kept)
 
     def _ended(self, result, write: _Write) -> None:
         """Back on the reactor after a write: report it, and start the next if one waits."""
@@ -502,7 +266,7 @@ class TrustCache:
                 self._failed(result.getErrorMessage())
             again = False
         else:
-            if write.generation is None:
+            if not write.compaction:
                 self._journal_size += result
                 self._journaled = True
                 self._compact = self._journal_size > max(self._snapshot_size, JOURNAL_MIN)
@@ -567,16 +331,3 @@ class TrustCache:
         self._pending = self._dates.callLater(self._retry, self._scheduled_flush)
         self._retry = min(self._retry * 2, RETRY_MAX)
 
-
-def _ascii(key: str) -> str:
-    """A key as this module makes them (hex digests, header names): anything else in
-    the file is corruption, found at load rather than when a variant reads it."""
-    key.encode("ascii")
-    return key
-
-
-def _finite(times: Iterable[float]) -> None:
-    """The mark becomes the clock's floor: a time past what a date can show would make
-    every status page and state log fail, for good (the mark is rewritten)."""
-    if not all(math.isfinite(t) and t <= LATEST_TIME for t in times):
-        raise CorruptCache("a time that is not a finite number before the year 10000")
