@@ -91,9 +91,9 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(m["license_proxy_trust_remaining_seconds", ()], -100)
 
     def test_cache_write_failures_are_counted_and_shown_until_a_write_succeeds(self):
-        path = self.h.cache._path
+        path = self.h.cache.writer.file.path
         self.assertEqual(self.scrape()["license_proxy_cache_persisted", ()], 1)
-        self.h.cache._path = "/nonexistent-dir/cache.json"
+        self.h.cache.writer.file.path = "/nonexistent-dir/cache.json"
         self.relay()
         self.h.clock.advance(2)
         self.h.clock.advance(4)
@@ -106,7 +106,7 @@ class MetricsTests(SynchronousTestCase):
             body,
         )
         self.assertEqual(self.get(b"/v1/ready")[0].code, 200)  # still Connected: in memory
-        self.h.cache._path = path
+        self.h.cache.writer.file.path = path
         self.h.clock.advance(8)
         self.assertEqual(self.scrape()["license_proxy_cache_persisted", ()], 1)
         self.assertIn(b',"cache_persisted":true,"cache_error":null}', self.get(b"/v1/status")[1])

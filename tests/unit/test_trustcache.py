@@ -15,15 +15,9 @@ from twisted.logger import capturedLogs
 from twisted.web.http_headers import Headers
 
 from license_proxy.durable import CHUNK, Disk
+from license_proxy.cachewriter import FLUSH_DELAY, MARK_LAG, RETRY_MAX
 from license_proxy.memorycache import DEFAULT_KEEP_AFTER, STORED_AT_LAG
-from license_proxy.trustcache import (
-    EVICTION_LOG_INTERVAL,
-    FLUSH_DELAY,
-    MARK_LAG,
-    RETRY_MAX,
-    Entry,
-    TrustCache,
-)
+from license_proxy.trustcache import EVICTION_LOG_INTERVAL, Entry, TrustCache
 from tests.support.cachefiles import T0, entry_at, journal_of, two_journaled
 
 ANSWER = Entry(200, ((b"Content-Type", b"application/json"),), b'{"ok":1}', T0)
