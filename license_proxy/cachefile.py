@@ -102,6 +102,11 @@ class CorruptCache(Exception):
     """The cache file exists but cannot be used."""
 
 
+_UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError)
+"""What reading a file that is not one of ours can raise: RecursionError from JSON nested
+deeper than the parser goes (``[`` a hundred thousand times)."""
+
+
 @frozen
 class Contents:
     """What a file holds: the answers, the last successful check-in, the clock's mark."""
@@ -176,7 +181,7 @@ class CacheFile:
             generation = obj.get("generation")
         except CorruptCache:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+        except _UNREADABLE as e:
             raise CorruptCache(f"{type(e).__name__}: {e}") from None
         if generation is not None:
             checkin = self._replay( str(generation), found, seen, checkin)
@@ -223,7 +228,7 @@ class CacheFile:
         try:
             if json.loads(lines[0]) != {"journal": generation}:
                 return checkin
-        except ValueError:
+        except (ValueError, RecursionError):
             return checkin
         # The last piece follows the last newline: empty unless a line was cut short.
         for number, line in enumerate(lines[1:], start=2):
@@ -245,7 +250,7 @@ class CacheFile:
                     _finite(times)
                     seen += times
                     checkin = checkin if last is None else max(checkin or 0, float(last))
-            except (CorruptCache, ValueError, KeyError, TypeError, AttributeError, OverflowError):
+            except (CorruptCache, *_UNREADABLE):
                 if line or number != len(lines):
                     self.log.info(
                         "trust cache journal {path}: line {number} cannot be read (a write"

@@ -81,7 +81,9 @@ def test_an_identical_answer_does_not_dirty_the_file(tmp_path, clock):
      b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1,"clock_high_water":1e15}',
      # A key no cache makes (a variant naming a header that is not ASCII) broke the start.
      b'{"format":1,"salt":"00","last_successful_checkin":1,"entries":{"k;\xc3\xa9;0":'
-     b'{"status":200,"headers":[],"body":"","stored_at":1}}}'],
+     b'{"status":200,"headers":[],"body":"","stored_at":1}}}',
+     # Nested past the parser's recursion limit: a RecursionError stopped every start.
+     b"[" * 100_000, b'{"format":1,"salt":"00","entries":{"k":' + b"[" * 100_000],
 )
 def test_a_corrupt_file_is_moved_aside_and_logged(tmp_path, clock, content):
     path = tmp_path / "cache.json"
@@ -502,6 +504,24 @@ def test_a_line_cut_short_is_ignored_and_the_next_write_starts_afresh(tmp_path, 
     again.flush()  # the first write after a start replaces the snapshot
     assert b'"k3"' in path.read_bytes() and b"hea" not in journal_of(path).read_bytes()
     assert len(TrustCache.load(clock, str(path))) == 3
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_a_journal_nested_past_the_recursion_limit_is_read_up_to_that_line(
+    tmp_path, clock, header
+):
+    path = tmp_path / "cache.json"
+    two_journaled(path, clock)
+    deep = b"[" * 100_000 + b"\n"
+    if header:
+        journal_of(path).write_bytes(deep)
+    else:
+        with open(journal_of(path), "ab") as f:
+            f.write(deep + b'{"store":"k2","status":200,"headers":[],"body":"","stored_at":1}\n')
+    again = TrustCache.load(clock, str(path))
+    assert [again.lookup(k) for k in ("k0", "k1", "k2")] == [
+        entry_at(T0), None if header else entry_at(T0 + 1), None
+    ]
 
 
 def test_a_journal_of_another_generation_is_ignored(tmp_path, clock):
