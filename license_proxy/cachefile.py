@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Iterator, Optional
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
-from .durable import Disk, append, remove_leftovers, write_atomically
+from .durable import Directory, Disk, append, remove_leftovers, replace
 from .memorycache import DEFAULT_MAX_ENTRIES, Entry, Kept, MemoryCache
 
 LATEST_TIME = 253402300799.0
@@ -95,9 +95,6 @@ def _lines(changes: dict[str, Optional[Kept]], times: bytes) -> Iterator[bytes]:
     yield times
 
 
-
-
-
 class CorruptCache(Exception):
     """The cache file exists but cannot be used."""
 
@@ -124,22 +121,43 @@ class CacheFile:
     path: str
     #: The system calls writes are made of (a recording or failing one in tests).
     disk: Disk = field(factory=Disk)
+    #: The state directory, held open from the start (see ``durable.Directory``).
+    _directory: Directory = field(init=False)
+    _name: str = field(init=False)
 
     log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        directory, self._name = os.path.split(os.path.abspath(self.path))
+        self._directory = Directory(directory, self.disk, private=True)
+
+    def _read(self, name: str) -> bytes:
+        """A file beside the snapshot, read without following a link."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        with open(os.open(name, flags, dir_fd=self._directory.fd()), "rb") as f:
+            return f.read()
 
     def load(self, now: Callable[[], float], max_entries: int = DEFAULT_MAX_ENTRIES) -> Contents:
         """
         Read the snapshot and its journal (on this thread: nothing is served yet); the
         answers in a ``MemoryCache`` keeping time by ``now``.  A missing file starts an
         empty cache; an unusable one is logged once, moved aside (so nobody loses it)
-        and replaced.  Temporary files left by a crash inside a write are removed.
+        and replaced.  Temporary files left by a crash inside a write are removed.  The
+        writes go to the directory read here, and no other (``durable.Directory``).
         """
-        path = self.path
-        for name in remove_leftovers(path) + remove_leftovers(path + JOURNAL):
+        try:
+            return self._load(now, max_entries)
+        finally:
+            self._directory.release()  # reopened at the first write: a reader holds nothing
+
+    def _load(self, now: Callable[[], float], max_entries: int) -> Contents:
+        path, directory = self.path, self._directory
+        for name in remove_leftovers(directory, self._name) + remove_leftovers(
+            directory, self._name + JOURNAL
+        ):
             self.log.info("removed {name}, left by a process stopped inside a write", name=name)
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = self._read(self._name)
         except FileNotFoundError:
             return Contents(MemoryCache(now, max_entries=max_entries))
         except OSError as e:
@@ -152,10 +170,11 @@ class CacheFile:
         try:
             return self._parse(raw, now, max_entries)
         except CorruptCache as e:
-            aside = f"{path}.corrupt-{int(now())}"
+            aside = f"{self._name}.corrupt-{int(now())}"
             try:
-                os.replace(path, aside)
-                where = f"moved aside to {aside}"
+                fd = directory.fd()
+                os.replace(self._name, aside, src_dir_fd=fd, dst_dir_fd=fd)
+                where = f"moved aside to {os.path.join(directory.path, aside)}"
             except OSError as move:
                 where = f"could not be moved aside: {move.strerror}"
             self.log.error(
@@ -214,8 +233,7 @@ class CacheFile:
         """
         journal = self.path + JOURNAL
         try:
-            with open(journal, "rb") as f:
-                lines = f.read().split(b"\n")
+            lines = self._read(self._name + JOURNAL).split(b"\n")
         except FileNotFoundError:
             return checkin
         except OSError as e:
@@ -270,7 +288,7 @@ class CacheFile:
             _time(last_checkin),
             _time(mark),
         )
-        return append(self.path + JOURNAL, _lines(changes, times), self.disk)
+        return append(self._directory, self._name + JOURNAL, _lines(changes, times))
 
     def compact(
         self, salt: bytes, last_checkin: Optional[float], mark: float, kept: dict[str, Kept]
@@ -289,9 +307,9 @@ class CacheFile:
             "salt": salt.hex(),
         }
         opening = json.dumps(head, separators=(",", ":"))[:-1].encode("ascii") + b',"entries":{'
-        size = write_atomically(self.path, _snapshot(opening, kept), self.disk)
+        size = replace(self._directory, self._name, _snapshot(opening, kept))
         header = b'{"journal":"%s"}\n' % generation.encode("ascii")
-        write_atomically(self.path + JOURNAL, [header], self.disk)
+        replace(self._directory, self._name + JOURNAL, [header])
         return size, len(header)
 
 

@@ -56,6 +56,10 @@ class TrustCache:
     _run: Run = on_this_thread
     #: The system calls writes are made of (a recording or failing one in tests).
     _disk: Disk = field(factory=Disk)
+    #: The files, their directory held open since they were read (see ``durable.Directory``).
+    _file: CacheFile = field(
+        default=Factory(lambda self: CacheFile(self._path, self._disk), takes_self=True)
+    )
     #: Writes the answers and the times to the files at ``path``.
     writer: CacheWriter = field(init=False)
     _eviction_logged_at: Optional[float] = field(default=None, init=False)
@@ -63,9 +67,8 @@ class TrustCache:
     log = Logger()
 
     def __attrs_post_init__(self) -> None:
-        file = CacheFile(self._path, self._disk)
         self.writer = CacheWriter(
-            self._dates, file, self.memory, lambda: self.last_checkin, self._run
+            self._dates, self._file, self.memory, lambda: self.last_checkin, self._run
         )
 
     @classmethod
@@ -78,7 +81,8 @@ class TrustCache:
     ) -> TrustCache:
         """The cache the files at ``path`` hold (``CacheFile.load``); ``run`` runs the
         writes (see ``_run``)."""
-        found = CacheFile(path).load(dates.seconds, max_entries)
+        file = CacheFile(path)
+        found = file.load(dates.seconds, max_entries)
         return cls(
             dates,
             path,
@@ -86,6 +90,7 @@ class TrustCache:
             last_checkin=found.last_checkin,
             high_water=found.high_water,
             run=run,
+            file=file,
         )
 
     def key(self, method: bytes, target: bytes, credentials: Iterable[tuple[bytes, bytes]]) -> str:

@@ -105,13 +105,13 @@ class FailingDisk(Disk):
         self.error = None
         self.attempts = 0
 
-    def create(self, path):
+    def create(self, dir_fd, name):
         self._attempt()
-        return super().create(path)
+        return super().create(dir_fd, name)
 
-    def open_append(self, path):
+    def open_append(self, dir_fd, name):
         self._attempt()
-        return super().open_append(path)
+        return super().open_append(dir_fd, name)
 
     def _attempt(self):
         self.attempts += 1
@@ -198,6 +198,58 @@ def test_a_write_failing_at_stop_says_what_is_lost_and_leaves_no_timer(tmp_path,
     disk.error = None
     cache.close()  # a stop that can write says nothing
     assert TrustCache.load(clock, str(path)).lookup("k") == ANSWER
+
+
+def test_a_directory_renamed_away_and_replaced_is_not_written_to_and_says_so(tmp_path, clock):
+    """Someone who can write the directory above (an emptyDir with fsGroup) swaps the cache's
+    for their own while the proxy runs, with a journal anyone can read and links named as
+    the temporary files: nothing reaches theirs, nor what the links name (issue 20, item 2)."""
+    state = tmp_path / "private"
+    state.mkdir(mode=0o700)
+    cache = TrustCache.load(clock, str(state / "cache.json"))
+    cache.store("k0", ANSWER)
+    cache.flush()
+    state.rename(tmp_path / "renamed-away")
+    state.mkdir()
+    state.chmod(0o777)
+    theirs = state / "cache.json.journal"
+    theirs.write_bytes(b"")
+    theirs.chmod(0o666)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious")
+    for name in ("cache.json", "cache.json.journal"):
+        (state / f"{name}.tmp-{os.getpid()}").symlink_to(outside)
+    with capturedLogs() as events:
+        cache.store("k1", entry_at(T0 + 1))
+        cache.flush()  # an append to the journal
+        assert not cache.persisted
+        assert "is no longer the directory opened at start" in cache.write_error
+        cache.close()  # a new snapshot
+    assert (theirs.read_bytes(), outside.read_bytes()) == (b"", b"precious")
+    assert [m for m in messages(events) if "not written at stop" in m]
+
+
+@pytest.mark.parametrize("kind", ["journal", "temporary"])
+def test_a_link_in_place_of_a_file_is_not_written_through(tmp_path, clock, kind):
+    name = "cache.json.journal" if kind == "journal" else f"cache.json.tmp-{os.getpid()}"
+    path = tmp_path / "cache.json"
+    cache = TrustCache(clock, str(path))
+    cache.store("k", ANSWER)
+    cache.flush()  # a snapshot, then its journal
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "file").write_bytes(b"precious")
+    (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / name).symlink_to(outside / "file")
+    cache.record_checkin(T0 + 1)
+    with capturedLogs():
+        # An append opens the journal; a stop's snapshot creates the temporary file.
+        cache.flush() if kind == "journal" else cache.close()
+    assert not cache.persisted
+    assert (outside / "file").read_bytes() == b"precious"
+    cache.flush()  # the next write replaces the link, not what it names
+    assert cache.persisted and not (tmp_path / name).is_symlink()
+    assert TrustCache.load(clock, str(path)).last_checkin == T0 + 1
 
 
 def test_a_missing_state_directory_is_a_write_failure_too(tmp_path, clock):
@@ -593,16 +645,21 @@ class RecordingDisk(Disk):
         self.writes = 0
         self.fail_write = fail_write
 
-    def create(self, path):
-        fd = super().create(path)
+    def open_dir(self, path):
+        fd = super().open_dir(path)
         self.names[fd] = os.path.basename(path)
-        self.calls.append(("create", self.names[fd]))
         return fd
 
-    def open_append(self, path):
-        fd = super().open_append(path)
-        self.names[fd] = os.path.basename(path)
-        self.calls.append(("open_append", self.names[fd]))
+    def create(self, dir_fd, name):
+        fd = super().create(dir_fd, name)
+        self.names[fd] = name
+        self.calls.append(("create", name))
+        return fd
+
+    def open_append(self, dir_fd, name):
+        fd = super().open_append(dir_fd, name)
+        self.names[fd] = name
+        self.calls.append(("open_append", name))
         return fd
 
     def write(self, fd, data):
@@ -621,17 +678,17 @@ class RecordingDisk(Disk):
         self.calls.append(("close", self.names.pop(fd)))
         super().close(fd)
 
-    def rename(self, source, target):
-        self.calls.append(("rename", os.path.basename(source), os.path.basename(target)))
-        super().rename(source, target)
+    def rename(self, dir_fd, source, target):
+        self.calls.append(("rename", source, target))
+        super().rename(dir_fd, source, target)
 
-    def fsync_dir(self, directory):
-        self.calls.append(("fsync_dir", os.path.basename(directory)))
-        super().fsync_dir(directory)
+    def fsync_dir(self, dir_fd):
+        self.calls.append(("fsync_dir", self.names[dir_fd]))
+        super().fsync_dir(dir_fd)
 
-    def unlink(self, path):
-        self.calls.append(("unlink", os.path.basename(path)))
-        super().unlink(path)
+    def unlink(self, dir_fd, name):
+        self.calls.append(("unlink", name))
+        super().unlink(dir_fd, name)
 
 
 def test_a_snapshot_is_written_and_fsynced_under_another_name_renamed_then_its_directory_fsynced(
