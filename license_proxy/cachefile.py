@@ -121,7 +121,7 @@ class CacheFile:
     path: str
     #: The system calls writes are made of (a recording or failing one in tests).
     disk: Disk = field(factory=Disk)
-    #: The state directory, held open from the start (see ``durable.Directory``).
+    #: The state directory: the one read at load, held open from the first write.
     _directory: Directory = field(init=False)
     _name: str = field(init=False)
 
