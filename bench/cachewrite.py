@@ -29,6 +29,7 @@ from twisted.internet.defer import fail, succeed  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
 from bench.harness import ANSWER  # noqa: E402
+from license_proxy.memorycache import MemoryCache  # noqa: E402
 from license_proxy.trustcache import Disk, Entry, TrustCache  # noqa: E402
 
 HEADERS = ((b"Content-Type", b"application/json"), (b"Server", b"nginx/1.22.1"))
@@ -77,8 +78,8 @@ def measure(directory: str, entries: int, checkins: int) -> dict:
     clock.advance(1_800_000_000)
     timed, disk = Timed(), Counted()
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        cache = TrustCache(clock, f"{tmp}/trust-cache.json", max_entries=entries, run=timed,
-                           disk=disk)
+        memory = MemoryCache(clock.seconds, max_entries=entries)
+        cache = TrustCache(clock, f"{tmp}/trust-cache.json", memory, run=timed, disk=disk)
         for n in range(entries):
             key = cache.key(b"GET", b"v1/license?instance=%d" % n, [])
             cache.store(key, Entry(200, HEADERS, ANSWER.encode(), clock.seconds()))

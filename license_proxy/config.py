@@ -26,7 +26,7 @@ from hyperlink import DecodedURL, URLParseError
 from .proxyurl import Proxy
 from .health import ANSWER_WITHIN, RETRY_INTERVAL
 from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN
-from .trustcache import CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES
+from .memorycache import CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES
 
 
 class ConfigError(Exception):

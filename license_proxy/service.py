@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import time
-from functools import partial
 from typing import Callable
 
 from twisted.application import strports
@@ -19,13 +18,12 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succe
 from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.threadpool import ThreadPool
 
-from . import runtime, statedir
+from . import statedir
+from .cachewriter import writer_thread
 from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
 from .config import Config
@@ -221,10 +219,10 @@ def make_service(
     # restart; timers (the reactor's, monotonic) measure elapsed time and run the delayed calls.
     dates = HighWaterClock(reactor, time.time)
     cache = TrustCache.load(
-        dates, config.cache_path, config.cache_max_entries, run=_writer_thread(reactor)
+        dates, config.cache_path, config.cache_max_entries, run=writer_thread(reactor)
     )
     # An answer counts as one the fleet keeps asking for once asked for a check-in later.
-    cache.keep_after = config.checkin_interval
+    cache.memory.keep_after = config.checkin_interval
     dates.not_before(cache.high_water)
     health = Health.of(
         dates, config.server_urls, config.answer_within, config.retry_interval, timers=reactor
@@ -299,26 +297,6 @@ def make_service(
     sampling.clock = reactor
     sampling.setServiceParent(top)
     return top
-
-
-def _writer_thread(reactor) -> Callable[[Callable[[], object]], Deferred]:
-    """
-    Runs the trust cache's writes on a thread of their own: a disk that takes a second
-    to fsync must not hold the reactor, nor take a thread of the reactor's pool (which
-    resolves names).  Started with the reactor, stopped after the services (the last write).
-    After each write, the heap's free memory goes back to the system.
-    """
-    pool = ThreadPool(minthreads=0, maxthreads=1, name="trust-cache-writer")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-
-    def then_release(work: Callable[[], object]) -> object:
-        try:
-            return work()
-        finally:
-            runtime.release_free_memory()  # here: off the reactor, every few seconds
-
-    return partial(deferToThreadPool, reactor, pool, then_release)
 
 
 def _tcp(host: str, port: int, backlog: int) -> str:

@@ -9,6 +9,11 @@ emptyDir is 0777; ``fsGroup`` makes a volume group-writable) is not refused, sin
 those deployments are common and work: the files go to a subdirectory ``private``
 that only this user can enter, checked to be this user's own at every start, and
 files a former version kept at the top are moved into it, so nothing is lost.
+
+That is checked at the start; while the proxy runs, the cache's directory is held
+open and its files are created, renamed and appended to relative to it, never
+through a link (``durable.Directory``): ``private`` renamed away and replaced by
+someone else's fails the writes (said in the status), rather than writing to theirs.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from twisted.logger import Logger
 
 from .config import Config, ConfigError
 from .tls.contexts import GENERATED_CERT, GENERATED_KEY
-from .trustcache import JOURNAL
+from .cachefile import JOURNAL
 
 PRIVATE = "private"
 """The subdirectory used when the state directory is writable by others."""
@@ -53,14 +58,7 @@ def prepare(config: Config) -> Config:
         pass
     except OSError as e:
         raise _unusable(private, e.strerror) from None
-    own = os.lstat(private)
-    if not stat.S_ISDIR(own.st_mode) or own.st_uid != os.geteuid():
-        raise _unusable(
-            private,
-            f"not a directory of this user (uid {os.geteuid()}): another user made it, and"
-            " could have put a trust cache of their own in it; remove it",
-        )
-    os.chmod(private, 0o700)  # fsGroup's kubelet adds g+rwx at every mount
+    _make_private(private)
     cache = os.path.basename(config.cache_path)
     for name in (cache, cache + JOURNAL, GENERATED_CERT, GENERATED_KEY):
         _move_in(os.path.join(directory, name), os.path.join(private, name))
@@ -73,6 +71,27 @@ def prepare(config: Config) -> Config:
         private=private,
     )
     return attrs.evolve(config, cache_path=os.path.join(private, os.path.basename(config.cache_path)))
+
+
+def _make_private(private: str) -> None:
+    """``private`` checked to be this user's own directory, and made 0700 (fsGroup's kubelet
+    adds g+rwx at every mount) on what was checked: opened without following a link."""
+    try:
+        fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # a link (ELOOP, ENOTDIR) or a file: not a directory of this user
+        fd = None
+    try:
+        own = None if fd is None else os.fstat(fd)
+        if own is None or own.st_uid != os.geteuid():
+            raise _unusable(
+                private,
+                f"not a directory of this user (uid {os.geteuid()}): another user made it, and"
+                " could have put a trust cache of their own in it; remove it",
+            )
+        os.fchmod(fd, 0o700)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _create(directory: str) -> None:
@@ -106,7 +125,25 @@ def _move_in(old: str, new: str) -> None:
         )
         return
     os.replace(old, new)
-    os.chmod(new, 0o600)
+    # Checked again where only this user can write: the name may have been swapped since.
+    try:
+        fd = os.open(new, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # a link swapped in
+        fd = None
+    try:
+        moved = None if fd is None else os.fstat(fd)
+        if moved is None or not stat.S_ISREG(moved.st_mode) or moved.st_uid != os.geteuid():
+            os.unlink(new)
+            log.warn(
+                "{path} was replaced while it was moved: not used (another user may have put"
+                " it there)",
+                path=old,
+            )
+            return
+        os.fchmod(fd, 0o600)
+    finally:
+        if fd is not None:
+            os.close(fd)
     log.info("moved {old} to {new}", old=old, new=new)
 
 

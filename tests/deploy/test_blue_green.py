@@ -351,3 +351,109 @@ def test_copy_state_from_a_directory_without_a_trust_cache_is_refused_in_one_lin
         f" (nor in {tmp_path}/old/private) to copy\n"
     )
     assert sorted(os.listdir(tmp_path)) == ["old"]  # nothing started, nothing created
+
+
+NOBODY = 65534
+"""Another user: the tests run as root, and chown files to it to play the one who planted them."""
+
+
+def planted(tmp_path) -> Path:
+    """An old state directory as an emptyDir (0777) in which another user replaced ``private/``
+    with their own, holding a forged snapshot (issue 20, item 1)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    old.chmod(0o777)
+    private = old / "private"
+    private.mkdir()
+    two_journaled(private / "trust-cache.json", Clock())
+    for path in (private, *private.iterdir()):
+        os.chown(path, NOBODY, NOBODY)
+    return old
+
+
+def test_copy_state_refuses_a_private_directory_another_user_planted_and_copies_nothing(tmp_path):
+    old = planted(tmp_path)
+    result = subprocess.run(
+        command(tmp_path / "haproxy.sock", free_port(),
+                "--copy-state", old, tmp_path / "new", "--start", "touch started"),
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"blue-green: --copy-state: {old}/private belongs to uid {NOBODY}, not to the instances'"
+        " user (uid 0): another user may have put it there\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["old"]  # nothing started, nothing created
+
+
+def _private_a_link(old: Path) -> None:
+    mine = old.parent / "elsewhere"
+    (old / "private").rename(mine)
+    os.chown(mine, 0, 0)
+    for path in mine.iterdir():
+        os.chown(path, 0, 0)
+    (old / "private").symlink_to(mine)
+
+
+def _cache_a_link(old: Path) -> None:
+    private = old / "private"
+    os.chown(private, 0, 0)
+    (private / "trust-cache.json").rename(old.parent / "forged.json")
+    os.chown(old.parent / "forged.json", 0, 0)
+    (private / "trust-cache.json").symlink_to(old.parent / "forged.json")
+    os.chown(private / "trust-cache.json.journal", 0, 0)
+
+
+def _journal_group_writable(old: Path) -> None:
+    private = old / "private"
+    for path in (private, *private.iterdir()):
+        os.chown(path, 0, 0)
+    (private / "trust-cache.json.journal").chmod(0o660)
+
+
+def _top_level_someone_elses(old: Path) -> None:
+    """No cache in private/: the file at the top, left there by whoever could write it."""
+    private = old / "private"
+    for name in ("trust-cache.json", "trust-cache.json.journal"):
+        (private / name).rename(old / name)
+    os.chown(private, 0, 0)
+
+
+def _snapshot_a_fifo(old: Path) -> None:
+    private = old / "private"
+    for path in (private, *private.iterdir()):
+        os.chown(path, 0, 0)
+    (private / "trust-cache.json").unlink()
+    os.mkfifo(private / "trust-cache.json", 0o600)
+
+
+@pytest.mark.parametrize(
+    "plant, reason",
+    [
+        (_private_a_link, "private is a symbolic link"),
+        (_cache_a_link, "trust-cache.json is a symbolic link"),
+        (_journal_group_writable, "trust-cache.json.journal is writable by other users"),
+        (_top_level_someone_elses, f"old/trust-cache.json.journal belongs to uid {NOBODY}"),
+        (_snapshot_a_fifo, "trust-cache.json is not a regular file"),
+    ],
+)
+def test_copy_state_refuses_links_files_of_others_and_files_others_can_write(tmp_path, plant, reason):
+    old = planted(tmp_path)
+    plant(old)
+    script = load_script()
+    with pytest.raises(script.Refused, match=reason):
+        script.copy_state(str(old), str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_as_root_the_files_of_the_user_an_unshared_state_directory_belongs_to_are_copied(tmp_path):
+    """systemd hands a StateDirectory= to the unit's user: root copies that user's cache."""
+    old = tmp_path / "old"
+    old.mkdir()
+    two_journaled(old / "trust-cache.json", Clock())
+    for path in (old, *old.iterdir()):
+        os.chown(path, NOBODY, NOBODY)
+    assert load_script().copy_state(str(old), str(tmp_path / "new")) == str(tmp_path / "new")
+    assert (tmp_path / "new" / "trust-cache.json").read_bytes() == (
+        old / "trust-cache.json"
+    ).read_bytes()

@@ -269,3 +269,44 @@ def test_a_private_directory_another_user_made_stops_the_start(tmp_path, pki, up
         f" user (uid {os.geteuid()}): another user made it, and could have put a trust cache of"
         " their own in it; remove it\n"
     ) in proxy.log_text()
+
+
+# Issue 20, item 2 (storage): the state directory swapped while the proxy runs
+
+
+def test_a_private_directory_swapped_while_running_is_not_written_to_nor_through(
+    tmp_path, pki, upstream
+):
+    """Another user who can write the state directory (fsGroup's 2775) renames ``private``
+    away while the proxy runs and puts their own in its place, with a journal anyone can
+    read and a link named as the snapshot's temporary file, to a 0600 file elsewhere: no
+    answer reaches their journal, the status says the cache is not persisted, and the stop's
+    snapshot does not overwrite what the link names."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o2775)
+    with start(tmp_path, pki, upstream) as proxy:
+        proxy.wait_state("Connected")
+        upstream.respond(body=b'{"license":"first"}')
+        assert proxy.request("GET", "/v1/lic")[0] == 200
+        snapshot = state / "private" / "trust-cache.json"
+        proxy.wait_status(lambda s: snapshot.exists(), "the first write")  # held open since the start
+        (state / "private").rename(state / "moved")
+        (state / "private").mkdir()
+        (state / "private").chmod(0o777)
+        theirs = state / "private" / "trust-cache.json.journal"
+        theirs.write_bytes(b"")
+        theirs.chmod(0o666)
+        outside = tmp_path / "outside"
+        outside.write_bytes(b"precious")
+        outside.chmod(0o600)
+        (state / "private" / f"trust-cache.json.tmp-{proxy.pid}").symlink_to(outside)
+        for path in (state / "private", theirs):
+            os.chown(path, 65534, 65534, follow_symlinks=False)
+        upstream.respond(body=b'{"license":"second"}')
+        assert proxy.request("GET", "/v1/lic?again")[0] == 200
+        status = proxy.wait_status(lambda s: not s["cache_persisted"], "the write refused")
+        assert "is no longer the directory opened at start" in status["cache_error"]
+    assert (theirs.read_bytes(), outside.read_bytes()) == (b"", b"precious")
+    assert "not written at stop" in proxy.log_text()
+    assert b"second" not in b"".join(p.read_bytes() for p in state.rglob("*") if p.is_file())

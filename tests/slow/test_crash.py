@@ -28,7 +28,8 @@ import attrs
 import pytest
 from twisted.internet.task import Clock
 
-from license_proxy.trustcache import FLUSH_DELAY, TrustCache
+from license_proxy.cachewriter import FLUSH_DELAY
+from license_proxy.trustcache import TrustCache
 from tests.support.configs import config
 from tests.support.proxy import ProxyProcess
 

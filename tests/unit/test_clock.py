@@ -16,7 +16,8 @@ from twisted.logger import capturedLogs, formatEvent
 from license_proxy import runtime
 from license_proxy.clock import HighWaterClock
 from license_proxy.status import Status
-from license_proxy.trustcache import FLUSH_DELAY, TrustCache
+from license_proxy.cachewriter import FLUSH_DELAY
+from license_proxy.trustcache import TrustCache
 
 T0 = 1_800_000_000.0
 TRUST = 3600.0

@@ -10,6 +10,7 @@ from treq.testing import RequestTraversalAgent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import readBody
 
+from license_proxy.cachefile import CacheFile
 from license_proxy.metrics import MetricsPage, UpstreamCollector
 from license_proxy.statuspages import status_resource
 from tests.support.relayharness import TRUST, RelayHarness
@@ -91,9 +92,9 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(m["license_proxy_trust_remaining_seconds", ()], -100)
 
     def test_cache_write_failures_are_counted_and_shown_until_a_write_succeeds(self):
-        path = self.h.cache._path
+        file = self.h.cache.writer.file
         self.assertEqual(self.scrape()["license_proxy_cache_persisted", ()], 1)
-        self.h.cache._path = "/nonexistent-dir/cache.json"
+        self.h.cache.writer.file = CacheFile("/nonexistent-dir/cache.json")
         self.relay()
         self.h.clock.advance(2)
         self.h.clock.advance(4)
@@ -106,13 +107,13 @@ class MetricsTests(SynchronousTestCase):
             body,
         )
         self.assertEqual(self.get(b"/v1/ready")[0].code, 200)  # still Connected: in memory
-        self.h.cache._path = path
+        self.h.cache.writer.file = file
         self.h.clock.advance(8)
         self.assertEqual(self.scrape()["license_proxy_cache_persisted", ()], 1)
         self.assertIn(b',"cache_persisted":true,"cache_error":null}', self.get(b"/v1/status")[1])
 
     def test_evictions_are_counted_and_entries_stay_bounded(self):
-        self.h.cache.max_entries = 2
+        self.h.cache.memory.max_entries = 2
         for n in range(5):
             self.relay(f"/v1/check?n={n}")
         m = self.scrape()

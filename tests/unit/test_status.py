@@ -10,7 +10,8 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from license_proxy.status import Status
-from license_proxy.trustcache import FLUSH_DELAY, TrustCache
+from license_proxy.cachewriter import FLUSH_DELAY
+from license_proxy.trustcache import TrustCache
 from tests.support.relayharness import T0, TRUST
 
 

@@ -15,16 +15,9 @@ from twisted.logger import capturedLogs
 from twisted.web.http_headers import Headers
 
 from license_proxy.durable import CHUNK, Disk
-from license_proxy.trustcache import (
-    DEFAULT_KEEP_AFTER,
-    EVICTION_LOG_INTERVAL,
-    FLUSH_DELAY,
-    MARK_LAG,
-    RETRY_MAX,
-    STORED_AT_LAG,
-    Entry,
-    TrustCache,
-)
+from license_proxy.cachewriter import FLUSH_DELAY, MARK_LAG, RETRY_MAX
+from license_proxy.memorycache import DEFAULT_KEEP_AFTER, STORED_AT_LAG
+from license_proxy.trustcache import EVICTION_LOG_INTERVAL, Entry, TrustCache
 from tests.support.cachefiles import T0, entry_at, journal_of, two_journaled
 
 ANSWER = Entry(200, ((b"Content-Type", b"application/json"),), b'{"ok":1}', T0)
@@ -88,7 +81,9 @@ def test_an_identical_answer_does_not_dirty_the_file(tmp_path, clock):
      b'{"format":1,"salt":"00","entries":{},"last_successful_checkin":1,"clock_high_water":1e15}',
      # A key no cache makes (a variant naming a header that is not ASCII) broke the start.
      b'{"format":1,"salt":"00","last_successful_checkin":1,"entries":{"k;\xc3\xa9;0":'
-     b'{"status":200,"headers":[],"body":"","stored_at":1}}}'],
+     b'{"status":200,"headers":[],"body":"","stored_at":1}}}',
+     # Nested past the parser's recursion limit: a RecursionError stopped every start.
+     b"[" * 100_000, b'{"format":1,"salt":"00","entries":{"k":' + b"[" * 100_000],
 )
 def test_a_corrupt_file_is_moved_aside_and_logged(tmp_path, clock, content):
     path = tmp_path / "cache.json"
@@ -110,13 +105,13 @@ class FailingDisk(Disk):
         self.error = None
         self.attempts = 0
 
-    def create(self, path):
+    def create(self, dir_fd, name):
         self._attempt()
-        return super().create(path)
+        return super().create(dir_fd, name)
 
-    def open_append(self, path):
+    def open_append(self, dir_fd, name):
         self._attempt()
-        return super().open_append(path)
+        return super().open_append(dir_fd, name)
 
     def _attempt(self):
         self.attempts += 1
@@ -205,6 +200,58 @@ def test_a_write_failing_at_stop_says_what_is_lost_and_leaves_no_timer(tmp_path,
     assert TrustCache.load(clock, str(path)).lookup("k") == ANSWER
 
 
+def test_a_directory_renamed_away_and_replaced_is_not_written_to_and_says_so(tmp_path, clock):
+    """Someone who can write the directory above (an emptyDir with fsGroup) swaps the cache's
+    for their own while the proxy runs, with a journal anyone can read and links named as
+    the temporary files: nothing reaches theirs, nor what the links name (issue 20, item 2)."""
+    state = tmp_path / "private"
+    state.mkdir(mode=0o700)
+    cache = TrustCache.load(clock, str(state / "cache.json"))
+    cache.store("k0", ANSWER)
+    cache.flush()
+    state.rename(tmp_path / "renamed-away")
+    state.mkdir()
+    state.chmod(0o777)
+    theirs = state / "cache.json.journal"
+    theirs.write_bytes(b"")
+    theirs.chmod(0o666)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious")
+    for name in ("cache.json", "cache.json.journal"):
+        (state / f"{name}.tmp-{os.getpid()}").symlink_to(outside)
+    with capturedLogs() as events:
+        cache.store("k1", entry_at(T0 + 1))
+        cache.flush()  # an append to the journal
+        assert not cache.persisted
+        assert "is no longer the directory opened at start" in cache.write_error
+        cache.close()  # a new snapshot
+    assert (theirs.read_bytes(), outside.read_bytes()) == (b"", b"precious")
+    assert [m for m in messages(events) if "not written at stop" in m]
+
+
+@pytest.mark.parametrize("kind", ["journal", "temporary"])
+def test_a_link_in_place_of_a_file_is_not_written_through(tmp_path, clock, kind):
+    name = "cache.json.journal" if kind == "journal" else f"cache.json.tmp-{os.getpid()}"
+    path = tmp_path / "cache.json"
+    cache = TrustCache(clock, str(path))
+    cache.store("k", ANSWER)
+    cache.flush()  # a snapshot, then its journal
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "file").write_bytes(b"precious")
+    (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / name).symlink_to(outside / "file")
+    cache.record_checkin(T0 + 1)
+    with capturedLogs():
+        # An append opens the journal; a stop's snapshot creates the temporary file.
+        cache.flush() if kind == "journal" else cache.close()
+    assert not cache.persisted
+    assert (outside / "file").read_bytes() == b"precious"
+    cache.flush()  # the next write replaces the link, not what it names
+    assert cache.persisted and not (tmp_path / name).is_symlink()
+    assert TrustCache.load(clock, str(path)).last_checkin == T0 + 1
+
+
 def test_a_missing_state_directory_is_a_write_failure_too(tmp_path, clock):
     cache = TrustCache.load(clock, str(tmp_path / "gone" / "cache.json"))
     cache.store("k", ANSWER)
@@ -276,7 +323,7 @@ def test_a_flood_of_one_off_requests_does_not_evict_the_answers_a_fleet_refreshe
 def test_an_answer_stored_twice_within_a_check_in_interval_is_not_kept(tmp_path, clock):
     """The attack of issue 14: each of many distinct requests sent twice in a row."""
     cache = TrustCache.load(clock, str(tmp_path / "cache.json"), max_entries=50)
-    cache.keep_after = 10.0
+    cache.memory.keep_after = 10.0
     fleet = [f"container-{n}" for n in range(10)]
     for key in fleet:
         cache.store(key, entry_at(T0))
@@ -313,7 +360,7 @@ def test_variants_are_found_after_a_restart_and_forgotten_with_their_last_answer
     for n in range(3):
         cache.store(f"flood-{n}", entry_at(T0))
     assert cache.evictions == 2
-    assert (cache._varies, cache._variants) == ({}, {})
+    assert (cache.memory._varies, cache.memory._variants) == ({}, {})
     assert cache.variant(key, tenant[b"a"]) == key
 
 
@@ -511,6 +558,24 @@ def test_a_line_cut_short_is_ignored_and_the_next_write_starts_afresh(tmp_path, 
     assert len(TrustCache.load(clock, str(path))) == 3
 
 
+@pytest.mark.parametrize("header", [False, True])
+def test_a_journal_nested_past_the_recursion_limit_is_read_up_to_that_line(
+    tmp_path, clock, header
+):
+    path = tmp_path / "cache.json"
+    two_journaled(path, clock)
+    deep = b"[" * 100_000 + b"\n"
+    if header:
+        journal_of(path).write_bytes(deep)
+    else:
+        with open(journal_of(path), "ab") as f:
+            f.write(deep + b'{"store":"k2","status":200,"headers":[],"body":"","stored_at":1}\n')
+    again = TrustCache.load(clock, str(path))
+    assert [again.lookup(k) for k in ("k0", "k1", "k2")] == [
+        entry_at(T0), None if header else entry_at(T0 + 1), None
+    ]
+
+
 def test_a_journal_of_another_generation_is_ignored(tmp_path, clock):
     """Left by a crash between the snapshot's rename and the new journal's: the snapshot
     already holds all of it, and replaying it could bring back what was changed since."""
@@ -580,16 +645,21 @@ class RecordingDisk(Disk):
         self.writes = 0
         self.fail_write = fail_write
 
-    def create(self, path):
-        fd = super().create(path)
+    def open_dir(self, path):
+        fd = super().open_dir(path)
         self.names[fd] = os.path.basename(path)
-        self.calls.append(("create", self.names[fd]))
         return fd
 
-    def open_append(self, path):
-        fd = super().open_append(path)
-        self.names[fd] = os.path.basename(path)
-        self.calls.append(("open_append", self.names[fd]))
+    def create(self, dir_fd, name):
+        fd = super().create(dir_fd, name)
+        self.names[fd] = name
+        self.calls.append(("create", name))
+        return fd
+
+    def open_append(self, dir_fd, name):
+        fd = super().open_append(dir_fd, name)
+        self.names[fd] = name
+        self.calls.append(("open_append", name))
         return fd
 
     def write(self, fd, data):
@@ -608,17 +678,17 @@ class RecordingDisk(Disk):
         self.calls.append(("close", self.names.pop(fd)))
         super().close(fd)
 
-    def rename(self, source, target):
-        self.calls.append(("rename", os.path.basename(source), os.path.basename(target)))
-        super().rename(source, target)
+    def rename(self, dir_fd, source, target):
+        self.calls.append(("rename", source, target))
+        super().rename(dir_fd, source, target)
 
-    def fsync_dir(self, directory):
-        self.calls.append(("fsync_dir", os.path.basename(directory)))
-        super().fsync_dir(directory)
+    def fsync_dir(self, dir_fd):
+        self.calls.append(("fsync_dir", self.names[dir_fd]))
+        super().fsync_dir(dir_fd)
 
-    def unlink(self, path):
-        self.calls.append(("unlink", os.path.basename(path)))
-        super().unlink(path)
+    def unlink(self, dir_fd, name):
+        self.calls.append(("unlink", name))
+        super().unlink(dir_fd, name)
 
 
 def test_a_snapshot_is_written_and_fsynced_under_another_name_renamed_then_its_directory_fsynced(
