@@ -117,6 +117,11 @@ class CacheWriter:
 
     log = Logger()
 
+    @property
+    def last_written(self) -> Optional[float]:
+        """The date the file last took a write; None before the first since the start."""
+        return self._mark_written
+
     def changed(self) -> None:
         """Something to write: at most ``FLUSH_DELAY`` from now."""
         self._dirty = True

@@ -173,7 +173,7 @@ class TrustCache:
     @property
     def last_written(self) -> Optional[float]:
         """When the file last took a write (a date); None before the first since the start."""
-        return self._mark_written
+        return self.writer.last_written
 
     def flush(self) -> Deferred:
         """Write now if anything changed (``CacheWriter.flush``)."""

@@ -24,7 +24,8 @@ from license_proxy.health import Health
 from license_proxy.metrics import MetricsPage, UpstreamCollector
 from license_proxy.relay import Relay
 from license_proxy.status import Status
-from license_proxy.trustcache import FLUSH_DELAY, MARK_LAG, TrustCache
+from license_proxy.cachewriter import FLUSH_DELAY, MARK_LAG
+from license_proxy.trustcache import TrustCache
 from license_proxy.upstream import Upstream
 from tests.support.relayharness import TRUST, FakeLicenseServer, RelayHarness
 
