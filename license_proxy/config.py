@@ -25,7 +25,7 @@ from hyperlink import DecodedURL, URLParseError
 
 from .proxyurl import Proxy
 from .health import ANSWER_WITHIN, RETRY_INTERVAL
-from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN
+from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN, UNDERSCORE
 from .trustcache import CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES
 
 
@@ -405,6 +405,8 @@ def _key_headers(value: object) -> tuple[bytes, ...]:
         if not (isinstance(name, str) and name.isascii() and TOKEN.fullmatch(name.encode())):
             raise ValueError(f"expected header names, got {_show(name)}")
         lower = name.lower().encode("ascii")
+        if UNDERSCORE in lower:
+            raise ValueError(f"{name}: a header name with _ is refused in requests (use -)")
         if lower in HOP_BY_HOP | REQUEST_OWN:
             raise ValueError(f"{name} is never relayed as the client sent it, so can't identify one")
         names.add(lower)

@@ -58,7 +58,7 @@ def test_the_attack_script_finds_every_attack_refused_or_safe(tmp_path, pki, ups
                 script.kill()
     lines = out.splitlines()
     assert script.returncode == 0, out + err
-    assert len(lines) == 24, out
+    assert len(lines) == 33, out
     for line in lines:
         assert ": refused (" in line or ": safe (" in line, line
     assert "flood of 100 requests each sent twice: safe (10 of the fleet's 10 answers" in out

@@ -625,6 +625,7 @@ def test_key_headers_are_case_insensitive_and_sorted(tmp_path):
         ('["Proxy-Authorization"]', "Proxy-Authorization is never relayed as the client sent"
          " it, so can't identify one"),
         ('["Host"]', "Host is never relayed as the client sent it, so can't identify one"),
+        ('["X_Auth_Token"]', "X_Auth_Token: a header name with _ is refused in requests (use -)"),
     ],
 )
 def test_bad_key_headers(tmp_path, value, reason):
