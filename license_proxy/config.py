@@ -23,10 +23,9 @@ from collections.abc import Callable, Mapping
 import attrs
 from hyperlink import DecodedURL, URLParseError
 
-from .proxyurl import Proxy
-from .health import ANSWER_WITHIN, RETRY_INTERVAL
+from .defaults import ANSWER_WITHIN, CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES, RETRY_INTERVAL
 from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN, UNDERSCORE
-from .trustcache import CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES
+from .proxyurl import Proxy
 
 
 class ConfigError(Exception):

@@ -35,6 +35,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from . import pathrule
+from .defaults import CREDENTIAL_HEADERS
 from .headernames import HOP_BY_HOP, PEER, REQUEST_OWN, TOKEN, UNDERSCORE
 from .metrics import (
     REJECTED,
@@ -47,7 +48,7 @@ from .metrics import (
 )
 from .peers import PROBE, Peers
 from .status import Status
-from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
+from .trustcache import Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
 
 #: Set again by the relay or its client for each message.

@@ -82,6 +82,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from .defaults import DEFAULT_MAX_ENTRIES
 from .durable import Disk, append, remove_leftovers, write_atomically
 
 FLUSH_DELAY = 2.0
@@ -90,11 +91,6 @@ file lags behind memory (plus the write in flight, on a slow disk)."""
 
 RETRY_MAX = 30.0
 """Longest pause, in seconds, between attempts to write while writes fail."""
-
-DEFAULT_MAX_ENTRIES = 10_000
-"""Answers kept at most: about 0.75 kB of memory each for a 300-byte answer, 3 kB for a
-2 kB one, 0.25 kB for one equal to an answer stored lately (``bin/measure-cache-entry``),
-so ~29 MiB at most for 2 kB answers."""
 
 
 MARK_LAG = 60.0
@@ -127,9 +123,6 @@ and a reader that knows nothing of them still reads the snapshot."""
 
 JOURNAL = ".journal"
 """The journal is ``path + JOURNAL``."""
-
-#: Request headers that identify a licensee; part of the cache key ([cache] key_headers).
-CREDENTIAL_HEADERS = (b"authorization", b"cookie", b"x-api-key")
 
 DEFAULT_KEEP_AFTER = 60.0
 """Seconds between two stores of an answer for it to count as kept (the check-in interval)."""
