@@ -279,6 +279,50 @@ def _positive_integer(value: object) -> int:
     return value
 
 
+@attrs.frozen
+class Bounded:
+    """
+    A duration or count within bounds an operator could mean: ``[trust] duration =
+    "3000000d"`` once made every status answer a 500 (a year past 9999), ``checkin_interval
+    = 1e-9`` thousands of check-ins a second.  ``parse`` refuses what is no number at all.
+    """
+
+    kind: str  # "a duration"
+    parse: Callable[[object], float]
+    low: float
+    high: float
+    #: Shows a bound as the key is written: "1s", "3650d", "1048576".
+    spell: Callable[[float], str] = str
+
+    def __call__(self, value: object) -> float:
+        number = self.parse(value)
+        if not self.low <= number <= self.high:
+            raise ValueError(f"expected {self.kind} {self.range}, got {_show(value)}")
+        return number
+
+    @property
+    def range(self) -> str:
+        return f"from {self.spell(self.low)} to {self.spell(self.high)}"
+
+
+def _spell_duration(seconds: float) -> str:
+    for unit in "dhm":
+        if seconds >= _UNIT_SECONDS[unit] and seconds % _UNIT_SECONDS[unit] == 0:
+            return f"{seconds // _UNIT_SECONDS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _seconds(low: float, high: float) -> Bounded:
+    return Bounded("a duration", parse_duration, low, high, _spell_duration)
+
+
+def _count(high: int) -> Bounded:
+    return Bounded("an integer", _positive_integer, 1, high)
+
+
+_HOUR, _DAY = 3600, 86400
+
+
 def _boolean(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {_show(value)}")
@@ -485,14 +529,14 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("server", "max_body_size"): Key(
-        "max_body_size", _positive_integer, '1048576',
+        "max_body_size", _count(100 * 1024 * 1024), '1048576',
         (
             'largest request body in bytes, on both listeners: a larger `Content-Length` gets '
             '413 before the body is read, a chunked body 413 as soon as it grows past it'
         ),
     ),
     ("server", "header_timeout"): Key(
-        "header_timeout", parse_duration, '"10s"',
+        "header_timeout", _seconds(1, _HOUR), '"10s"',
         (
             'a request, head and body, must be complete this long after its first byte, else '
             '408; bytes trickled in do not move the deadline (slowloris). Time spent '
@@ -500,18 +544,18 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("server", "idle_timeout"): Key(
-        "idle_timeout", parse_duration, '"60s"',
+        "idle_timeout", _seconds(1, _DAY), '"60s"',
         (
             'a connection with no request under way is closed after this long without a byte; '
             'covers a client that never sends anything or never starts TLS'
         ),
     ),
     ("server", "max_connections"): Key(
-        "max_connections", _positive_integer, '4096',
+        "max_connections", _count(1_048_576), '4096',
         'open connections per listener (each has its own); one more is closed at once',
     ),
     ("server", "max_connections_per_peer"): Key(
-        "max_connections_per_peer", _positive_integer, '1024',
+        "max_connections_per_peer", _count(1_048_576), '1024',
         (
             'open connections per listener from one client address; generous because whole '
             'fleets often arrive from one NAT or load-balancer address'
@@ -555,18 +599,18 @@ _KEYS: dict[tuple[str, str], Key] = {
         None,
     ),
     ("license", "timeout"): Key(
-        "timeout", parse_duration, '"30s"',
+        "timeout", _seconds(1, _HOUR), '"30s"',
         (
             'the one deadline of an exchange with one license server URL: connect, TLS, '
             'headers and body'
         ),
     ),
     ("license", "startup_timeout"): Key(
-        "startup_timeout", parse_duration, '"30s"',
+        "startup_timeout", _seconds(1, _DAY), '"30s"',
         'how long a new instance tries to reach the license server before giving up',
     ),
     ("license", "answer_within"): Key(
-        "answer_within", parse_duration, '"2s"',
+        "answer_within", _seconds(0.1, _HOUR), '"2s"',
         (
             'the longest a request that has a trusted answer waits for the license server: '
             'past it, the request gets the trusted answer and the exchange finishes in the '
@@ -576,7 +620,7 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("license", "retry_interval"): Key(
-        "retry_interval", parse_duration, '"5s"',
+        "retry_interval", _seconds(1, _HOUR), '"5s"',
         (
             'while a license server is down, it is probed with the check-in request every '
             '`retry_interval`, jittered between half of it and all of it, one probe at a '
@@ -597,11 +641,11 @@ _KEYS: dict[tuple[str, str], Key] = {
         'hosts reached directly, in `NO_PROXY` syntax; wins over `NO_PROXY`',
     ),
     ("trust", "duration"): Key(
-        "trust_duration", parse_duration, '"24h"',
+        "trust_duration", _seconds(1, 3650 * _DAY), '"24h"',
         'how long after the last successful check-in cached answers may be served',
     ),
     ("trust", "checkin_interval"): Key(
-        "checkin_interval", parse_duration, '"60s"',
+        "checkin_interval", _seconds(1, _DAY), '"60s"',
         'how often the proxy checks in by itself',
     ),
     ("cache", "path"): Key(
@@ -614,7 +658,7 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("cache", "max_entries"): Key(
-        "cache_max_entries", _positive_integer, '10000',
+        "cache_max_entries", _count(1_000_000), '10000',
         (
             'most answers kept; when full, the one stored longest ago makes room, answers not '
             'asked for again a `checkin_interval` later first (see [The trust '

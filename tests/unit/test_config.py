@@ -11,7 +11,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from license_proxy.config import _KEYS, Config, ConfigError, load, parse_duration, require_key
+from license_proxy.config import (
+    _KEYS, Bounded, Config, ConfigError, load, parse_duration, require_key,
+)
 from tests.support.configs import error, load_text, write
 
 DEFAULT_FILE = Path(__file__).parents[2] / "etc" / "license-proxy.toml"
@@ -500,6 +502,39 @@ def test_zero_duration_names_the_key(tmp_path):
     assert error(tmp_path, "[trust]\nduration = 0\n") == (
         "[trust] duration: expected a finite duration greater than 0, got 0"
     )
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        # Issue 20 item 6: each of these ran.
+        ("trust", "duration", '"3000000d"', "expected a duration from 1s to 3650d, got '3000000d'"),
+        ("trust", "checkin_interval", "1e-9", "expected a duration from 1s to 1d, got 1e-09"),
+        ("server", "header_timeout", "1e-300", "expected a duration from 1s to 1h, got 1e-300"),
+        ("license", "retry_interval", "1e-300", "expected a duration from 1s to 1h, got 1e-300"),
+        ("license", "answer_within", '"0.01s"', "expected a duration from 0.1s to 1h, got '0.01s'"),
+        ("license", "timeout", '"2h"', "expected a duration from 1s to 1h, got '2h'"),
+        ("license", "startup_timeout", '"2d"', "expected a duration from 1s to 1d, got '2d'"),
+        ("server", "idle_timeout", "0.5", "expected a duration from 1s to 1d, got 0.5"),
+        ("server", "max_body_size", "104857601", "expected an integer from 1 to 104857600, got 104857601"),
+        ("server", "max_connections", "1048577", "expected an integer from 1 to 1048576, got 1048577"),
+        ("server", "max_connections_per_peer", "9999999", "expected an integer from 1 to 1048576, got 9999999"),
+        ("cache", "max_entries", "1000001", "expected an integer from 1 to 1000000, got 1000001"),
+    ],
+)
+def test_absurd_durations_and_counts_are_refused_naming_the_key(tmp_path, section, key, value,
+                                                                 message):
+    assert error(tmp_path, f"[{section}]\n{key} = {value}\n") == f"[{section}] {key}: {message}"
+
+
+def test_every_duration_and_count_has_bounds_and_takes_them():
+    """Every number an operator sets is bounded, and both bounds load."""
+    bounded = {where: spec.parse for where, spec in _KEYS.items() if isinstance(spec.parse, Bounded)}
+    numeric = {where for where, spec in _KEYS.items()
+               if spec.default_is_value and re.fullmatch(r'[0-9]+|"[0-9.]+[smhd]"', spec.default)}
+    assert numeric - {("server", "port"), ("server", "status_port")} == set(bounded)
+    for parse in bounded.values():
+        assert (parse(parse.low), parse(parse.high)) == (parse.low, parse.high)
 
 
 def test_nan_duration_from_toml(tmp_path):
