@@ -40,8 +40,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .defaults import ANSWER_WITHIN, RETRY_INTERVAL
-
 #: Answers that say the server cannot serve anyone now (RFC 9110 15.6).
 DOWN_STATUSES = frozenset({502, 503, 504})
 

@@ -53,13 +53,7 @@ def prepare(config: Config) -> Config:
         pass
     except OSError as e:
         raise _unusable(private, e.strerror) from None
-    own = os.lstat(private)
-    if not stat.S_ISDIR(own.st_mode) or own.st_uid != os.geteuid():
-        raise _unusable(
-            private,
-            f"not a directory of this user (uid {os.geteuid()}): another user made it, and"
-            " could have put a trust cache of their own in it; remove it",
-        )
+    _require_own(private)
     os.chmod(private, 0o700)  # fsGroup's kubelet adds g+rwx at every mount
     cache = os.path.basename(config.cache_path)
     for name in (cache, cache + JOURNAL, GENERATED_CERT, GENERATED_KEY):
@@ -73,6 +67,40 @@ def prepare(config: Config) -> Config:
         private=private,
     )
     return attrs.evolve(config, cache_path=os.path.join(private, os.path.basename(config.cache_path)))
+
+
+def check(config: Config) -> None:
+    """
+    What ``prepare`` would refuse, found without creating, moving or changing anything:
+    ``license-proxy check`` runs it, and so does a start, first, so that the two agree.
+    """
+    directory = config.state_dir
+    existing = directory
+    while True:
+        try:
+            mode = os.stat(existing).st_mode
+            break
+        except FileNotFoundError:
+            existing = os.path.dirname(os.path.abspath(existing))  # created with its parents
+        except OSError as e:
+            raise _unusable(existing, e.strerror) from None
+    if not stat.S_ISDIR(mode):
+        raise _unusable(existing, "not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _unusable(existing, f"not writable by this user (uid {os.geteuid()})")
+    private = os.path.join(directory, PRIVATE)
+    if existing == directory and mode & (stat.S_IWGRP | stat.S_IWOTH) and os.path.lexists(private):
+        _require_own(private)
+
+
+def _require_own(private: str) -> None:
+    own = os.lstat(private)
+    if not stat.S_ISDIR(own.st_mode) or own.st_uid != os.geteuid():
+        raise _unusable(
+            private,
+            f"not a directory of this user (uid {os.geteuid()}): another user made it, and"
+            " could have put a trust cache of their own in it; remove it",
+        )
 
 
 def _create(directory: str) -> None:
