@@ -26,6 +26,7 @@ from hyperlink import DecodedURL, URLParseError
 from .defaults import ANSWER_WITHIN, CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES, RETRY_INTERVAL
 from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN, UNDERSCORE
 from .proxyurl import Proxy
+from .tls import files
 
 
 class ConfigError(Exception):
@@ -427,13 +428,13 @@ def _secret(value: object) -> str | None:
 
 
 def _readable_file(value: object) -> str | None:
-    """A path that can be opened for reading now, so a typo fails at start, not at first use."""
+    """A file that can be read now (``tls.files``' rules), so a typo fails at start, not at
+    first use."""
     path = _string(value)
     if path == "":
         return None
     try:
-        with open(path, "rb"):
-            pass
+        files.read(path)
     except OSError as e:
         raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
     return path

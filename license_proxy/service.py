@@ -236,7 +236,8 @@ def make_service(
     ).setServiceParent(top)
     # New trust roots may change the verdict on a server marked down.
     reload = CertificateReload(
-        dates, config, listener_tls, upstream_certificates, certificate_files, health.try_again
+        dates, config, listener_tls, upstream_certificates, certificate_files, health.try_again,
+        _thread(reactor, "certificate-reader"),  # a FIFO or a slow disk holds it, not the loop
     )
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     watching(reload, reactor).setServiceParent(top)
@@ -251,9 +252,7 @@ def _writer_thread(reactor) -> Callable[[Callable[[], object]], Deferred]:
     resolves names).  Started with the reactor, stopped after the services (the last write).
     After each write, the heap's free memory goes back to the system.
     """
-    pool = ThreadPool(minthreads=0, maxthreads=1, name="trust-cache-writer")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    run = _thread(reactor, "trust-cache-writer")
 
     def then_release(work: Callable[[], object]) -> object:
         try:
@@ -261,7 +260,16 @@ def _writer_thread(reactor) -> Callable[[Callable[[], object]], Deferred]:
         finally:
             runtime.release_free_memory()  # here: off the reactor, every few seconds
 
-    return partial(deferToThreadPool, reactor, pool, then_release)
+    return lambda work: run(partial(then_release, work))
+
+
+def _thread(reactor, name: str) -> Callable[[Callable[[], object]], Deferred]:
+    """Runs functions on a thread of its own, one at a time, started with the reactor and
+    stopped after the services; a Deferred of each result."""
+    pool = ThreadPool(minthreads=0, maxthreads=1, name=name)
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    return partial(deferToThreadPool, reactor, pool)
 
 
 def _tcp(host: str, port: int) -> str:
