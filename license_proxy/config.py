@@ -672,7 +672,9 @@ _KEYS: dict[tuple[str, str], Key] = {
             'request headers that tell licensees apart, any case: each is part of every cache '
             "key, so one licensee's cached answer never goes to another. Add the header your "
             'licensees are identified by (`X-Auth-Token`, a vendor header); a hop-by-hop '
-            'header, `Host` or `Content-Length` is refused (never sent as the client sent it)'
+            'header, `Host` or `Content-Length` is refused (never sent as the client sent it), '
+            'and so is a name with `_` (requests with one are refused: see [Security '
+            'rules](security.md#security-rules))'
         ),
     ),
     ("peers", "urls"): Key(
