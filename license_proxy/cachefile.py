@@ -47,8 +47,9 @@ from typing import Callable, Iterable, Iterator, Optional
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
+from .defaults import DEFAULT_MAX_ENTRIES
 from .durable import Directory, Disk, append, remove_leftovers, replace
-from .memorycache import DEFAULT_MAX_ENTRIES, Entry, Kept, MemoryCache
+from .memorycache import Entry, Kept, MemoryCache
 
 LATEST_TIME = 253402300799.0
 """9999-12-31T23:59:59Z, the latest time ``datetime`` (hence the status) can show."""

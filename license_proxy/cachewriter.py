@@ -22,14 +22,13 @@ from typing import Callable, Optional
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from . import runtime
 from .cachefile import CacheFile
 from .memorycache import MemoryCache
+from .threads import own_thread
 
 FLUSH_DELAY = 2.0
 """Seconds a change may wait before it is written: the bound on how far the
@@ -58,14 +57,11 @@ def on_this_thread(work: Callable[[], object]) -> Deferred:
 
 def writer_thread(reactor) -> Run:
     """
-    Runs the trust cache's writes on a thread of their own: a disk that takes a second
-    to fsync must not hold the reactor, nor take a thread of the reactor's pool (which
-    resolves names).  Started with the reactor, stopped after the services (the last write).
+    Runs the trust cache's writes on a thread of their own (``threads``): a disk that takes
+    a second to fsync must not hold the reactor.  Stopped after the services (the last write).
     After each write, the heap's free memory goes back to the system.
     """
-    pool = ThreadPool(minthreads=0, maxthreads=1, name="trust-cache-writer")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    run = own_thread(reactor, "trust-cache-writer")
 
     def then_release(work: Callable[[], object]) -> object:
         try:
@@ -73,7 +69,7 @@ def writer_thread(reactor) -> Run:
         finally:
             runtime.release_free_memory()  # here: off the reactor, every few seconds
 
-    return partial(deferToThreadPool, reactor, pool, then_release)
+    return lambda work: run(partial(then_release, work))
 
 
 @frozen

@@ -17,10 +17,8 @@ import sys
 import time
 from typing import Mapping, Optional
 
-from . import config as configuration
-from . import fips
-from .tls import contexts as tls
-from .egress import Settings
+from . import preflight
+from .config import ConfigError
 
 USAGE_ERROR = 2
 
@@ -80,21 +78,11 @@ def serve(file: Optional[str], level: str) -> None:
 
 
 def check(file: Optional[str], environ: Mapping[str, str]) -> int:
-    """What a start would refuse, without starting: one line, exit 0 or 2."""
+    """What a start would refuse, without starting (``preflight``): one line, exit 0 or 2."""
     try:
-        config = configuration.load(file, environ)
-        configuration.require_key(file, config)
-        fips.require(file, config, fips.in_fips_mode(), fips.openssl_version())
-        if config.tls_cert:
-            tls.listener_options(config, time.time())
-        tls.upstream_tls(config)
-        tls.peer_tls(config)
-        Settings(config.proxy, config.no_proxy, dict(environ)).routes(config.server_urls)
-    except configuration.ConfigError as e:
+        config = preflight.run(file, environ, time.time()).config
+    except ConfigError as e:
         print(f"license-proxy: {e}", file=sys.stderr)
-        return USAGE_ERROR
-    except ValueError as e:
-        print(f"license-proxy: environment variable {e}", file=sys.stderr)
         return USAGE_ERROR
     scheme = "https" if config.tls else "http"
     print(

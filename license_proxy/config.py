@@ -23,10 +23,10 @@ from collections.abc import Callable, Mapping
 import attrs
 from hyperlink import DecodedURL, URLParseError
 
+from .defaults import ANSWER_WITHIN, CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES, RETRY_INTERVAL
+from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN, UNDERSCORE
 from .proxyurl import Proxy
-from .health import ANSWER_WITHIN, RETRY_INTERVAL
-from .headernames import HOP_BY_HOP, REQUEST_OWN, TOKEN
-from .memorycache import CREDENTIAL_HEADERS, DEFAULT_MAX_ENTRIES
+from .tls import files
 
 
 class ConfigError(Exception):
@@ -277,21 +277,54 @@ def _port(value: object) -> int:
     return value
 
 
-def _positive_integer(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected an integer greater than 0, got {_show(value)}")
+def _integer(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {_show(value)}")
     return value
 
 
-def _integer_from(low: int, high: int) -> Callable[[object], int]:
-    """A parser of integers from ``low`` to ``high``."""
+@attrs.frozen
+class Bounded:
+    """
+    A duration or count within bounds an operator could mean: ``[trust] duration =
+    "3000000d"`` once made every status answer a 500 (a year past 9999), ``checkin_interval
+    = 1e-9`` thousands of check-ins a second.  ``parse`` refuses what is no number at all.
+    """
 
-    def parse(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"expected an integer from {low} to {high}, got {_show(value)}")
-        return value
+    kind: str  # "a duration"
+    parse: Callable[[object], float]
+    low: float
+    high: float
+    #: Shows a bound as the key is written: "1s", "3650d", "1048576".
+    spell: Callable[[float], str] = str
 
-    return parse
+    def __call__(self, value: object) -> float:
+        number = self.parse(value)
+        if not self.low <= number <= self.high:
+            raise ValueError(f"expected {self.kind} {self.range}, got {_show(value)}")
+        return number
+
+    @property
+    def range(self) -> str:
+        return f"from {self.spell(self.low)} to {self.spell(self.high)}"
+
+
+def _spell_duration(seconds: float) -> str:
+    for unit in "dhm":
+        if seconds >= _UNIT_SECONDS[unit] and seconds % _UNIT_SECONDS[unit] == 0:
+            return f"{seconds // _UNIT_SECONDS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _seconds(low: float, high: float) -> Bounded:
+    return Bounded("a duration", parse_duration, low, high, _spell_duration)
+
+
+def _count(high: int, low: int = 1) -> Bounded:
+    return Bounded("an integer", _integer, low, high)
+
+
+_HOUR, _DAY = 3600, 86400
 
 
 def _boolean(value: object) -> bool:
@@ -398,13 +431,13 @@ def _secret(value: object) -> str | None:
 
 
 def _readable_file(value: object) -> str | None:
-    """A path that can be opened for reading now, so a typo fails at start, not at first use."""
+    """A file that can be read now (``tls.files``' rules), so a typo fails at start, not at
+    first use."""
     path = _string(value)
     if path == "":
         return None
     try:
-        with open(path, "rb"):
-            pass
+        files.read(path)
     except OSError as e:
         raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
     return path
@@ -419,6 +452,8 @@ def _key_headers(value: object) -> tuple[bytes, ...]:
         if not (isinstance(name, str) and name.isascii() and TOKEN.fullmatch(name.encode())):
             raise ValueError(f"expected header names, got {_show(name)}")
         lower = name.lower().encode("ascii")
+        if UNDERSCORE in lower:
+            raise ValueError(f"{name}: a header name with _ is refused in requests (use -)")
         if lower in HOP_BY_HOP | REQUEST_OWN:
             raise ValueError(f"{name} is never relayed as the client sent it, so can't identify one")
         names.add(lower)
@@ -498,14 +533,14 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("server", "max_body_size"): Key(
-        "max_body_size", _positive_integer, '1048576',
+        "max_body_size", _count(100 * 1024 * 1024), '1048576',
         (
             'largest request body in bytes, on both listeners: a larger `Content-Length` gets '
             '413 before the body is read, a chunked body 413 as soon as it grows past it'
         ),
     ),
     ("server", "header_timeout"): Key(
-        "header_timeout", parse_duration, '"10s"',
+        "header_timeout", _seconds(1, _HOUR), '"10s"',
         (
             'a request, head and body, must be complete this long after its first byte, else '
             '408; bytes trickled in do not move the deadline (slowloris). Time spent '
@@ -513,25 +548,25 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("server", "idle_timeout"): Key(
-        "idle_timeout", parse_duration, '"60s"',
+        "idle_timeout", _seconds(1, _DAY), '"60s"',
         (
             'a connection with no request under way is closed after this long without a byte; '
             'covers a client that never sends anything or never starts TLS'
         ),
     ),
     ("server", "max_connections"): Key(
-        "max_connections", _positive_integer, '4096',
+        "max_connections", _count(1_048_576), '4096',
         'open connections per listener (each has its own); one more is closed at once',
     ),
     ("server", "max_connections_per_peer"): Key(
-        "max_connections_per_peer", _positive_integer, '1024',
+        "max_connections_per_peer", _count(1_048_576), '1024',
         (
             'open connections per listener from one client address; generous because whole '
             'fleets often arrive from one NAT or load-balancer address'
         ),
     ),
     ("server", "backlog"): Key(
-        "backlog", _integer_from(1, 65535), '4096',
+        "backlog", _count(65535), '4096',
         (
             'connections each listener lets wait for their accept (the listen queue): a fleet '
             'reconnecting at once after a blip overflows a small one, and each SYN dropped '
@@ -578,18 +613,18 @@ _KEYS: dict[tuple[str, str], Key] = {
         None,
     ),
     ("license", "timeout"): Key(
-        "timeout", parse_duration, '"30s"',
+        "timeout", _seconds(1, _HOUR), '"30s"',
         (
             'the one deadline of an exchange with one license server URL: connect, TLS, '
             'headers and body'
         ),
     ),
     ("license", "startup_timeout"): Key(
-        "startup_timeout", parse_duration, '"30s"',
+        "startup_timeout", _seconds(1, _DAY), '"30s"',
         'how long a new instance tries to reach the license server before giving up',
     ),
     ("license", "answer_within"): Key(
-        "answer_within", parse_duration, '"2s"',
+        "answer_within", _seconds(0.1, _HOUR), '"2s"',
         (
             'the longest a request that has a trusted answer waits for the license server: '
             'past it, the request gets the trusted answer and the exchange finishes in the '
@@ -599,7 +634,7 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("license", "retry_interval"): Key(
-        "retry_interval", parse_duration, '"5s"',
+        "retry_interval", _seconds(1, _HOUR), '"5s"',
         (
             'while a license server is down, it is probed with the check-in request every '
             '`retry_interval`, jittered between half of it and all of it, one probe at a '
@@ -607,7 +642,7 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("license", "max_connections"): Key(
-        "upstream_max_connections", _integer_from(1, 1024), '32',
+        "upstream_max_connections", _count(1024), '32',
         (
             'most connections (exchanges) open to each `server_url` at once, check-ins and '
             "probes included; the requests beyond wait for one, first come first served (see "
@@ -615,7 +650,7 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("license", "max_pending"): Key(
-        "upstream_max_pending", _integer_from(0, 65536), '1024',
+        "upstream_max_pending", _count(65536, low=0), '1024',
         (
             'most requests waiting for one of those connections, per `server_url`; one that '
             'finds the queue full, or waits `answer_within`, is answered as in an outage '
@@ -637,11 +672,11 @@ _KEYS: dict[tuple[str, str], Key] = {
         'hosts reached directly, in `NO_PROXY` syntax; wins over `NO_PROXY`',
     ),
     ("trust", "duration"): Key(
-        "trust_duration", parse_duration, '"24h"',
+        "trust_duration", _seconds(1, 3650 * _DAY), '"24h"',
         'how long after the last successful check-in cached answers may be served',
     ),
     ("trust", "checkin_interval"): Key(
-        "checkin_interval", parse_duration, '"60s"',
+        "checkin_interval", _seconds(1, _DAY), '"60s"',
         'how often the proxy checks in by itself',
     ),
     ("cache", "path"): Key(
@@ -654,7 +689,7 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("cache", "max_entries"): Key(
-        "cache_max_entries", _positive_integer, '10000',
+        "cache_max_entries", _count(1_000_000), '10000',
         (
             'most answers kept; when full, the one stored longest ago makes room, answers not '
             'asked for again a `checkin_interval` later first (see [The trust '
@@ -667,7 +702,9 @@ _KEYS: dict[tuple[str, str], Key] = {
             'request headers that tell licensees apart, any case: each is part of every cache '
             "key, so one licensee's cached answer never goes to another. Add the header your "
             'licensees are identified by (`X-Auth-Token`, a vendor header); a hop-by-hop '
-            'header, `Host` or `Content-Length` is refused (never sent as the client sent it)'
+            'header, `Host` or `Content-Length` is refused (never sent as the client sent it), '
+            'and so is a name with `_` (requests with one are refused: see [Security '
+            'rules](security.md#security-rules))'
         ),
     ),
     ("peers", "urls"): Key(

@@ -9,6 +9,12 @@ import re
 #: A field name (RFC 9110 5.1: a token).
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
+#: CGI, WSGI, Rack and PHP read ``X_Api_Key`` and ``X-Api-Key`` as one header (both become
+#: ``HTTP_X_API_KEY``): a credential under the ``_`` spelling would reach the license server
+#: without being in the cache key.  So a request with ``_`` in a header name is refused (400,
+#: as nginx ignores such headers by default), and no cache key header may have one.
+UNDERSCORE = b"_"
+
 #: Headers that belong to one connection (RFC 9110 7.6.1): never relayed, either way,
 #: whether or not the message's ``Connection`` names them.
 

@@ -43,13 +43,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-ANSWER_WITHIN = 2.0
-"""Seconds a request with a trusted answer waits for the license server
-(``[license] answer_within``); also the connect timeout."""
-
-RETRY_INTERVAL = 5.0
-"""Seconds between probes of a server that is down (``[license] retry_interval``)."""
-
 #: Answers that say the server cannot serve anyone now (RFC 9110 15.6).
 DOWN_STATUSES = frozenset({502, 503, 504})
 

@@ -35,10 +35,7 @@ from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 from attrs import define, field, frozen
 
-DEFAULT_MAX_ENTRIES = 10_000
-"""Answers kept at most: about 0.75 kB of memory each for a 300-byte answer, 3 kB for a
-2 kB one, 0.25 kB for one equal to an answer stored lately (``bin/measure-cache-entry``),
-so ~29 MiB at most for 2 kB answers."""
+from .defaults import DEFAULT_MAX_ENTRIES
 
 DEFAULT_KEEP_AFTER = 60.0
 """Seconds between two stores of an answer for it to count as kept (the check-in interval)."""
@@ -52,9 +49,6 @@ a restart, its ``Age`` may read up to this much too old)."""
 SHARED_ANSWERS = 16
 """Distinct answers remembered, so that an answer equal to one of them is kept once: a
 fleet whose requests differ (by instance, by query) often gets the same answer to each."""
-
-#: Request headers that identify a licensee; part of the cache key ([cache] key_headers).
-CREDENTIAL_HEADERS = (b"authorization", b"cookie", b"x-api-key")
 
 _VARIANT = ";"
 """Separates a key, the names its answer varies on, and their values' HMAC (no header name

@@ -11,10 +11,10 @@ when it has a trusted answer: the exchange then finishes in the background
 It is not an open proxy: the request target is only ever appended below the
 configured upstream URL, and a target that is not a plain origin-form path
 under ``base_url`` is refused before anything is sent.  Nor does it let a
-client reach outside ``server_url``'s path: a dot segment, or an encoded
-``/`` or ``\\`` that an upstream decoding the path would read as one, is
-refused (400) rather than normalised, because the proxy can't know how the
-upstream decodes.  Only the methods a licensing request can use are relayed.
+client reach outside ``server_url``'s path: a path that some decoding could
+read as leaving it is refused (400) rather than normalised, because the proxy
+can't know how the upstream decodes (``pathrule``).  Only the methods a
+licensing request can use are relayed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from .headernames import HOP_BY_HOP, PEER, REQUEST_OWN, TOKEN
+from . import pathrule
+from .defaults import CREDENTIAL_HEADERS
+from .headernames import HOP_BY_HOP, PEER, REQUEST_OWN, TOKEN, UNDERSCORE
 from .metrics import (
     REJECTED,
     SERVED_BY_PEER,
@@ -46,7 +48,7 @@ from .metrics import (
 )
 from .peers import PROBE, Peers
 from .status import Status
-from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
+from .trustcache import Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
 
 #: Set again by the relay or its client for each message.
@@ -60,9 +62,6 @@ _ALLOW = b", ".join(METHODS)
 
 # An origin-form target: RFC 3986 path characters, an optional query.
 _TARGET = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*(\?[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*)?")
-# In the path: a dot segment, also encoded or with ;parameters (Tomcat reads "..;" as ".."),
-# or an encoded "/" or "\" (nginx decodes %2F before it routes).
-_ESCAPE = re.compile(rb"(^|/)(\.|%2e){1,2}(;[^/]*)?(/|$)|%2f|%5c", re.IGNORECASE)
 # A Vary field's names: tokens (RFC 9110 5.6.2).
 
 
@@ -124,8 +123,11 @@ class Relay:
         rest = request.uri[len(self._base_url) :]
         if not _TARGET.fullmatch(rest):
             return self._reject(request, 400, "malformed request target")
-        if _ESCAPE.search(rest.split(b"?")[0]):
-            return self._reject(request, 400, "dot segment or encoded / or \\ in the path")
+        refused = pathrule.refusal(rest.split(b"?")[0])
+        if refused is not None:
+            return self._reject(request, 400, refused)
+        if any(UNDERSCORE in name for name, _ in request.requestHeaders.getAllRawHeaders()):
+            return self._reject(request, 400, "_ in a header name (read as - by many servers)")
         gone: list = []
         request.notifyFinish().addErrback(gone.append)
         done = Deferred.fromCoroutine(self._relay(request, rest, gone))

@@ -37,6 +37,7 @@ from .overview import Overview
 from .peers import Peers
 from .relay import Relay
 from .status import Status
+from .threads import own_thread
 from .statuspages import status_resource
 from .timeline import EVERY, Timeline
 from .tls.contexts import listener_options, peer_tls, upstream_tls
@@ -288,7 +289,8 @@ def make_service(
     ).setServiceParent(top)
     # New trust roots may change the verdict on a server marked down.
     reload = CertificateReload(
-        dates, config, listener_tls, upstream_certificates, certificate_files, health.try_again
+        dates, config, listener_tls, upstream_certificates, certificate_files, health.try_again,
+        own_thread(reactor, "certificate-reader"),  # a FIFO or a slow disk holds it, not the loop
     )
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     watching(reload, reactor).setServiceParent(top)

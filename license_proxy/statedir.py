@@ -83,15 +83,49 @@ def _make_private(private: str) -> None:
     try:
         own = None if fd is None else os.fstat(fd)
         if own is None or own.st_uid != os.geteuid():
-            raise _unusable(
-                private,
-                f"not a directory of this user (uid {os.geteuid()}): another user made it, and"
-                " could have put a trust cache of their own in it; remove it",
-            )
+            raise _not_own(private)
         os.fchmod(fd, 0o700)
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def check(config: Config) -> None:
+    """
+    What ``prepare`` would refuse, found without creating, moving or changing anything:
+    ``license-proxy check`` runs it, and so does a start, first, so that the two agree.
+    """
+    directory = config.state_dir
+    existing = directory
+    while True:
+        try:
+            mode = os.stat(existing).st_mode
+            break
+        except FileNotFoundError:
+            existing = os.path.dirname(os.path.abspath(existing))  # created with its parents
+        except OSError as e:
+            raise _unusable(existing, e.strerror) from None
+    if not stat.S_ISDIR(mode):
+        raise _unusable(existing, "not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _unusable(existing, f"not writable by this user (uid {os.geteuid()})")
+    private = os.path.join(directory, PRIVATE)
+    if existing == directory and mode & (stat.S_IWGRP | stat.S_IWOTH) and os.path.lexists(private):
+        _require_own(private)
+
+
+def _require_own(private: str) -> None:
+    own = os.lstat(private)
+    if not stat.S_ISDIR(own.st_mode) or own.st_uid != os.geteuid():
+        raise _not_own(private)
+
+
+def _not_own(private: str) -> ConfigError:
+    return _unusable(
+        private,
+        f"not a directory of this user (uid {os.geteuid()}): another user made it, and"
+        " could have put a trust cache of their own in it; remove it",
+    )
 
 
 def _create(directory: str) -> None:

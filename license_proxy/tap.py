@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import attrs
 from twisted.application.service import MultiService
@@ -23,8 +24,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from . import config as configuration
-from . import fips, runtime
-from .egress import Settings
+from . import fips, preflight, runtime
 from .logformat import FORMATS, JSON, json_observer
 from .service import make_service
 
@@ -51,11 +51,11 @@ class Options(usage.Options):
             )
         self.path = self["config"] or None
         try:
-            self.loaded = configuration.load(self.path, os.environ)
-            configuration.require_key(self.path, self.loaded)
-            fips.require(self.path, self.loaded, fips.in_fips_mode(), fips.openssl_version())
+            # What ``license-proxy check`` runs: the two agree.
+            self.checked = preflight.run(self.path, os.environ, time.time())
         except configuration.ConfigError as e:
             _config_exit(e)
+        self.loaded = self.checked.config
         if given is not None:
             self.loaded = attrs.evolve(self.loaded, log_format=given)
 
@@ -75,11 +75,7 @@ def makeService(options: Options):
     runtime.monotonic_timers(reactor)
     # Each listener connection is a file, and a licensing one may hold an upstream one.
     runtime.raise_open_files_limit(3 * config.max_connections)
-    egress = Settings(config.proxy, config.no_proxy, dict(os.environ))
-    try:
-        routes = egress.routes(config.server_urls)
-    except ValueError as e:
-        _config_exit(f"environment variable {e}")
+    egress, routes = options.checked.egress, options.checked.routes
     try:
         service = make_service(config, reactor, lambda line: _fatal(reactor, line), egress)
     except configuration.ConfigError as e:

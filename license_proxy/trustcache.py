@@ -26,14 +26,9 @@ from twisted.logger import Logger
 
 from .cachefile import CacheFile
 from .cachewriter import CacheWriter, Run, on_this_thread
+from .defaults import DEFAULT_MAX_ENTRIES
 from .durable import Disk
-from .memorycache import (  # noqa: F401 (CREDENTIAL_HEADERS: relay's)
-    CREDENTIAL_HEADERS,
-    DEFAULT_MAX_ENTRIES,
-    Entry,
-    MemoryCache,
-    RequestHeaders,
-)
+from .memorycache import Entry, MemoryCache, RequestHeaders
 
 EVICTION_LOG_INTERVAL = 3600.0
 """Seconds between log lines about a full cache."""

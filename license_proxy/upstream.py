@@ -37,8 +37,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
+from .defaults import ANSWER_WITHIN, RETRY_INTERVAL
 from .egress import Egress, Settings
-from .health import ANSWER_WITHIN, RETRY_INTERVAL, Health
+from .health import Health
 from .pool import BytesBody, RetryingPool
 from .slots import Overflow, Slots
 from .tls.contexts import UpstreamTLS

@@ -119,6 +119,22 @@ def door_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
     )
     attacks["HEAD answer's Content-Length"] = lambda: _head(t)
     attacks.update(listener_attacks(t))
+    attacks.update(inputs_attacks(t))
+    return attacks
+
+
+# --- Issue 20 (inputs): path escapes some decoding reads, a credential under another spelling.
+
+
+def inputs_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
+    """Refused (400) before anything is sent to the license server or looked up."""
+    attacks = {}
+    for path in (b"..%3b/admin", b"..%00/admin", b"%c0%ae%c0%ae/admin", b"%252e%252e/admin",
+                 b"..%252fadmin", b"%u002e%u002e/admin", b"..%2", b"%%32%65%%32%65/admin"):
+        attacks[f"path escape {path.decode()}"] = lambda p=path: refused(t.request("GET", p), 400)
+    attacks["credential as X_Api_Key (read as X-Api-Key by CGI/WSGI)"] = lambda: refused(
+        t.request("GET", b"probe", b"X_Api_Key: alice"), 400
+    )
     return attacks
 
 

@@ -7,7 +7,7 @@ from docutils import nodes
 from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
 
-from license_proxy.config import _KEYS
+from license_proxy.config import _KEYS, Bounded
 
 
 def rows() -> list[str]:
@@ -27,7 +27,10 @@ def rows() -> list[str]:
         default = spec.default
         if spec.default_is_value or spec.default.isupper():  # a value, or a variable's name
             default = f"`{default}`"
-        lines.append(f"| {shown} | {names} | {default} | {spec.doc} |")
+        meaning = spec.doc
+        if isinstance(spec.parse, Bounded):
+            meaning += f" ({spec.parse.range})"
+        lines.append(f"| {shown} | {names} | {default} | {meaning} |")
     return lines
 
 

@@ -34,7 +34,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from ..config import Config, ConfigError
-from . import certs, policy
+from . import certs, files, policy
 
 GENERATED_CERT = "tls.crt"
 GENERATED_KEY = "tls.key"
@@ -42,8 +42,7 @@ GENERATED_KEY = "tls.key"
 
 def _read(path: str, key: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return files.read(path)
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
 

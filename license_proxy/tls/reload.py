@@ -20,12 +20,14 @@ from attrs import define, frozen
 from OpenSSL import SSL
 from twisted.application.internet import TimerService
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import Config, ConfigError
+from . import files
 from .contexts import UpstreamTLS, listener_options, upstream_tls
 
 
@@ -75,10 +77,13 @@ def _digests(*paths: str | None) -> tuple:
 def _digest(path: str) -> bytes | str:
     """The file's SHA-256, or why it can't be read (a change too)."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").digest()
+        return hashlib.sha256(files.read(path)).digest()
     except OSError as e:
         return str(e.strerror)
+
+
+def _at_once(work: Callable[[], object]) -> Deferred:
+    return maybeDeferred(work)
 
 
 @define
@@ -90,6 +95,10 @@ class CertificateReload:
     them, so that a change made while they are being read is seen next time.
     ``upstream_reloaded`` is told (with the cause) once new trust roots are in
     service: a server that failed verification may pass now.
+
+    The files are read, and the new material built, by ``run`` (a thread, in
+    service): never on the event loop, where a slow disk would hold every
+    connection.  What is built is put in service, and logged, on the loop.
     """
 
     _dates: IReactorTime  # now, for a generated certificate's validity
@@ -98,60 +107,81 @@ class CertificateReload:
     _upstream: UpstreamTLS
     _seen: CertificateFiles
     _upstream_reloaded: Callable[[str], None]
+    #: Runs a function off the event loop; a Deferred of its result.
+    _run: Callable[[Callable[[], object]], Deferred] = _at_once
 
     log = Logger()
 
-    def __call__(self) -> None:
-        self._seen = CertificateFiles.read(self._config)
-        self._reload_listener("SIGHUP")
-        self._reload_upstream("SIGHUP")
+    def __call__(self) -> Deferred:
+        return self._reload(None, "SIGHUP")
 
-    def check(self) -> None:
+    def check(self) -> Deferred:
         """Reload what changed on disk since last read.  Files that stay
         unusable are reported once, not at every check."""
-        seen, self._seen = self._seen, CertificateFiles.read(self._config)
-        if self._seen.listener != seen.listener:
-            self._reload_listener("files changed")
-        if self._seen.upstream != seen.upstream:
-            self._reload_upstream("files changed")
+        return self._reload(self._seen, "files changed")
 
-    def _reload_listener(self, cause: str) -> None:
-        if self._listener is None:
-            return
-        try:
-            options = listener_options(self._config, self._dates.seconds())
-            options.getContext()
-        except (ConfigError, SSL.Error) as e:
+    def _reload(self, since: CertificateFiles | None, cause: str) -> Deferred:
+        """Everything (``since`` None), or what changed since ``since``."""
+        now = self._dates.seconds()
+        loaded = self._run(lambda: self._load(since, now))
+        loaded.addCallback(self._put_in_service, cause)
+        loaded.addErrback(lambda failure: self.log.failure("reload ({cause})", failure, cause=cause))
+        return loaded
+
+    def _load(self, since: CertificateFiles | None, now: float) -> tuple:
+        """Off the loop: what the files hold now, and for each side that changed its new
+        material or the error that keeps the old (None: unchanged, or no such side)."""
+        seen = CertificateFiles.read(self._config)
+        listener = upstream = None
+        if self._listener is not None and (since is None or seen.listener != since.listener):
+            listener = _built(lambda: _listener_options(self._config, now))
+        if since is None or seen.upstream != since.upstream:
+            upstream = _built(lambda: upstream_tls(self._config))
+        return seen, listener, upstream
+
+    def _put_in_service(self, loaded: tuple, cause: str) -> None:
+        self._seen, listener, upstream = loaded
+        if isinstance(listener, Exception):
             self.log.error(
                 "reload ({cause}): keeping the licensing listener's certificate: {reason}",
                 cause=cause,
-                reason=str(e),
+                reason=str(listener),
             )
-        else:
-            self._listener.options = options
+        elif listener is not None:
+            self._listener.options = listener
             self.log.info(
                 "reload ({cause}): the licensing listener's certificate and key are reloaded",
                 cause=cause,
             )
-
-    def _reload_upstream(self, cause: str) -> None:
-        try:
-            fresh = upstream_tls(self._config)
-        except ConfigError as e:
+        if isinstance(upstream, Exception):
             self.log.error(
                 "reload ({cause}): keeping the license server's trust roots and client "
                 "certificate: {reason}",
                 cause=cause,
-                reason=str(e),
+                reason=str(upstream),
             )
-        else:
-            self._upstream.replace_with(fresh)
+        elif upstream is not None:
+            self._upstream.replace_with(upstream)
             self._upstream_reloaded(f"certificates reloaded ({cause})")
             self.log.info(
                 "reload ({cause}): the license server's trust roots and client certificate"
                 " are reloaded",
                 cause=cause,
             )
+
+
+def _listener_options(config: Config, now: float) -> CertificateOptions:
+    options = listener_options(config, now)
+    options.getContext()  # a key OpenSSL refuses is found here, not at the next handshake
+    return options
+
+
+def _built(build: Callable[[], object]) -> object:
+    """What ``build`` returns, or the error that makes the files unusable."""
+    try:
+        return build()
+    except (ConfigError, SSL.Error) as e:
+        return e
 
 
 def watching(reload: CertificateReload, timers: IReactorTime) -> TimerService:

@@ -8,6 +8,7 @@ processes, a real TLS upstream, asserted on exit statuses, log lines and what th
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 from license_proxy import fips
 from tests.support.configs import KEY, config
 from tests.support.installed import REPO_ROOT
-from tests.support.proxy import COMMAND, TEST_KEY, ProxyProcess
+from tests.support.proxy import COMMAND, TEST_KEY, TWISTD, ProxyProcess
 
 NO_KEY = {"DEEPGRAM_API_KEY": None}
 
@@ -240,3 +241,77 @@ def test_fips_mode_is_required_only_when_enabled():
     fips.require("f.toml", Config(fips=False), False, "OpenSSL 4")
     with pytest.raises(ConfigError, match=r'^f\.toml: \[fips\] mode: "enabled" needs'):
         fips.require("f.toml", Config(fips=True), False, "OpenSSL 4")
+
+
+# -- check and serve agree (one preflight) -------------------------------------------------
+
+
+def _not_own_private(tmp_path):
+    state = tmp_path / "state"
+    (state / "private").mkdir(parents=True)
+    os.chmod(state, 0o777)
+    os.chown(state / "private", 65534, 65534)
+    return ""
+
+
+#: name -> (what to add to a good config, environment, a setup step); every one is refused.
+BAD = {
+    "cache path under a file": ('[cache]\npath = "/etc/hostname/trust-cache.json"', {}, None),
+    "cache path two below a file": ('[cache]\npath = "/etc/hostname/a/trust-cache.json"', {}, None),
+    "another user's private/": ("", {}, _not_own_private),
+    "trust duration past year 9999": ('[trust]\nduration = "3000000d"', {}, None),
+    "check-ins a billion a second": ("[trust]\ncheckin_interval = 1e-9", {}, None),
+    "header timeout 1e-300": ("[server]\nheader_timeout = 1e-300", {}, None),
+    "key header with _": ('[cache]\nkey_headers = ["X_Api_Key"]', {}, None),
+    "malformed HTTPS_PROXY": ("", {"HTTPS_PROXY": "http://"}, None),
+    "no key": ("", {"DEEPGRAM_API_KEY": None}, None),
+    "unknown key": ("[server]\nprot = 1", {}, None),
+    "tls_cert not a certificate": ('[server]\ntls_cert = "/etc/hostname"\ntls_key = "/etc/hostname"',
+                                   {}, None),
+}
+
+
+def _with(text: str, added: str) -> str:
+    """``text`` with ``added``'s keys set in their section (the same keys' lines dropped)."""
+    if not added:
+        return text
+    section, *lines = added.split("\n")
+    for line in lines:
+        text = re.sub(rf"^{re.escape(line.split(' = ')[0])} = .*\n", "", text, flags=re.M)
+    if f"\n{section}\n" not in text:
+        text += f"\n{section}\n"
+    return text.replace(f"\n{section}\n", f"\n{added}\n", 1)
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_check_and_serve_refuse_each_bad_config_with_the_same_line(tmp_path, pki, name):
+    """Issue 20 item 13: ``check`` said OK where ``serve`` exited 2 (a state directory under
+    a file), and serve ran what check passed (durations past the year 9999)."""
+    added, env, setup = BAD[name]
+    if setup is not None:
+        setup(tmp_path)
+    path = tmp_path / "license-proxy.toml"
+    path.write_text(_with(config(tmp_path, pki, "https://localhost:1"), added))
+    environ = {"DEEPGRAM_API_KEY": KEY, **env}
+    checked = command("check", str(path), env=environ)
+    served = command_line(
+        [TWISTD, "--nodaemon", "--pidfile=", "license-proxy", "--config", str(path)], environ,
+        tmp_path,
+    )
+    assert checked.stdout == ""
+    assert len(checked.stderr.splitlines()) == 1, checked.stderr
+    assert (served.returncode, served.stdout + served.stderr) == (2, checked.stderr)
+    assert checked.returncode == 2
+    assert "Traceback" not in served.stdout + served.stderr
+
+
+def command_line(argv, env, cwd) -> subprocess.CompletedProcess:
+    """``argv`` as ``command`` runs the license-proxy command: no key unless ``env`` has one."""
+    environ = {k: v for k, v in os.environ.items()
+               if k != "DEEPGRAM_API_KEY" and k.upper() not in ("HTTPS_PROXY", "ALL_PROXY")}
+    for name, value in env.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return subprocess.run(argv, capture_output=True, text=True, env=environ, cwd=cwd, timeout=60)

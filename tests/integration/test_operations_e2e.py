@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -289,3 +290,31 @@ def test_a_secret_volume_update_changes_the_upstream_roots_and_client_certificat
             assert proxy.request("GET", "/v1/after")[0] == 200
             (seen,) = relayed(up, "/v1/after")
             assert seen.client_cn == "rotated-client"
+
+
+def test_a_fifo_or_dev_zero_as_the_certificate_leaves_the_proxy_answering(tmp_path, pki, upstream):
+    """Issue 20 item 5: the watcher read the files on the event loop; a FIFO blocked it for
+    ever, /dev/zero never ended the read, and the relay and status stopped answering."""
+    cert, key = tmp_path / "listener.crt", tmp_path / "listener.key"
+    first = issue(pki.pairs["ca"], LOCAL, now=datetime.now(timezone.utc))
+    first.write(cert, key)
+    text = config(tmp_path, pki, upstream.url, server=f'tls_cert = "{cert}"\ntls_key = "{key}"')
+    with ProxyProcess(tmp_path, text, ca_file=pki.ca_cert) as proxy:
+        proxy.wait_state("Connected")
+        for n, replace in enumerate((os.mkfifo, lambda path: os.symlink("/dev/zero", path))):
+            cert.unlink()
+            replace(cert)
+            line = (
+                "reload (files changed): keeping the licensing listener's certificate:"
+                f" [server] tls_cert: cannot read {cert}: not a regular file"
+            )
+            _wait(lambda: proxy.log_text().count(line) == n + 1, PICKED_UP)
+            time.sleep(CHECK_INTERVAL + 1)  # checked again: not said twice, still answering
+            assert proxy.log_text().count(line) == n + 1
+            assert proxy.status(timeout=2)["state"] == "Connected"
+            assert proxy.request("GET", f"/v1/still-{n}")[0] == 200
+            assert _pem(proxy) == first.cert_pem.decode().strip()  # the old one, kept
+            cert.unlink()
+            first.write(cert, key)  # a good file again: taken (the next round is a change)
+            reloaded = "reload (files changed): the licensing listener's certificate and key are"
+            _wait(lambda: proxy.log_text().count(reloaded) == n + 1, PICKED_UP)

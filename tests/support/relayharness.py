@@ -11,7 +11,7 @@ import shutil
 import tempfile
 
 from treq.testing import RequestTraversalAgent
-from twisted.internet.task import Clock, Cooperator
+from twisted.internet.task import Cooperator
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
@@ -23,6 +23,7 @@ from license_proxy.relay import Relay
 from license_proxy.status import Status
 from license_proxy.trustcache import TrustCache
 from license_proxy.upstream import Upstream
+from tests.support.clocks import BoundedClock
 
 T0 = 1_800_000_000.0
 TRUST = 3600.0
@@ -66,7 +67,7 @@ class RelayHarness:
         """``peer``: an agent to another instance, this one's only peer."""
         tmpdir = tempfile.mkdtemp()
         testcase.addCleanup(shutil.rmtree, tmpdir)
-        self.clock = Clock()
+        self.clock = BoundedClock()
         self.clock.advance(T0)
         self.server = FakeLicenseServer()
         self.cache_path = f"{tmpdir}/cache.json"

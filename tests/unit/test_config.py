@@ -11,7 +11,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from license_proxy.config import _KEYS, Config, ConfigError, load, parse_duration, require_key
+from license_proxy.config import (
+    _KEYS, Bounded, Config, ConfigError, load, parse_duration, require_key,
+)
 from tests.support.configs import error, load_text, write
 
 DEFAULT_FILE = Path(__file__).parents[2] / "etc" / "license-proxy.toml"
@@ -502,6 +504,39 @@ def test_zero_duration_names_the_key(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        # Issue 20 item 6: each of these ran.
+        ("trust", "duration", '"3000000d"', "expected a duration from 1s to 3650d, got '3000000d'"),
+        ("trust", "checkin_interval", "1e-9", "expected a duration from 1s to 1d, got 1e-09"),
+        ("server", "header_timeout", "1e-300", "expected a duration from 1s to 1h, got 1e-300"),
+        ("license", "retry_interval", "1e-300", "expected a duration from 1s to 1h, got 1e-300"),
+        ("license", "answer_within", '"0.01s"', "expected a duration from 0.1s to 1h, got '0.01s'"),
+        ("license", "timeout", '"2h"', "expected a duration from 1s to 1h, got '2h'"),
+        ("license", "startup_timeout", '"2d"', "expected a duration from 1s to 1d, got '2d'"),
+        ("server", "idle_timeout", "0.5", "expected a duration from 1s to 1d, got 0.5"),
+        ("server", "max_body_size", "104857601", "expected an integer from 1 to 104857600, got 104857601"),
+        ("server", "max_connections", "1048577", "expected an integer from 1 to 1048576, got 1048577"),
+        ("server", "max_connections_per_peer", "9999999", "expected an integer from 1 to 1048576, got 9999999"),
+        ("cache", "max_entries", "1000001", "expected an integer from 1 to 1000000, got 1000001"),
+    ],
+)
+def test_absurd_durations_and_counts_are_refused_naming_the_key(tmp_path, section, key, value,
+                                                                 message):
+    assert error(tmp_path, f"[{section}]\n{key} = {value}\n") == f"[{section}] {key}: {message}"
+
+
+def test_every_duration_and_count_has_bounds_and_takes_them():
+    """Every number an operator sets is bounded, and both bounds load."""
+    bounded = {where: spec.parse for where, spec in _KEYS.items() if isinstance(spec.parse, Bounded)}
+    numeric = {where for where, spec in _KEYS.items()
+               if spec.default_is_value and re.fullmatch(r'[0-9]+|"[0-9.]+[smhd]"', spec.default)}
+    assert numeric - {("server", "port"), ("server", "status_port")} == set(bounded)
+    for parse in bounded.values():
+        assert (parse(parse.low), parse(parse.high)) == (parse.low, parse.high)
+
+
 def test_nan_duration_from_toml(tmp_path):
     assert error(tmp_path, "[license]\ntimeout = nan\n") == (
         "[license] timeout: expected a finite duration greater than 0, got nan"
@@ -646,6 +681,7 @@ def test_key_headers_are_case_insensitive_and_sorted(tmp_path):
         ('["Proxy-Authorization"]', "Proxy-Authorization is never relayed as the client sent"
          " it, so can't identify one"),
         ('["Host"]', "Host is never relayed as the client sent it, so can't identify one"),
+        ('["X_Auth_Token"]', "X_Auth_Token: a header name with _ is refused in requests (use -)"),
     ],
 )
 def test_bad_key_headers(tmp_path, value, reason):
@@ -809,16 +845,18 @@ def test_the_reference_shows_each_key_with_its_true_default():
     assert shown >= 20
 
 
-def test_reading_a_config_imports_no_network_code():
-    """``license-proxy check`` and the config's tests load the config alone: the forward proxy's
-    URL is parsed without the egress and tunnel code (or Twisted's endpoints) coming along."""
+@pytest.mark.parametrize("module", ["license_proxy.config", "license_proxy.statuscmd"])
+def test_reading_a_config_imports_no_twisted_and_no_network_code(module):
+    """``license-proxy check``, ``license-proxy-status`` and the config's tests load the config
+    alone: no Twisted module (33 came with it once, for four constants), and the forward proxy's
+    URL is parsed without the egress and tunnel code."""
     import subprocess
     import sys
 
     code = (
-        "import sys, license_proxy.config; "
-        "print(sorted(m for m in sys.modules if m in ('license_proxy.egress', 'license_proxy.tunnel',"
-        " 'license_proxy.connect', 'twisted.internet.endpoints')))"
+        f"import sys, {module}; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'twisted' or m in"
+        " ('license_proxy.egress', 'license_proxy.tunnel', 'license_proxy.connect')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -65,6 +65,17 @@ class RelayTests(SynchronousTestCase):
             self.assertEqual(response.code, 400, path)
         self.assertEqual(self.h.server.seen, [])
 
+    def test_a_header_name_with_an_underscore_is_refused_and_nothing_is_sent(self):
+        # CGI/WSGI/Rack/PHP read X_Api_Key as X-Api-Key, which keys the cache: under the
+        # "_" spelling, an anonymous client would get the keyed licensee's cached answer.
+        for name in ("X_Api_Key", "x_api_key", "Authorization_"):
+            response, body = self.h.answer(self, self.h.request(headers={name: "alice"}))
+            self.assertEqual(
+                (response.code, json.loads(body)),
+                (400, {"error": "_ in a header name (read as - by many servers)"}),
+            )
+        self.assertEqual((self.h.server.seen, len(self.h.cache)), ([], 0))
+
     def test_other_methods_get_405_with_allow_and_nothing_is_sent(self):
         for method in ("CONNECT", "TRACE", "PROPFIND", "get"):
             response, body = self.h.answer(self, self.h.request(method))

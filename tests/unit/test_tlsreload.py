@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
@@ -232,3 +233,82 @@ def test_keys_of_an_unsupported_kind_are_reported_and_checking_goes_on(tmp_path,
     assert watched.checks() == [
         "reload (files changed): the licensing listener's certificate and key are reloaded"
     ]
+
+
+def test_the_upstream_client_key_alone_is_watched(tmp_path, pki):
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    pki.pairs["client"].write(cert, key)
+    watched = Watched(Config(tls=False, client_cert=str(cert), client_key=str(key)))
+    creator = watched.creator()
+    key.write_bytes(pki.pairs["server"].key_pem)  # only the key changes: another one
+    (line,) = watched.checks()
+    assert f"[license] client_key: {key} does not match the certificate {cert}" in line
+    assert watched.creator() is creator
+
+
+def _fifo(path):
+    os.mkfifo(path)
+
+
+def _dev_zero(path):
+    os.symlink("/dev/zero", path)
+
+
+def _too_large(path):
+    path.write_bytes(b"#" * (1024 * 1024 + 1))
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_fifo, "not a regular file"), (_dev_zero, "not a regular file"),
+    (_too_large, "larger than 1048576 bytes"),
+])
+def test_a_certificate_that_is_no_regular_file_or_too_large_keeps_the_old_one(
+    tmp_path, pki, make, reason
+):
+    """Issue 20 item 5: a FIFO blocked the read for ever, /dev/zero never ended it."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    pki.pairs["server"].write(cert, key)
+    watched = Watched(Config(tls_cert=str(cert), tls_key=str(key)))
+    first = watched.listener.options
+    cert.unlink()
+    make(cert)
+    (line,) = watched.checks(3)  # said once
+    assert line == (
+        "reload (files changed): keeping the licensing listener's certificate: [server] tls_cert:"
+        f" cannot read {cert}: {reason}"
+    )
+    assert watched.listener.options is first
+    cert.unlink()
+    pki.pairs["server"].write(cert, key)
+    assert watched.checks() == [
+        "reload (files changed): the licensing listener's certificate and key are reloaded"
+    ]
+
+
+def test_the_files_are_read_and_the_material_built_by_run_and_put_in_service_after(tmp_path, pki):
+    """``run`` is a thread in service: nothing is read on the event loop."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    pki.pairs["server"].write(cert, key)
+    config = Config(tls_cert=str(cert), tls_key=str(key))
+    listener = ListenerTLS(listener_options(config, 0))
+    first = listener.options
+    queued = []
+
+    def run(work):
+        queued.append(work)
+        return Deferred()
+
+    reload = CertificateReload(
+        Clock(), config, listener, upstream_tls(config), CertificateFiles.read(config),
+        [].append, run,
+    )
+    issue(pki.pairs["ca"], LOCAL, now=datetime.now(timezone.utc)).write(cert, key)
+    done = reload.check()
+    (work,) = queued  # nothing read yet: only handed to run
+    assert listener.options is first
+    with capturedLogs() as events:
+        done.callback(work())
+    assert [formatEvent(e) for e in events] == [
+        "reload (files changed): the licensing listener's certificate and key are reloaded"
+    ]
+    assert listener.options is not first
