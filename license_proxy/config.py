@@ -277,9 +277,13 @@ def _port(value: object) -> int:
     return value
 
 
+class NotOfKind(ValueError):
+    """A value that is not of the kind a ``Bounded`` key takes."""
+
+
 def _integer(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected an integer, got {_show(value)}")
+        raise NotOfKind()
     return value
 
 
@@ -288,7 +292,8 @@ class Bounded:
     """
     A duration or count within bounds an operator could mean: ``[trust] duration =
     "3000000d"`` once made every status answer a 500 (a year past 9999), ``checkin_interval
-    = 1e-9`` thousands of check-ins a second.  ``parse`` refuses what is no number at all.
+    = 1e-9`` thousands of check-ins a second.  ``parse`` refuses what is no number at all
+    (``NotOfKind``: then the range is said too).
     """
 
     kind: str  # "a duration"
@@ -299,8 +304,11 @@ class Bounded:
     spell: Callable[[float], str] = str
 
     def __call__(self, value: object) -> float:
-        number = self.parse(value)
-        if not self.low <= number <= self.high:
+        try:
+            number = self.parse(value)
+        except NotOfKind:
+            number = None
+        if number is None or not self.low <= number <= self.high:
             raise ValueError(f"expected {self.kind} {self.range}, got {_show(value)}")
         return number
 

@@ -577,7 +577,7 @@ def test_cache_max_entries(tmp_path):
 )
 def test_bad_cache_max_entries_names_the_key(tmp_path, value, shown):
     assert error(tmp_path, f"[cache]\nmax_entries = {value}\n") == (
-        f"[cache] max_entries: expected an integer greater than 0, got {shown}"
+        f"[cache] max_entries: expected an integer from 1 to 1000000, got {shown}"
     )
 
 

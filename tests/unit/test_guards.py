@@ -604,8 +604,13 @@ def test_listener_defaults_fit_a_fleet_behind_one_address():
     ],
 )
 def test_bad_listener_count_names_the_key(tmp_path, key, toml, shown):
+    ranges = {
+        "max_body_size": "from 1 to 104857600",
+        "max_connections": "from 1 to 1048576",
+        "max_connections_per_peer": "from 1 to 1048576",
+    }
     assert error(tmp_path, f"[server]\n{key} = {toml}\n") == (
-        f"[server] {key}: expected an integer greater than 0, got {shown}"
+        f"[server] {key}: expected an integer {ranges[key]}, got {shown}"
     )
 
 
