@@ -68,6 +68,8 @@ class Config:
     cache_key_headers: tuple[bytes, ...] = CREDENTIAL_HEADERS  # [cache] key_headers, lower, sorted
     peer_urls: tuple[str, ...] = ()  # [peers] urls: the other instances' licensing URLs
     peer_ca_file: str | None = None  # [peers] ca_file
+    peer_cert_file: str | None = None  # [peers] cert_file: this instance's peer certificate
+    peer_key_file: str | None = None  # [peers] key_file
     log_format: str = "text"  # [log] format: "text" or "json" (one object per line)
 
     @property
@@ -224,6 +226,23 @@ def _check_combinations(path: str, config: Config) -> None:
                 raise _error(path, section, missing, f"missing, required when {given} is set")
     if config.status_port == config.port:
         raise _error(path, "server", "status_port", f"must differ from port ({config.port})")
+    _check_peers(path, config)
+
+
+def _check_peers(path: str, config: Config) -> None:
+    """Peers prove themselves to each other by certificate (``peers``): with any peer setting,
+    the CA, this instance's certificate and key, and a TLS listener (where they are checked)."""
+    given = [key for key in _PEER_MATERIAL if getattr(config, _KEYS["peers", key].attribute)]
+    if not (config.peer_urls or given):
+        return
+    for key in _PEER_MATERIAL:
+        if not getattr(config, _KEYS["peers", key].attribute):
+            raise _error(path, "peers", key, "missing, required when peers are set")
+    if not config.tls:
+        raise _error(path, "server", "tls", "tls = false cannot be combined with [peers]")
+
+
+_PEER_MATERIAL = ("ca_file", "cert_file", "key_file")
 
 
 def _error(path: str, section: str, key: str, reason: str) -> ConfigError:
@@ -640,11 +659,25 @@ _KEYS: dict[tuple[str, str], Key] = {
         ),
     ),
     ("peers", "ca_file"): Key(
-        "peer_ca_file", _readable_file, '`""` (the system\'s roots)',
+        "peer_ca_file", _readable_file, 'unset (required with peers)',
         (
-            "CA certificates (PEM) the peers' certificates must chain to, their names "
-            "matching the URLs' hosts"
+            "CA certificates (PEM) the peers' certificates must chain to: their licensing "
+            "listeners' (names matching the URLs' hosts) and the client certificates they "
+            "present (`cert_file`). Only a request over a connection with a client certificate "
+            "chaining to it is a peer's (see [Two instances](two-instances.md#two-instances)); "
+            "give it a CA that signs nothing else"
         ),
+    ),
+    ("peers", "cert_file"): Key(
+        "peer_cert_file", _readable_file, 'unset (required with peers)',
+        (
+            "this instance's peer certificate (PEM, chaining to `ca_file`, extended key usage "
+            "`clientAuth`), presented when it asks a peer"
+        ),
+    ),
+    ("peers", "key_file"): Key(
+        "peer_key_file", _readable_file, 'unset',
+        None,
     ),
     ("log", "format"): Key(
         "log_format", _log_format, '"text"',

@@ -11,13 +11,16 @@ trusted answer here) is sent to each peer in turn; the first trusted answer a pe
 relayed, and kept here, so the gap does not come back when that peer goes.
 
 A peer is sent the client's own request: its credentials select the answer, so a peer gives
-nothing the client could not get by asking it directly, and no secret is shared between the
-instances. The request carries ``License-Proxy-Peer: ask``, and a peer answers a request
-carrying the header from its trust cache only (or 502): it never sends it to the license
+nothing the client could not get from that peer's trust cache. The request carries
+``License-Proxy-Peer: ask``, and a peer answers a peer's request carrying the header from its trust cache only (or 502): it never sends it to the license
 server, which may have had it already from this instance (a POST is never sent twice), nor to
-its own peers (two instances without the answer end with one 502 each, never a loop). Peers
-are reached directly (never through the forward proxy: they are neighbours), over TLS verified
-against ``[peers] ca_file``, within ``answer_within``. A peer that fails (refused,
+its own peers (two instances without the answer end with one 502 each, never a loop). Only a
+peer's mark is obeyed: the request must come over a connection with a client certificate
+chaining to ``[peers] ca_file`` (each instance presents ``[peers] cert_file``); anyone else's
+mark is ignored and the request relayed like any other, so no client can have an answer from
+trust while the license server answers, nor keep a request from it. Peers are reached directly
+(never through the forward proxy: they are neighbours), over TLS verified against ``[peers]
+ca_file``, within ``answer_within``. A peer that fails (refused,
 black-holed, TLS) is skipped until a probe (``License-Proxy-Peer: probe``, answered 204 by the
 peer's relay itself) finds it back, by the rules of ``health``; a peer's 502 only means it has
 no answer either.
@@ -29,11 +32,11 @@ from typing import Optional, Sequence
 
 from attrs import define
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IRequest
 
 from .headernames import PEER as HEADER
 from .health import Health
@@ -44,6 +47,14 @@ from .upstream import Answer, Upstream, UpstreamFailure
 #: ``HEADER``'s values: a request to answer (never passed on), or a probe (answered 204).
 ASK = b"ask"
 PROBE = b"probe"
+
+
+def certified_peer(request: IRequest) -> bool:
+    """Whether ``request`` came over TLS with a client certificate: the listener asks for one
+    only with ``[peers] ca_file``, and fails the handshake of one not chaining to it
+    (``tls.contexts``), so only a peer has one."""
+    transport = request.transport
+    return ISSLTransport.providedBy(transport) and transport.getPeerCertificate() is not None
 
 
 @define

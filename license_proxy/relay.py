@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -44,7 +44,7 @@ from .metrics import (
     UPSTREAM_OK,
     RelayMetrics,
 )
-from .peers import PROBE, Peers
+from .peers import PROBE, Peers, certified_peer
 from .status import Status
 from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -96,6 +96,8 @@ class Relay:
     #: Request headers that identify a licensee, lower case, sorted: in every cache key.
     _key_headers: tuple[bytes, ...] = CREDENTIAL_HEADERS
     _peers: Peers = field(factory=Peers)
+    #: Whether a request comes from a peer: only then is its mark (``peers``) obeyed.
+    _from_peer: Callable[[IRequest], bool] = certified_peer
     _inflight: set = field(factory=set, init=False)
     _background: set = field(factory=set, init=False)
     _stopping: bool = field(default=False, init=False)
@@ -113,7 +115,15 @@ class Relay:
         if self._stopping:
             request.setHeader(b"connection", b"close")
             return _error(request, 503, "license-proxy is stopping")
-        if request.requestHeaders.getRawHeaders(PEER) == [PROBE]:
+        mark = request.requestHeaders.getRawHeaders(PEER)
+        from_peer = mark is not None and self._from_peer(request)
+        if mark is not None and not from_peer:
+            # Stripped (never sent on: REQUEST_OWN), and relayed like any other request.
+            self.log.warn(
+                "a request carried {header} without a peer certificate: the mark is ignored",
+                header=PEER.decode("ascii"),
+            )
+        if from_peer and mark == [PROBE]:
             request.setResponseCode(204)  # a peer's probe: this instance is here
             return b""
         if request.method not in METHODS:
@@ -128,7 +138,7 @@ class Relay:
             return self._reject(request, 400, "dot segment or encoded / or \\ in the path")
         gone: list = []
         request.notifyFinish().addErrback(gone.append)
-        done = Deferred.fromCoroutine(self._relay(request, rest, gone))
+        done = Deferred.fromCoroutine(self._relay(request, rest, gone, from_peer))
         done.addErrback(self._crashed, request, gone)
         self._inflight.add(done)
         done.addBoth(lambda _: self._inflight.discard(done))
@@ -155,7 +165,7 @@ class Relay:
         answered = DeferredList(list(self._inflight), consumeErrors=True)
         return answered.addCallback(lambda _: self._peers.stop())
 
-    async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
+    async def _relay(self, request: IRequest, rest: bytes, gone: list, from_peer: bool) -> None:
         started = self._timers.seconds()
         method = request.method
         headers = Headers(dict(end_to_end(request.requestHeaders, REQUEST_OWN)))
@@ -163,7 +173,6 @@ class Relay:
             b"content-length"
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         body = request.content.read() if has_body else None
-        from_peer = request.requestHeaders.hasHeader(PEER)
         asked = _Asked(request, gone, method, rest, headers, body, from_peer)
         key = self._key(method, rest, headers)
         entry = self._lookup(key, headers) if self._status.trusted() else None

@@ -129,6 +129,45 @@ def _head(t: Target) -> tuple[str, str]:
     return verdict, f"Content-Length {sent[1]} for HEAD, {sent[0]} for GET"
 
 
+# -- the peers' mark (issue 19): obeyed only on a connection with a peer certificate ----------
+
+
+def peer_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
+    """A client without a peer certificate marks its requests as a peer's: it must gain
+    nothing (no answer from trust while the license server answers, no probe's 204)."""
+    attacks = {
+        f"peer mark {shown} on a cached {method}": lambda m=method, v=value: _marked(t, m, v)
+        for method, value, shown in (("GET", b"x", "'x'"), ("GET", b"", "empty"),
+                                     ("POST", b"ask", "'ask'"))
+    }
+    attacks["peer probe on TRACE /admin"] = lambda: refused(
+        t.raw(b"TRACE /admin HTTP/1.1\r\nHost: proxy\r\nLicense-Proxy-Peer: probe\r\n"
+              b"Connection: close\r\n\r\n", "TRACE"), 404, 405
+    )
+    attacks["peer probe without a peer certificate"] = lambda: _not_204(
+        t.request("GET", b"peer-probe", b"License-Proxy-Peer: probe")
+    )
+    return attacks
+
+
+def _marked(t: Target, method: str, value: bytes) -> tuple[str, str]:
+    """The same request, once plain (so the proxy holds its answer), once marked: the marked
+    one must be the license server's answer, not the one in trust (which carries ``Age``)."""
+    sent = (method, b"peer-mark", b"Authorization: Token peer-mark")
+    body = b'{"usage":1}' if method == "POST" else b""
+    plain = t.request(*sent, body=body)
+    if plain.status != 200 or "Age" in plain.headers:
+        return "not tested", f"the unmarked request answered {plain.status} (Age {plain.headers.get('Age')})"
+    marked = t.request(*sent, b"License-Proxy-Peer: " + value, body=body)
+    if "Age" in marked.headers:
+        return "UNSAFE", f"answered {marked.status} from trust, Age {marked.headers['Age']}"
+    return "safe", f"answered {marked.status} by the license server"
+
+
+def _not_204(answer: Answer) -> tuple[str, str]:
+    return ("UNSAFE" if answer.status == 204 else "safe"), f"answered {answer.status or 'nothing'}"
+
+
 class Outage:
     """Attacks on the trust cache: ``prime`` while the license server is up, ``check`` in an
     outage.  Each check is (name, function)."""
@@ -235,7 +274,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkin-interval", type=float, default=60.0)
     args = parser.parse_args(argv)
     target = Target(args)
-    verdicts = run(door_attacks(target), sys.stdout)
+    verdicts = run({**door_attacks(target), **peer_attacks(target)}, sys.stdout)
     if args.outage:
         outage = Outage(target, args.max_entries, args.checkin_interval)
         outage.prime()

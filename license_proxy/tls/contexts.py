@@ -3,7 +3,7 @@ TLS material for both sides of the proxy, read from the files the config
 names: the licensing listener's certificate (or one generated on first start
 and kept in the state directory, so it stays the same across restarts), and
 what the upstream client trusts and presents (``UpstreamTLS``), and what the peers' client
-trusts.
+trusts and presents, and the listener asks of peers.
 
 Every problem with a file is a ``ConfigError`` naming the key, so a bad
 certificate stops the proxy with one line instead of a traceback.
@@ -178,7 +178,25 @@ def listener_options(config: Config, now: float) -> CertificateOptions:
         # b"", which OpenSSL turns into an "internal error" alert for every client that
         # sends ALPN (curl, Go, Rust clients).  We speak HTTP/1.1 only.
         acceptableProtocols=[b"http/1.1"],
+        **_peer_authentication(config),
     )
+
+
+def _peer_authentication(config: Config) -> dict:
+    """
+    With peers, a client certificate is asked for but not required (containers have none),
+    and one that is sent must chain to ``[peers] ca_file`` and nothing else (the handshake
+    fails otherwise): a connection with a client certificate is a peer's (``relay``).
+    Without peers, none is asked for, so none is ever presented.
+    """
+    if not config.peer_ca_file:
+        return {}
+    authorities = _certificates(config.peer_ca_file, "[peers] ca_file")
+    return {
+        "verify": True,
+        "requireCertificate": False,
+        "caCerts": [crypto.X509.from_cryptography(c) for c in authorities],
+    }
 
 
 def _trust_root(path: str | None, key: str):
@@ -191,9 +209,15 @@ def _trust_root(path: str | None, key: str):
 
 
 def peer_tls(config: Config) -> UpstreamTLS:
-    """The peers are verified by ``[peers] ca_file`` (or the system's roots); no client
-    certificate: that one is for the license server."""
-    return UpstreamTLS(_trust_root(config.peer_ca_file, "[peers] ca_file"))
+    """The peers are verified by ``[peers] ca_file``, and shown this instance's peer
+    certificate (``[peers] cert_file``): what makes its requests a peer's."""
+    trust_root = _trust_root(config.peer_ca_file, "[peers] ca_file")
+    client = None
+    if config.peer_cert_file:
+        client = _private_certificate(
+            config.peer_cert_file, "[peers] cert_file", config.peer_key_file, "[peers] key_file"
+        )
+    return UpstreamTLS(trust_root, client)
 
 
 def upstream_tls(config: Config) -> UpstreamTLS:
@@ -201,13 +225,21 @@ def upstream_tls(config: Config) -> UpstreamTLS:
     trust_root = _trust_root(config.ca_file, "[license] ca_file")
     client = None
     if config.client_cert:
-        cert = _certificates(config.client_cert, "[license] client_cert")[0]
-        key = _matching_key(cert, config.client_key, "[license] client_key", config.client_cert)
-        client = PrivateCertificate.fromCertificateAndKeyPair(
-            Certificate(crypto.X509.from_cryptography(cert)),
-            KeyPair(crypto.PKey.from_cryptography_key(key)),
+        client = _private_certificate(
+            config.client_cert, "[license] client_cert", config.client_key, "[license] client_key"
         )
     return UpstreamTLS(trust_root, client)
+
+
+def _private_certificate(
+    cert_path: str, cert_key: str, key_path: str, key_key: str
+) -> PrivateCertificate:
+    cert = _certificates(cert_path, cert_key)[0]
+    key = _matching_key(cert, key_path, key_key, cert_path)
+    return PrivateCertificate.fromCertificateAndKeyPair(
+        Certificate(crypto.X509.from_cryptography(cert)),
+        KeyPair(crypto.PKey.from_cryptography_key(key)),
+    )
 
 
 @implementer(IPolicyForHTTPS)

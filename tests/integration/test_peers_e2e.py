@@ -1,23 +1,37 @@
 """
 End to end, two real ``twistd license-proxy`` processes that are each other's peer (``[peers]
-urls`` over verified TLS), in front of one real TLS license server, loopback only: a container
-whose answer only one instance holds keeps its license through the other during an outage,
-also once the first is gone; a peer that black-holes costs one ``answer_within``, then is
-skipped; the peers' mark never reaches the license server.
+urls`` over verified TLS, each presenting its peer certificate), in front of one real TLS
+license server, loopback only: a container whose answer only one instance holds keeps its
+license through the other during an outage, also once the first is gone; a peer that
+black-holes costs one ``answer_within``, then is skipped; the peers' mark never reaches the
+license server. A client without a peer certificate gains nothing by the mark: a revoked key
+gets the license server's 401, never the 200 in trust; a marked POST reaches the license
+server; a probe is no probe.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
+
+import pytest
 
 from tests.support.blackhole import BlackHole
 from tests.support.configs import config
 from tests.support.metrics import scrape
-from tests.support.proxy import ProxyProcess
+from tests.support.proxy import ProxyProcess, free_port
 
 ANSWER_WITHIN = 2.0
 MARGIN = 3.0  # load on a shared 2-core machine
 GOOD = b'{"license":"alice"}'
+
+
+def peers_section(pki, urls) -> str:
+    listed = ", ".join(f'"{url}"' for url in urls)
+    return (
+        f'\n[peers]\nurls = [{listed}]\nca_file = "{pki.ca_cert}"\n'
+        f'cert_file = "{pki.peer_cert}"\nkey_file = "{pki.peer_key}"\n'
+    )
 
 
 def pair(tmp_path, pki, upstream, extra_peers=()) -> tuple[ProxyProcess, ProxyProcess]:
@@ -30,8 +44,7 @@ def pair(tmp_path, pki, upstream, extra_peers=()) -> tuple[ProxyProcess, ProxyPr
     )
     for proxy, other, first in ((a, b, list(extra_peers)), (b, a, [])):
         proxy.tmp_path.mkdir()
-        urls = ", ".join(f'"{url}"' for url in [*first, f"https://127.0.0.1:{other.port}/"])
-        proxy.config_text += f'\n[peers]\nurls = [{urls}]\nca_file = "{pki.ca_cert}"\n'
+        proxy.config_text += peers_section(pki, [*first, f"https://127.0.0.1:{other.port}/"])
     return a, b
 
 
@@ -94,3 +107,56 @@ def test_a_black_holed_peer_costs_one_answer_within_then_is_skipped(tmp_path, pk
             assert (code, body) == (200, GOOD)
             assert took < 1.0, took  # the black hole is skipped: b answers at once
             assert "peer https://127.0.0.1:" in a.log_text() and "is down" in a.log_text()
+
+
+def alone(tmp_path, pki, upstream) -> ProxyProcess:
+    """An instance with peer settings whose one peer is not running."""
+    tls = f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"'
+    text = config(tmp_path, pki, upstream.url, server=tls)
+    text += peers_section(pki, [f"https://127.0.0.1:{free_port()}/"])
+    return ProxyProcess(tmp_path, text, ca_file=pki.ca_cert)
+
+
+def test_a_mark_without_a_peer_certificate_gets_no_answer_from_trust(tmp_path, pki, upstream):
+    """The revoked-key replay of issue 19: the license server's 401, never the 200 in trust."""
+    with alone(tmp_path, pki, upstream) as proxy:
+        proxy.wait_state("Connected")
+        upstream.respond(body=GOOD)
+        assert ask(proxy)[1:4:2] == (200, GOOD)
+        upstream.respond(status=401, body=b'{"error":"revoked"}')
+        for mark in ("x", "", "ask"):
+            sent = len(upstream.requests)
+            code, headers, body = proxy.request(
+                "GET", "/v1/lic", headers={"Authorization": "Token alice", "License-Proxy-Peer": mark}
+            )
+            assert (code, body) == (401, b'{"error":"revoked"}'), (mark, code, body)
+            assert "Age" not in headers
+            assert len(upstream.requests) == sent + 1
+        # A usage POST with the mark reaches the license server.
+        upstream.respond(body=b'{"ok":1}')
+        code, _, _ = proxy.request(
+            "POST", "/v1/usage", body=b'{"usage":1}',
+            headers={"Authorization": "Token alice", "License-Proxy-Peer": "ask"},
+        )
+        assert code == 200
+        assert [r.body for r in upstream.requests if r.method == "POST"] == [b'{"usage":1}']
+        assert not [r for r in upstream.requests if r.header("License-Proxy-Peer") is not None]
+        assert "without a peer certificate: the mark is ignored" in proxy.log_text()
+
+
+def test_only_a_peer_certificate_makes_a_probe(tmp_path, pki, upstream):
+    with alone(tmp_path, pki, upstream) as proxy:
+        proxy.wait_state("Connected")
+        probe = {"License-Proxy-Peer": "probe"}
+        assert proxy.request("TRACE", "/admin", headers=probe)[0] == 405
+        sent = len(upstream.requests)
+        assert proxy.request("GET", "/v1/x", headers=probe)[0] == 200  # relayed, as any GET
+        assert len(upstream.requests) == sent + 1
+        # With the peers' certificate, the instance answers itself.
+        peer = (pki.peer_cert, pki.peer_key)
+        assert proxy.request("GET", "/", headers=probe, client_cert=peer)[0] == 204
+        assert len(upstream.requests) == sent + 1
+        # A client certificate from another CA fails the handshake; none is still fine.
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            proxy.request("GET", "/", headers=probe, client_cert=(pki.client_cert, pki.client_key))
+        assert proxy.request("GET", "/v1/x")[0] == 200

@@ -649,11 +649,21 @@ def test_unknown_section(tmp_path):
 
 
 def test_peers(tmp_path):
-    ca = touch(tmp_path, "peers-ca.pem")
-    text = f'[peers]\nurls = ["https://proxy-b:8443/", "https://[::1]:9443/lic/"]\nca_file = "{ca}"\n'
+    ca, cert, key = (touch(tmp_path, f"peers-{name}.pem") for name in ("ca", "cert", "key"))
+    material = f'ca_file = "{ca}"\ncert_file = "{cert}"\nkey_file = "{key}"\n'
+    text = f'[peers]\nurls = ["https://proxy-b:8443/", "https://[::1]:9443/lic/"]\n{material}'
     config = load_text(tmp_path, text)
     assert config.peer_urls == ("https://proxy-b:8443/", "https://[::1]:9443/lic/")
-    assert config.peer_ca_file == ca
+    assert (config.peer_ca_file, config.peer_cert_file, config.peer_key_file) == (ca, cert, key)
+    # A peer proves itself by its certificate: all three, and a TLS listener to check it on.
+    for missing in ("ca_file", "cert_file", "key_file"):
+        partial = "".join(line + "\n" for line in material.splitlines() if missing not in line)
+        assert error(tmp_path, f'[peers]\nurls = ["https://b/"]\n{partial}') == (
+            f"[peers] {missing}: missing, required when peers are set"
+        )
+    assert error(tmp_path, f"[server]\ntls = false\n[peers]\n{material}") == (
+        "[server] tls: tls = false cannot be combined with [peers]"
+    )
     assert error(tmp_path, '[peers]\nurls = "https://b"\n') == (
         "[peers] urls: expected a list of https:// URLs, got 'https://b'"
     )

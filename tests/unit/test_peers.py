@@ -13,25 +13,29 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from tests.support.relayharness import RelayHarness
+from tests.support.relayharness import CERTIFIED, RelayHarness
 
 ALICE = {"Authorization": "Token alice"}
 
 
 class _ToRelay:
-    """Requests to an instance's relay, found when sent (each of the two is built first);
-    or refused, as by an instance that is not running."""
+    """Requests to an instance's relay, found when sent (each of the two is built first), over
+    a connection with a peer certificate; or refused, as by an instance that is not running."""
 
     def __init__(self, harness) -> None:
         self._harness = harness
         self._agents: list[RequestTraversalAgent] = []
         self.refused = False
         self.sent = 0
+        self.marks: list = []  # the mark of each request sent
 
     def request(self, method, uri, headers=None, bodyProducer=None):
         self.sent += 1
+        self.marks.append(headers.getRawHeaders(b"license-proxy-peer"))
         if self.refused:
             return fail(ConnectionRefusedError())
+        headers = headers.copy()
+        headers.setRawHeaders(CERTIFIED, [b"yes"])
         agent = RequestTraversalAgent(self._harness().relay)
         self._agents.append(agent)
         return agent.request(method, uri, headers, bodyProducer)
@@ -104,21 +108,61 @@ class PeerTests(SynchronousTestCase):
             1,
         )
 
-    def test_a_request_marked_by_a_client_gains_nothing(self):
-        self.b.answer(self, self.b.request(headers=ALICE))
-        self.down(self.b)
-        response, _ = self.ask_a(headers={**ALICE, "License-Proxy-Peer": "x"})
-        self.assertEqual(response.code, 502)  # taken as a peer's request: from trust only
-        self.assertEqual((self.to_b.sent, self.a.server.count), (0, 0))
+    def test_a_mark_without_a_peer_certificate_is_ignored(self):
+        """A revoked key: the license server's 401, never the 200 in trust."""
+        self.assertEqual(self.a.answer(self, self.a.request(headers=ALICE))[0].code, 200)
+        self.a.server.code, self.a.server.body = 401, b'{"error":"revoked"}'
+        for mark in ("x", "", "ask"):
+            count = self.a.server.count
+            response, body = self.a.answer(
+                self, self.a.request(headers={**ALICE, "License-Proxy-Peer": mark})
+            )
+            self.assertEqual((response.code, body), (401, b'{"error":"revoked"}'), mark)
+            self.assertEqual(self.a.server.count, count + 1)
+            self.assertNotIn(b"license-proxy-peer", self.a.server.seen[-1][2])
+        # A usage POST with the mark reaches the license server.
+        self.a.server.code = 200
+        response, _ = self.a.answer(
+            self, self.a.request("POST", data=b'{"usage":1}', headers={**ALICE, "License-Proxy-Peer": "ask"})
+        )
+        self.assertEqual((response.code, self.a.server.seen[-1][3]), (200, b'{"usage":1}'))
 
     def test_a_probe_is_answered_by_the_instance_itself(self):
         count = self.a.server.count
         d = self.a.client.request(
-            b"GET", b"https://proxy.local:8443/v1/anything", Headers({b"License-Proxy-Peer": [b"probe"]})
+            b"GET", b"https://proxy.local:8443/v1/anything",
+            Headers({b"License-Proxy-Peer": [b"probe"], CERTIFIED: [b"yes"]}),
         )
         response, body = self.a.answer(self, d)
         self.assertEqual((response.code, body), (204, b""))
         self.assertEqual(self.a.server.count, count)
+
+    def test_a_probe_without_a_peer_certificate_is_no_probe(self):
+        count = self.a.server.count
+        for method, path, code in ((b"GET", b"/v1/anything", 200), (b"TRACE", b"/admin", 405)):
+            d = self.a.client.request(
+                method, b"https://proxy.local:8443" + path, Headers({b"License-Proxy-Peer": [b"probe"]})
+            )
+            self.assertEqual(self.a.answer(self, d)[0].code, code, method)
+        self.assertEqual(self.a.server.count, count + 1)  # the GET was relayed
+
+    def test_peers_are_not_asked_when_this_instance_holds_a_trusted_answer(self):
+        self.a.answer(self, self.a.request(headers=ALICE))
+        self.b.server.body = b'{"license":"from b"}'
+        self.b.answer(self, self.b.request(headers=ALICE))
+        self.down(self.a, self.b)
+        response, body = self.ask_a()
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+        self.assertEqual(self.to_b.sent, 0)
+
+    def test_a_peers_502_is_no_answer_not_its_absence(self):
+        """b has no answer for bob (502): it is still asked for carol's, which it has."""
+        self.b.answer(self, self.b.request(headers={"Authorization": "Token carol"}))
+        self.down(self.a, self.b)
+        self.assertEqual(self.ask_a(headers={"Authorization": "Token bob"})[0].code, 502)
+        response, body = self.ask_a(headers={"Authorization": "Token carol"})
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+        self.assertEqual(self.to_b.sent, 2)
 
     def test_a_peer_that_failed_is_skipped_until_a_probe_finds_it_back(self):
         self.b.answer(self, self.b.request(headers=ALICE))
@@ -133,5 +177,7 @@ class PeerTests(SynchronousTestCase):
         self.a.pump()
         self.to_b.flush()
         self.assertEqual(self.to_b.sent, 2)
+        self.assertEqual(self.to_b.marks, [[b"ask"], [b"probe"]])  # answered by b itself
+        self.assertEqual(self.b.server.count, 1)  # alice's check-in only
         response, body = self.ask_a()
         self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
