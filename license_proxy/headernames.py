@@ -29,6 +29,10 @@ HOP_BY_HOP = frozenset(
 #: Marks a request from another instance (see ``peers``).
 PEER = b"license-proxy-peer"
 
+#: In the answer to a peer's probe: the instance's random id, so that one finding its peers by
+#: DNS knows its own address when it meets it (``discovery``).
+INSTANCE = b"license-proxy-instance"
+
 #: Request headers the relay's client sets again for each request, and the peers' mark
 #: (never sent to the license server).
 REQUEST_OWN = frozenset({b"host", b"content-length", PEER})

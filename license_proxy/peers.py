@@ -28,9 +28,10 @@ no answer either.
 
 from __future__ import annotations
 
+import secrets
 from typing import Optional, Sequence
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
@@ -38,8 +39,9 @@ from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IRequest
 
+from .headernames import INSTANCE
 from .headernames import PEER as HEADER
-from .health import Health
+from .health import ANSWER_WITHIN, RETRY_INTERVAL, Health, Server
 from .pool import RetryingPool
 from .tls.contexts import UpstreamTLS
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -59,9 +61,16 @@ def certified_peer(request: IRequest) -> bool:
 
 @define
 class Peers:
-    """The peers, in ``[peers] urls`` order; none when the list is empty."""
+    """The peers: ``[peers] urls``, or those ``discovery`` finds (``use``); none until then."""
 
-    _client: Optional[Upstream] = None
+    _agent: Optional[IAgent] = None
+    _clock: Optional[IReactorTime] = None
+    _answer_within: float = ANSWER_WITHIN
+    _retry_interval: float = RETRY_INTERVAL
+    _pool: Optional[RetryingPool] = None
+    #: This instance's id, in its answers to probes (``discovery``): new at each start.
+    instance: bytes = field(factory=lambda: secrets.token_hex(16).encode("ascii"))
+    _client: Optional[Upstream] = field(default=None, init=False)
 
     log = Logger()
 
@@ -74,9 +83,8 @@ class Peers:
         retry_interval: float,
         tls: UpstreamTLS,
     ) -> Peers:
-        """The production client: pooled connections, TLS verified by ``tls``, direct."""
-        if not urls:
-            return cls()
+        """The production client: pooled connections, TLS verified (and this instance's peer
+        certificate presented) by ``tls``, direct."""
         pool = RetryingPool(reactor, persistent=True)
         agent = Agent(reactor, contextFactory=tls, connectTimeout=answer_within, pool=pool)
         return cls.using(agent, reactor, urls, answer_within, retry_interval, pool)
@@ -92,12 +100,45 @@ class Peers:
         pool: Optional[RetryingPool] = None,
     ) -> Peers:
         """The peers over ``agent``, each answer awaited ``answer_within``, probed when down."""
-        health = Health.of(
-            clock, urls, answer_within, retry_interval, role="peer", down_statuses=frozenset()
+        peers = cls(agent, clock, answer_within, retry_interval, pool)
+        peers.use(urls)
+        return peers
+
+    @property
+    def health(self) -> Optional[Health]:
+        """The peers' health (``status``), None without peers."""
+        return None if self._client is None else self._client.health
+
+    def use(self, urls: Sequence[str]) -> None:
+        """Ask these peers from now on, in this order. A peer already known keeps its state (a
+        down one stays down until a probe finds it back); a new one starts up."""
+        known = {} if self._client is None else {s.url: s for s in self._client.health.servers}
+        if self._client is not None:
+            self._client.health.stop()
+        self._client = None
+        if not urls:
+            return
+        health = Health(
+            self._clock, self._clock, [known.get(url) or Server(url) for url in urls],
+            self._answer_within, self._retry_interval,
+            role="peer", down_statuses=frozenset(),
         )
-        client = Upstream.using(agent, clock, urls, answer_within, pool, health)
+        client = Upstream.using(
+            self._agent, self._clock, urls, self._answer_within, self._pool, health
+        )
         health.probe_with(lambda index: Deferred.fromCoroutine(_probe(client, index)))
-        return cls(client)
+        self._client = client
+
+    async def identify(self, url: str) -> Optional[bytes]:
+        """The id of the instance at ``url`` (its answer to a probe), or None: no answer, or not
+        from an instance that took this one for a peer."""
+        once = Upstream.using(self._agent, self._clock, [url], self._answer_within)
+        try:
+            answer = await once.attempt(0, b"GET", b"", Headers({HEADER: [PROBE]}), None)
+        except UpstreamFailure:
+            return None
+        ids = answer.headers.getRawHeaders(INSTANCE, [])
+        return ids[0] if answer.status == 204 and len(ids) == 1 else None
 
     async def ask(
         self, method: bytes, rest: bytes, headers: Headers, body: Optional[bytes]
@@ -116,10 +157,11 @@ class Peers:
 
     def stop(self) -> Deferred:
         """No more probes; idle connections closed."""
-        if self._client is None:
+        if self._client is not None:
+            self._client.health.stop()
+        if self._pool is None:
             return succeed(None)
-        self._client.health.stop()
-        return self._client.close()
+        return self._pool.closeCachedConnections()
 
 
 async def _probe(client: Upstream, index: int) -> None:

@@ -34,7 +34,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from .headernames import HOP_BY_HOP, PEER, REQUEST_OWN, TOKEN
+from .headernames import HOP_BY_HOP, INSTANCE, PEER, REQUEST_OWN, TOKEN
 from .metrics import (
     REJECTED,
     SERVED_BY_PEER,
@@ -124,7 +124,8 @@ class Relay:
                 header=PEER.decode("ascii"),
             )
         if from_peer and mark == [PROBE]:
-            request.setResponseCode(204)  # a peer's probe: this instance is here
+            request.setResponseCode(204)  # a peer's probe: this instance is here, and which
+            request.setHeader(INSTANCE, self._peers.instance)
             return b""
         if request.method not in METHODS:
             request.setHeader(b"allow", _ALLOW)

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Callable
 
 from twisted.application import strports
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import CannotListenError
@@ -28,6 +29,7 @@ from . import runtime, statedir
 from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
 from .config import Config
+from .discovery import INTERVAL, Discovery, resolver
 from .egress import Settings
 from .health import Health
 from .guards import ConnectionLimits, GuardedSite
@@ -191,6 +193,9 @@ def make_service(
     )
     registry = registry_for(dates, status, cache)
     registry.register(UpstreamCollector(upstream))
+    peers = Peers.build(
+        reactor, config.peer_urls, config.answer_within, config.retry_interval, peer_tls(config)
+    )
     relay = Relay(
         dates,
         reactor,
@@ -200,10 +205,7 @@ def make_service(
         config.base_url.encode("ascii"),
         RelayMetrics.on(registry),
         config.cache_key_headers,
-        Peers.build(
-            reactor, config.peer_urls, config.answer_within, config.retry_interval,
-            peer_tls(config),
-        ),
+        peers,
     )
     checkin = CheckIn(reactor, upstream, status, config.key)
     health.probe_with(lambda index: Deferred.fromCoroutine(checkin.probe(index)))
@@ -241,7 +243,25 @@ def make_service(
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     watching(reload, reactor).setServiceParent(top)
     listener(config.status_port, status_site, "status").setServiceParent(top)
+    if config.peer_name:
+        _finding(config, reactor, peers).setServiceParent(top)
     return top
+
+
+def _finding(config: Config, reactor, peers: Peers) -> Service:
+    """The lookups of ``[peers] name`` (``discovery``), from the start."""
+    discovery = Discovery(
+        resolver(reactor),
+        lambda url: Deferred.fromCoroutine(peers.identify(url)),
+        peers.use,
+        peers.instance,
+        config.peer_name,
+        config.port,
+        config.base_url,
+    )
+    finding = TimerService(INTERVAL, lambda: Deferred.fromCoroutine(discovery.refresh()))
+    finding.clock = reactor
+    return finding
 
 
 def _writer_thread(reactor) -> Callable[[Callable[[], object]], Deferred]:

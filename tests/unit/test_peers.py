@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -181,3 +181,32 @@ class PeerTests(SynchronousTestCase):
         self.assertEqual(self.b.server.count, 1)  # alice's check-in only
         response, body = self.ask_a()
         self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+
+    def pump_both(self):
+        for _ in range(4):
+            for flush in (self.a.pump, self.to_b.flush, self.b.pump, self.to_a.flush):
+                flush()
+
+    def test_a_probe_answer_names_the_instance(self):
+        """How an instance finding its peers by DNS knows its own address (``discovery``)."""
+        d = Deferred.fromCoroutine(self.a.peers.identify("https://peer.local/"))
+        self.pump_both()
+        self.assertEqual(self.successResultOf(d), self.b.peers.instance)
+        self.assertNotEqual(self.a.peers.instance, self.b.peers.instance)
+        self.to_b.refused = True
+        d = Deferred.fromCoroutine(self.a.peers.identify("https://peer.local/"))
+        self.pump_both()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_peers_found_again_keep_their_state(self):
+        """A peer down before ``use`` names it again stays down until a probe finds it back."""
+        self.b.answer(self, self.b.request(headers=ALICE))
+        self.down(self.a, self.b)
+        self.to_b.refused = True
+        self.assertEqual(self.ask_a()[0].code, 502)
+        self.a.peers.use(["https://peer.local/", "https://other.local/"])
+        self.assertEqual(
+            [s.up for s in self.a.peers.health.servers], [False, True]
+        )
+        self.a.peers.use([])
+        self.assertIsNone(self.a.peers.health)
