@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
 from .guards import LIMIT_KEYS, REJECTIONS
+from .peers import Peers
 from .status import CONNECTED, FAILED, READY, TRUST_BASED, Status
 from .trustcache import TrustCache
 from .upstream import Upstream
@@ -171,6 +172,32 @@ class UpstreamCollector:
         for server in self._upstream.health.servers:
             up.add_metric([server.url], 1 if server.up else 0)
         yield up
+
+
+@define(eq=False)  # a registry keeps collectors in a dict
+class PeersCollector:
+    """Each peer, read at scrape time (they come and go with ``[peers] name``)."""
+
+    _peers: Peers
+
+    def collect(self):
+        labels = ["peer"]
+        up = GaugeMetricFamily(
+            "license_proxy_peer_up", "1 while a peer is asked, 0 while it is down.", labels=labels
+        )
+        received = CounterMetricFamily(
+            "license_proxy_peer_answers_received",
+            "A peer's answers relayed to this instance's clients.", labels=labels,
+        )
+        sent = CounterMetricFamily(
+            "license_proxy_peer_answers_sent",
+            "Answers from this instance's trust given to a peer's requests.", labels=labels,
+        )
+        for peer in self._peers.records():
+            up.add_metric([peer.url], 1 if peer.up else 0)
+            received.add_metric([peer.url], peer.received)
+            sent.add_metric([peer.url], peer.sent)
+        yield from (up, received, sent)
 
 
 def registry_for(dates: IReactorTime, status: Status, cache: TrustCache) -> CollectorRegistry:

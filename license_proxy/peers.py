@@ -29,9 +29,10 @@ no answer either.
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from typing import Optional, Sequence
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
@@ -59,6 +60,17 @@ def certified_peer(request: IRequest) -> bool:
     return ISSLTransport.providedBy(transport) and transport.getPeerCertificate() is not None
 
 
+@frozen
+class PeerRecord:
+    """One peer as the status and the metrics show it."""
+
+    url: str
+    up: bool
+    last_exchange: Optional[float]  # when it last answered (a request, a probe), a date
+    received: int  # its answers relayed to this instance's clients
+    sent: int  # this instance's answers from trust to its requests
+
+
 @define
 class Peers:
     """The peers: ``[peers] urls``, or those ``discovery`` finds (``use``); none until then."""
@@ -68,9 +80,14 @@ class Peers:
     _answer_within: float = ANSWER_WITHIN
     _retry_interval: float = RETRY_INTERVAL
     _pool: Optional[RetryingPool] = None
-    #: This instance's id, in its answers to probes (``discovery``): new at each start.
+    #: This instance's id, in its answers to peers and its requests to them: new at each start.
     instance: bytes = field(factory=lambda: secrets.token_hex(16).encode("ascii"))
     _client: Optional[Upstream] = field(default=None, init=False)
+    _answered: dict = field(factory=dict, init=False)  # URL -> when it last answered
+    _ids: dict = field(factory=dict, init=False)  # URL -> its instance id, once it answered
+    _received: Counter = field(factory=Counter, init=False)  # URL -> answers taken
+    _sent: Counter = field(factory=Counter, init=False)  # instance id -> answers given
+    _learning: set = field(factory=set, init=False)  # URLs probed for their id now
 
     log = Logger()
 
@@ -106,8 +123,22 @@ class Peers:
 
     @property
     def health(self) -> Optional[Health]:
-        """The peers' health (``status``), None without peers."""
+        """The peers' health, None without peers."""
         return None if self._client is None else self._client.health
+
+    def records(self) -> list[PeerRecord]:
+        """The peers now, in order, as the status and the metrics show them."""
+        servers = [] if self._client is None else self._client.health.servers
+        return [
+            PeerRecord(
+                server.url,
+                server.up,
+                self._answered.get(server.url),
+                self._received[server.url],
+                self._sent[self._ids[server.url]] if server.url in self._ids else 0,
+            )
+            for server in servers
+        ]
 
     def use(self, urls: Sequence[str]) -> None:
         """Ask these peers from now on, in this order. A peer already known keeps its state (a
@@ -126,7 +157,7 @@ class Peers:
         client = Upstream.using(
             self._agent, self._clock, urls, self._answer_within, self._pool, health
         )
-        health.probe_with(lambda index: Deferred.fromCoroutine(_probe(client, index)))
+        health.probe_with(lambda index: Deferred.fromCoroutine(self._probe(client, index)))
         self._client = client
 
     async def identify(self, url: str) -> Optional[bytes]:
@@ -134,26 +165,71 @@ class Peers:
         from an instance that took this one for a peer."""
         once = Upstream.using(self._agent, self._clock, [url], self._answer_within)
         try:
-            answer = await once.attempt(0, b"GET", b"", Headers({HEADER: [PROBE]}), None)
+            answer = await once.attempt(0, b"GET", b"", self._marked(PROBE), None)
         except UpstreamFailure:
             return None
+        self._heard(url, answer)
         ids = answer.headers.getRawHeaders(INSTANCE, [])
         return ids[0] if answer.status == 204 and len(ids) == 1 else None
 
     async def ask(
         self, method: bytes, rest: bytes, headers: Headers, body: Optional[bytes]
     ) -> Optional[Answer]:
-        """The first answer below 500 a peer gives to this request, or None."""
-        if self._client is None:
+        """The first answer below 500 a usable peer gives to this request (in order), or None.
+        (``Upstream.exchange``'s rule, told which peer answered.)"""
+        client = self._client
+        if client is None:
             return None
-        marked = headers.copy()
-        marked.setRawHeaders(HEADER, [ASK])
+        marked = self._marked(ASK, headers)
+        for index, server in enumerate(client.health.servers):
+            if not client.health.usable(index):
+                continue
+            try:
+                answer = await client.attempt(index, method, rest, marked, body)
+            except UpstreamFailure as e:
+                # Per request, as the 502 that may follow: not worth a line each (health logs
+                # a peer going down; the metric counts the 502s).
+                self.log.debug("peer {url}: {failure}", url=server.url, failure=str(e))
+                continue
+            self._heard(server.url, answer)
+            if answer.status < 500:
+                self._received[server.url] += 1
+                return answer
+        return None
+
+    def gave(self, asker: Optional[bytes]) -> None:
+        """An answer from trust went to the peer whose id is ``asker``. A peer is known by its
+        id once it answered this instance: those not yet are probed once, to tell which."""
+        if not asker:
+            return
+        self._sent[asker] += 1
+        if self._client is None or asker in self._ids.values():
+            return
+        for server in self._client.health.servers:
+            if server.url not in self._ids and server.url not in self._learning:
+                self._learning.add(server.url)
+                learnt = Deferred.fromCoroutine(self.identify(server.url))
+                learnt.addBoth(lambda _, url=server.url: self._learning.discard(url))
+
+    def _marked(self, mark: bytes, headers: Optional[Headers] = None) -> Headers:
+        marked = Headers() if headers is None else headers.copy()
+        marked.setRawHeaders(HEADER, [mark])
+        marked.setRawHeaders(INSTANCE, [self.instance])
+        return marked
+
+    def _heard(self, url: str, answer: Answer) -> None:
+        """``url`` answered: when, and which instance it is."""
+        self._answered[url] = self._clock.seconds()
+        ids = answer.headers.getRawHeaders(INSTANCE, [])
+        if len(ids) == 1:
+            self._ids[url] = ids[0]
+
+    async def _probe(self, client: Upstream, index: int) -> None:
+        url = client.health.servers[index].url
         try:
-            return await self._client.exchange(method, rest, marked, body)
-        except UpstreamFailure as e:
-            # Per request, as the 502 that follows: not worth a line each (the metric counts).
-            self.log.debug("no peer had an answer: {failure}", failure=str(e))
-            return None
+            self._heard(url, await client.attempt(index, b"GET", b"", self._marked(PROBE), None))
+        except UpstreamFailure:
+            pass  # health has it
 
     def stop(self) -> Deferred:
         """No more probes; idle connections closed."""
@@ -162,10 +238,3 @@ class Peers:
         if self._pool is None:
             return succeed(None)
         return self._pool.closeCachedConnections()
-
-
-async def _probe(client: Upstream, index: int) -> None:
-    try:
-        await client.attempt(index, b"GET", b"", Headers({HEADER: [PROBE]}), None)
-    except UpstreamFailure:
-        pass  # health has it

@@ -123,10 +123,11 @@ class Relay:
                 "a request carried {header} without a peer certificate: the mark is ignored",
                 header=PEER.decode("ascii"),
             )
-        if from_peer and mark == [PROBE]:
-            request.setResponseCode(204)  # a peer's probe: this instance is here, and which
-            request.setHeader(INSTANCE, self._peers.instance)
-            return b""
+        if from_peer:
+            request.setHeader(INSTANCE, self._peers.instance)  # which instance answers
+            if mark == [PROBE]:
+                request.setResponseCode(204)  # a peer's probe: this instance is here
+                return b""
         if request.method not in METHODS:
             request.setHeader(b"allow", _ALLOW)
             return self._reject(request, 405, "method not relayed")
@@ -326,6 +327,8 @@ class Relay:
                 return SERVED_BY_PEER
         if not asked.gone:
             self._answer_failure(asked.request, entry, failure)
+        if entry is not None and asked.from_peer:
+            self._peers.gave(asked.request.requestHeaders.getRawHeaders(INSTANCE, [None])[0])
         return SERVED_FROM_TRUST if entry else UNAVAILABLE
 
     def _answer_failure(

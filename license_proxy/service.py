@@ -33,7 +33,14 @@ from .discovery import INTERVAL, Discovery, resolver
 from .egress import Settings
 from .health import Health
 from .guards import ConnectionLimits, GuardedSite
-from .metrics import ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for
+from .metrics import (
+    ListenerMetrics,
+    MetricsPage,
+    PeersCollector,
+    RelayMetrics,
+    UpstreamCollector,
+    registry_for,
+)
 from .peers import Peers
 from .relay import Relay
 from .status import Status
@@ -193,9 +200,13 @@ def make_service(
     )
     registry = registry_for(dates, status, cache)
     registry.register(UpstreamCollector(upstream))
+    peer_certificates = peer_tls(config)
     peers = Peers.build(
-        reactor, config.peer_urls, config.answer_within, config.retry_interval, peer_tls(config)
+        reactor, config.peer_urls, config.answer_within, config.retry_interval, peer_certificates
     )
+    if config.peer_urls or config.peer_name:
+        status.peers = peers
+        registry.register(PeersCollector(peers))
     relay = Relay(
         dates,
         reactor,
@@ -238,7 +249,8 @@ def make_service(
     ).setServiceParent(top)
     # New trust roots may change the verdict on a server marked down.
     reload = CertificateReload(
-        dates, config, listener_tls, upstream_certificates, certificate_files, health.try_again
+        dates, config, listener_tls, upstream_certificates, certificate_files, health.try_again,
+        peer_certificates,
     )
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     watching(reload, reactor).setServiceParent(top)

@@ -12,7 +12,9 @@ readiness probes grep it: ``'^{.*"state":"\\(Connected\\|TrustBased\\)".*}$'``.
 Fields added since the vendor's three come after them: ``state_since``, and
 ``cache_persisted`` with ``cache_error`` (why the trust cache file cannot be
 written, or null), and ``license_servers``: each ``server_url`` with ``up``,
-``down_since`` and the ``last_error`` of its last failed exchange or probe.  A cache that cannot be persisted does not change the
+``down_since`` and the ``last_error`` of its last failed exchange or probe; with peers,
+``peers``: each peer's ``url``, ``up``, ``last_exchange`` (when it last answered), the
+answers ``received`` from it and ``sent`` to it.  A cache that cannot be persisted does not change the
 state: the answers are in memory and containers are licensed as before; what
 is at stake is the next restart, which the two fields tell operators about.
 
@@ -47,6 +49,8 @@ class Status:
     _cache: TrustCache
     _duration: float
     _health: Optional[Health] = None
+    #: With peers set (``peers.Peers``), listed after the license servers; None without.
+    peers: Optional[object] = None
     _last_ok: Optional[bool] = field(default=None, init=False)
     _reported: str = field(default=READY, init=False)
     _since: float = field(init=False)
@@ -141,6 +145,17 @@ class Status:
                     "last_error": server.last_error,
                 }
                 for server in self._health.servers
+            ]
+        if self.peers is not None:
+            report["peers"] = [
+                {
+                    "url": peer.url,
+                    "up": peer.up,
+                    "last_exchange": rfc3339(peer.last_exchange),
+                    "received": peer.received,
+                    "sent": peer.sent,
+                }
+                for peer in self.peers.records()
             ]
         return json.dumps(report, separators=(",", ":")).encode("ascii")
 

@@ -18,8 +18,9 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from attrs import define, field, frozen
 from OpenSSL import SSL, crypto
 from twisted.internet.ssl import (
@@ -145,8 +146,16 @@ def _names_in(cert_path: str) -> set[str]:
     try:
         with open(cert_path, "rb") as f:
             cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError):
+        return set()
+    return _names_of(cert)
+
+
+def _names_of(cert: x509.Certificate) -> set[str]:
+    """The names in its subjectAltName: DNS names and IP addresses."""
+    try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (OSError, ValueError, x509.ExtensionNotFound):
+    except x509.ExtensionNotFound:
         return set()
     return {*san.get_values_for_type(x509.DNSName)} | {
         str(ip) for ip in san.get_values_for_type(x509.IPAddress)
@@ -284,8 +293,41 @@ def peer_tls(config: Config) -> UpstreamTLS:
     found by it), and shown this instance's peer certificate: what makes its requests a peer's."""
     if not _peers_set(config):
         return UpstreamTLS()
+    _fits_peers(config)
     client = _private_certificate(peer_pem(config, "cert_file"), peer_pem(config, "key_file"))
     return UpstreamTLS(_trust_root(peer_pem(config, "ca_file")), client, config.peer_name)
+
+
+def _fits_peers(config: Config) -> None:
+    """The peer certificate is one the peers take: issued by their CA, for a client (and with
+    ``[peers] name``, a server of that name). Said at start and by ``check``, not by a peer's
+    failed handshake."""
+    pem = peer_pem(config, "cert_file")
+    chain = _certificates(pem)
+    authorities = _certificates(peer_pem(config, "ca_file"))
+    if not any(_issued(c, ca) for c in chain for ca in authorities):
+        raise ConfigError(f"{pem.key}: {pem.where} is not issued by the peers' CA ([peers] ca_file)")
+    try:
+        usages = chain[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = None  # any use
+    needed = {ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth (presented to peers)"}
+    if config.peer_name:
+        needed[ExtendedKeyUsageOID.SERVER_AUTH] = "serverAuth (served to peers)"
+        if config.peer_name not in _names_of(chain[0]):
+            raise ConfigError(f"{pem.key}: {pem.where} does not name {config.peer_name} ([peers] name)")
+    for usage, why in needed.items():
+        if usages is not None and usage not in usages:
+            raise ConfigError(f"{pem.key}: {pem.where} lacks the extended key usage {why}")
+
+
+def _issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
 
 
 def upstream_tls(config: Config) -> UpstreamTLS:

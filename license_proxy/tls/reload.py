@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import Config, ConfigError
-from .contexts import UpstreamTLS, listener_options, upstream_tls
+from .contexts import UpstreamTLS, listener_options, peer_tls, upstream_tls
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -59,12 +59,14 @@ class CertificateFiles:
 
     listener: tuple
     upstream: tuple
+    peers: tuple  # the listener's too: it checks peers' certificates, and serves one
 
     @classmethod
     def read(cls, config: Config) -> CertificateFiles:
         return cls(
             _digests(config.tls_cert, config.tls_key),
             _digests(config.ca_file, config.client_cert, config.client_key),
+            _digests(config.peer_ca_file, config.peer_cert_file, config.peer_key_file),
         )
 
 
@@ -98,6 +100,7 @@ class CertificateReload:
     _upstream: UpstreamTLS
     _seen: CertificateFiles
     _upstream_reloaded: Callable[[str], None]
+    _peers: UpstreamTLS | None = None  # the peers' client, with peers set
 
     log = Logger()
 
@@ -105,15 +108,35 @@ class CertificateReload:
         self._seen = CertificateFiles.read(self._config)
         self._reload_listener("SIGHUP")
         self._reload_upstream("SIGHUP")
+        self._reload_peers("SIGHUP")
 
     def check(self) -> None:
         """Reload what changed on disk since last read.  Files that stay
         unusable are reported once, not at every check."""
         seen, self._seen = self._seen, CertificateFiles.read(self._config)
-        if self._seen.listener != seen.listener:
+        if self._seen.listener != seen.listener or self._seen.peers != seen.peers:
             self._reload_listener("files changed")
         if self._seen.upstream != seen.upstream:
             self._reload_upstream("files changed")
+        if self._seen.peers != seen.peers:
+            self._reload_peers("files changed")
+
+    def _reload_peers(self, cause: str) -> None:
+        if self._peers is None:
+            return
+        try:
+            fresh = peer_tls(self._config)
+        except ConfigError as e:
+            self.log.error(
+                "reload ({cause}): keeping the peers' CA and certificate: {reason}",
+                cause=cause,
+                reason=str(e),
+            )
+        else:
+            self._peers.replace_with(fresh)
+            self.log.info(
+                "reload ({cause}): the peers' CA, certificate and key are reloaded", cause=cause
+            )
 
     def _reload_listener(self, cause: str) -> None:
         if self._listener is None:

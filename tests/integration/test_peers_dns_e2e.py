@@ -108,6 +108,9 @@ def test_instances_named_by_dns_find_each_other_not_themselves_and_new_ones(
             upstream.stop()
             assert ask(proxies[a], "Token carol") == (200, GOOD), proxies[a].log_text()[-3000:]
             assert served_by_peer(proxies[a]) == 1
+            seen = {p["url"]: p for p in proxies[a].status()["peers"]}
+            assert sorted(seen) == [f"https://{x}:{proxies[a].port}/" for x in (b, c)]
+            assert seen[f"https://{c}:{proxies[a].port}/"]["received"] == 1
             # The name's addresses were asked, never the instance's own.
             assert not [
                 x for x in proxies[a].log_text().splitlines()

@@ -76,6 +76,19 @@ def test_an_answer_only_the_other_instance_holds_survives_the_outage_and_that_in
         assert took < ANSWER_WITHIN + MARGIN, took
         assert relays(a, "served_by_peer") == 1
         assert relays(b, "served_from_trust") >= 1
+        # Visible: the status lists the peers after the vendor's fields, the metrics too.
+        (seen,) = a.status()["peers"]
+        assert (seen["url"], seen["up"], seen["received"]) == (f"https://127.0.0.1:{b.port}/", True, 1)
+        assert seen["last_exchange"] is not None
+        assert list(a.status())[:3] == ["state", "last_successful_checkin", "trust_expiration"]
+        labels = (("peer", f"https://127.0.0.1:{b.port}/"),)
+        assert scrape(a)[("license_proxy_peer_answers_received_total", labels)] == 1
+        assert scrape(a)[("license_proxy_peer_up", labels)] == 1
+        sent = lambda: b.status()["peers"][0]["sent"]  # noqa: E731
+        deadline = time.monotonic() + 10  # b learns which peer asked by probing it once
+        while sent() != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sent() == 1
         # A container no instance ever answered: one 502 from each, no loop between them.
         took, code, _, _ = ask(a, "/v1/never")
         assert code == 502

@@ -13,6 +13,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
+from license_proxy.metrics import PeersCollector
 from tests.support.relayharness import CERTIFIED, RelayHarness
 
 ALICE = {"Authorization": "Token alice"}
@@ -210,3 +211,33 @@ class PeerTests(SynchronousTestCase):
         )
         self.a.peers.use([])
         self.assertIsNone(self.a.peers.health)
+
+    def test_the_status_and_the_metrics_list_the_peers(self):
+        self.a.status.peers, self.b.status.peers = self.a.peers, self.b.peers
+        for h in (self.a, self.b):
+            h.registry.register(PeersCollector(h.peers))
+        self.b.answer(self, self.b.request(headers=ALICE))
+        self.down(self.a, self.b)
+        self.assertEqual(self.ask_a()[0].code, 200)  # b's answer
+        self.pump_both()  # b learns which peer a is
+        (a_sees,) = json.loads(self.a.status.as_json())["peers"]
+        (b_sees,) = json.loads(self.b.status.as_json())["peers"]
+        self.assertEqual(
+            (a_sees["url"], a_sees["up"], a_sees["received"], a_sees["sent"]),
+            ("https://peer.local/", True, 1, 0),
+        )
+        self.assertEqual(a_sees["last_exchange"], "2027-01-15T08:00:00.000000Z")
+        self.assertEqual((b_sees["received"], b_sees["sent"]), (0, 1))
+        self.assertEqual(list(json.loads(self.a.status.as_json()))[-1], "peers")  # the last
+        labels = {"peer": "https://peer.local/"}
+        sample = self.b.registry.get_sample_value
+        self.assertEqual(sample("license_proxy_peer_answers_sent_total", labels), 1)
+        self.assertEqual(sample("license_proxy_peer_up", labels), 1)
+        self.assertEqual(
+            self.a.registry.get_sample_value("license_proxy_peer_answers_received_total", labels), 1
+        )
+        # Down: one log line (health's), and the status and the gauge say so.
+        self.to_b.refused = True
+        self.assertEqual(self.ask_a(headers={"Authorization": "Token bob"})[0].code, 502)
+        self.assertFalse(json.loads(self.a.status.as_json())["peers"][0]["up"])
+        self.assertEqual(self.a.registry.get_sample_value("license_proxy_peer_up", labels), 0)
