@@ -23,11 +23,13 @@ trust while the license server answers, nor keep a request from it. Peers are re
 ca_file``, within ``answer_within``. A peer that fails (refused,
 black-holed, TLS) is skipped until a probe (``License-Proxy-Peer: probe``, answered 204 by the
 peer's relay itself) finds it back, by the rules of ``health``; a peer's 502 only means it has
-no answer either.
+no answer either. An instance starting in an outage asks its peers for their trust window
+(``License-Proxy-Peer: trust``, ``checkin``), to start ``TrustBased`` on it.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import Counter
 from typing import Optional, Sequence
@@ -47,9 +49,11 @@ from .pool import RetryingPool
 from .tls.contexts import UpstreamTLS
 from .upstream import Answer, Upstream, UpstreamFailure
 
-#: ``HEADER``'s values: a request to answer (never passed on), or a probe (answered 204).
+#: ``HEADER``'s values: a request to answer (never passed on), a probe (answered 204), or a
+#: request for the peer's trust window (answered with its dates, for a start in an outage).
 ASK = b"ask"
 PROBE = b"probe"
+TRUST = b"trust"
 
 
 def certified_peer(request: IRequest) -> bool:
@@ -196,6 +200,25 @@ class Peers:
                 self._received[server.url] += 1
                 return answer
         return None
+
+    async def trust(self) -> Optional[tuple[float, float]]:
+        """The latest-ending trust window a peer holds now: its last successful check-in and
+        its trust expiration (dates), or None when no peer answers with one."""
+        if self._client is None:
+            return None
+        best = None
+        for index, server in enumerate(self._client.health.servers):
+            try:
+                answer = await self._client.attempt(index, b"GET", b"", self._marked(TRUST), None)
+                window = json.loads(answer.body)
+                held = (float(window["last_successful_checkin"]), float(window["trust_expiration"]))
+            except (UpstreamFailure, ValueError, KeyError, TypeError) as e:
+                self.log.info("peer {url} holds no trust to start from ({why})", url=server.url, why=e)
+                continue
+            self._heard(server.url, answer)
+            if held[1] > self._clock.seconds() and (best is None or held[1] > best[1]):
+                best = held
+        return best
 
     def gave(self, asker: Optional[bytes]) -> None:
         """An answer from trust went to the peer whose id is ``asker``. A peer is known by its

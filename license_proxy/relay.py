@@ -44,7 +44,7 @@ from .metrics import (
     UPSTREAM_OK,
     RelayMetrics,
 )
-from .peers import PROBE, Peers, certified_peer
+from .peers import PROBE, TRUST, Peers, certified_peer
 from .status import Status
 from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -128,6 +128,13 @@ class Relay:
             if mark == [PROBE]:
                 request.setResponseCode(204)  # a peer's probe: this instance is here
                 return b""
+            if mark == [TRUST]:  # a peer starting in an outage (``checkin``)
+                request.setHeader(_JSON[0], _JSON[1][0])
+                window = {
+                    "last_successful_checkin": self._cache.last_checkin,
+                    "trust_expiration": self._status.trust_expiration,
+                }
+                return json.dumps(window).encode("ascii")
         if request.method not in METHODS:
             request.setHeader(b"allow", _ALLOW)
             return self._reject(request, 405, "method not relayed")

@@ -218,7 +218,7 @@ def make_service(
         config.cache_key_headers,
         peers,
     )
-    checkin = CheckIn(reactor, upstream, status, config.key)
+    checkin = CheckIn(reactor, upstream, status, config.key, peers)
     health.probe_with(lambda index: Deferred.fromCoroutine(checkin.probe(index)))
 
     # Bodies are relayed as they are: never parsed as forms (a multipart body twisted.web

@@ -66,6 +66,12 @@ class Status:
         self._cache.record_checkin(self._dates.seconds())
         self._report()
 
+    def adopt(self, last_checkin: float, expiration: float) -> None:
+        """A peer's trust window, taken at a start in an outage (``checkin``): its last
+        check-in, moved earlier if need be so that the window never ends after the peer's."""
+        self._cache.record_checkin(min(last_checkin, expiration - self._duration))
+        self.failed()
+
     def failed(self) -> None:
         self._last_ok = False
         # While trust runs down, the file's high-water mark of the clock must keep up.

@@ -147,7 +147,16 @@ def peer_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
     attacks["peer probe without a peer certificate"] = lambda: _not_204(
         t.request("GET", b"peer-probe", b"License-Proxy-Peer: probe")
     )
+    attacks["peer trust window without a peer certificate"] = lambda: _no_window(
+        t.request("GET", b"peer-trust", b"License-Proxy-Peer: trust")
+    )
     return attacks
+
+
+def _no_window(answer: Answer) -> tuple[str, str]:
+    """A peer starting in an outage asks for the trust window; nobody else gets it."""
+    gave = answer.status == 200 and b'"trust_expiration"' in answer.body
+    return ("UNSAFE" if gave else "safe"), f"answered {answer.status or 'nothing'}"
 
 
 def _marked(t: Target, method: str, value: bytes) -> tuple[str, str]:

@@ -173,3 +173,27 @@ def test_only_a_peer_certificate_makes_a_probe(tmp_path, pki, upstream):
         with pytest.raises((ssl.SSLError, ConnectionError)):
             proxy.request("GET", "/", headers=probe, client_cert=(pki.client_cert, pki.client_key))
         assert proxy.request("GET", "/v1/x")[0] == 200
+
+
+def test_a_replacement_during_an_outage_starts_on_its_peers_trust(tmp_path, pki, upstream):
+    """Issue 19 item 4: a new instance (an empty state directory) that can't reach the
+    license server starts TrustBased on the trust its peer holds, and serves through it."""
+    a, b = pair(tmp_path, pki, upstream)
+    with a:
+        a.wait_state("Connected")
+        upstream.respond(body=GOOD)
+        assert ask(a)[1] == 200
+        upstream.stop()
+        with b:
+            status = b.wait_state("TrustBased", timeout=30)
+            assert status["last_successful_checkin"] == a.status()["last_successful_checkin"]
+            assert status["trust_expiration"] == a.status()["trust_expiration"]
+            took, code, headers, body = ask(b)
+            assert (code, body) == (200, GOOD), b.log_text()[-3000:]
+            assert "serving on a peer's trust" in b.log_text()
+        a.kill()
+        # With no peer to take trust from, the vendor's rule: a new instance fails.
+        (tmp_path / "b" / "state").rename(tmp_path / "b" / "state.old")
+        b.start()
+        assert b.wait_exit(timeout=30) != 0
+        assert "could not be reached" in b.log_text()

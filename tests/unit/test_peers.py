@@ -13,8 +13,9 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
+from license_proxy.checkin import CheckIn, StartupFailed
 from license_proxy.metrics import PeersCollector
-from tests.support.relayharness import CERTIFIED, RelayHarness
+from tests.support.relayharness import CERTIFIED, T0, TRUST, RelayHarness
 
 ALICE = {"Authorization": "Token alice"}
 
@@ -241,3 +242,38 @@ class PeerTests(SynchronousTestCase):
         self.assertEqual(self.ask_a(headers={"Authorization": "Token bob"})[0].code, 502)
         self.assertFalse(json.loads(self.a.status.as_json())["peers"][0]["up"])
         self.assertEqual(self.a.registry.get_sample_value("license_proxy_peer_up", labels), 0)
+
+    def start_a_in_an_outage(self):
+        """a's start-up check-in, the license servers down: its outcome, and a's state."""
+        self.down(self.a, self.b)
+        checkin = CheckIn(self.a.clock, self.a.upstream, self.a.status, "key", self.a.peers)
+        started = Deferred.fromCoroutine(checkin.startup(3.0))
+        for _ in range(10):
+            self.a.clock.advance(1)
+            self.pump_both()
+        return self.successResultOf(started.addErrback(lambda f: f.value))
+
+    def test_a_start_in_an_outage_takes_a_peers_trust(self):
+        self.b.answer(self, self.b.request(headers=ALICE))  # b checked in
+        self.b.clock.advance(100)
+        self.assertIsNone(self.start_a_in_an_outage())
+        self.assertEqual(self.a.status.state, "TrustBased")
+        self.assertEqual(self.a.cache.last_checkin, self.b.cache.last_checkin)
+        self.assertEqual(self.a.status.trust_expiration, self.b.status.trust_expiration)
+        # It serves: alice's answer, through b.
+        response, body = self.ask_a()
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+
+    def test_a_start_in_an_outage_without_a_peers_trust_fails(self):
+        """The vendor's rule, when no peer holds trust (b never checked in) or none answers."""
+        self.assertIsInstance(self.start_a_in_an_outage(), StartupFailed)
+        self.to_b.refused = True
+        self.assertIsInstance(self.start_a_in_an_outage(), StartupFailed)
+        self.assertEqual(self.a.status.state, "Ready")
+
+    def test_a_peers_window_never_ends_later_here(self):
+        """A longer [trust] duration here does not stretch the peer's window."""
+        self.a.status.adopt(T0, T0 + 1800)  # the peer's duration: 30 minutes, TRUST here
+        self.assertEqual(self.a.status.trust_expiration, T0 + 1800)
+        self.a.status.adopt(T0 + 60, T0 + 60 + 2 * TRUST)  # a longer one: its last check-in
+        self.assertEqual(self.a.cache.last_checkin, T0 + 60)
