@@ -1,5 +1,6 @@
 """
-The other instances (``[peers] urls``), asked for an answer this one can't give.
+The other instances (``[peers] urls``, or found by ``[peers] name``: ``discovery``), asked for
+an answer this one can't give.
 
 An instance keeps only the answers of the containers that checked in through it, and a load
 balancer spreads each container over both instances: the instance restarted with an empty
@@ -12,19 +13,20 @@ relayed, and kept here, so the gap does not come back when that peer goes.
 
 A peer is sent the client's own request: its credentials select the answer, so a peer gives
 nothing the client could not get from that peer's trust cache. The request carries
-``License-Proxy-Peer: ask``, and a peer answers a peer's request carrying the header from its trust cache only (or 502): it never sends it to the license
-server, which may have had it already from this instance (a POST is never sent twice), nor to
-its own peers (two instances without the answer end with one 502 each, never a loop). Only a
-peer's mark is obeyed: the request must come over a connection with a client certificate
-chaining to ``[peers] ca_file`` (each instance presents ``[peers] cert_file``); anyone else's
-mark is ignored and the request relayed like any other, so no client can have an answer from
-trust while the license server answers, nor keep a request from it. Peers are reached directly
-(never through the forward proxy: they are neighbours), over TLS verified against ``[peers]
-ca_file``, within ``answer_within``. A peer that fails (refused,
-black-holed, TLS) is skipped until a probe (``License-Proxy-Peer: probe``, answered 204 by the
-peer's relay itself) finds it back, by the rules of ``health``; a peer's 502 only means it has
-no answer either. An instance starting in an outage asks its peers for their trust window
-(``License-Proxy-Peer: trust``, ``checkin``), to start ``TrustBased`` on it.
+``License-Proxy-Peer: ask``, and a peer answers a peer's request carrying the header from its
+trust cache only (or 502): it never sends it to the license server, which may have had it
+already from this instance (a POST is never sent twice), nor to its own peers (two instances
+without the answer end with one 502 each, never a loop). Only a peer's mark is obeyed: the
+request must come over a connection with a client certificate chaining to ``[peers] ca_file``
+(each instance presents ``[peers] cert_file``); anyone else's mark is ignored and the request
+relayed like any other, so no client can have an answer from trust while the license server
+answers, nor keep a request from it. Peers are reached directly (never through the forward
+proxy: they are neighbours), over TLS verified against ``[peers] ca_file``, within
+``answer_within``. A peer that fails (refused, black-holed, TLS) is skipped until a probe
+(``License-Proxy-Peer: probe``, answered 204 by the peer's relay itself) finds it back, by the
+rules of ``health``; a peer's 502 only means it has no answer either. An instance starting in an
+outage asks its peers for their trust window (``License-Proxy-Peer: trust``, ``checkin``), to
+start ``TrustBased`` on it.
 """
 
 from __future__ import annotations
@@ -151,6 +153,12 @@ class Peers:
         if self._client is not None:
             self._client.health.stop()
         self._client = None
+        # What is kept of peers gone, pods that came and went for days, would only grow.
+        for kept in (self._answered, self._ids, self._received):
+            for url in set(kept) - set(urls):
+                del kept[url]
+        for instance in set(self._sent) - set(self._ids.values()):
+            del self._sent[instance]
         if not urls:
             return
         health = Health(
@@ -213,7 +221,9 @@ class Peers:
                 window = json.loads(answer.body)
                 held = (float(window["last_successful_checkin"]), float(window["trust_expiration"]))
             except (UpstreamFailure, ValueError, KeyError, TypeError) as e:
-                self.log.info("peer {url} holds no trust to start from ({why})", url=server.url, why=e)
+                self.log.info(
+                    "peer {url} holds no trust to start from ({why})", url=server.url, why=e
+                )
                 continue
             self._heard(server.url, answer)
             if held[1] > self._clock.seconds() and (best is None or held[1] > best[1]):

@@ -166,7 +166,8 @@ def _marked(t: Target, method: str, value: bytes) -> tuple[str, str]:
     body = b'{"usage":1}' if method == "POST" else b""
     plain = t.request(*sent, body=body)
     if plain.status != 200 or "Age" in plain.headers:
-        return "not tested", f"the unmarked request answered {plain.status} (Age {plain.headers.get('Age')})"
+        age = plain.headers.get("Age")
+        return "not tested", f"the unmarked request answered {plain.status} (Age {age})"
     marked = t.request(*sent, b"License-Proxy-Peer: " + value, body=body)
     if "Age" in marked.headers:
         return "UNSAFE", f"answered {marked.status} from trust, Age {marked.headers['Age']}"

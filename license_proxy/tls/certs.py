@@ -157,9 +157,10 @@ def issue(
     """
     A leaf certificate for ``hosts`` signed by ``ca``: a server certificate, or a client one
     (for mutual TLS) when ``client`` is true, or both when ``peer`` is (an instance's peer
-    certificate, served to its peers and presented to them).  The common name is the first host; every host is
-    in subjectAltName, which is what verifiers check.  ``not_before``/``not_after`` override the
-    default window (an hour before ``now`` to a year after), e.g. to make an expired certificate.
+    certificate, served to its peers and presented to them). The common name is the first host;
+    every host is in subjectAltName, which is what verifiers check. ``not_before``/``not_after``
+    override the default window (an hour before ``now`` to a year after), e.g. to make an
+    expired certificate.
     """
     if not hosts:
         raise ValueError("a certificate needs at least one host")

@@ -306,7 +306,9 @@ def _fits_peers(config: Config) -> None:
     chain = _certificates(pem)
     authorities = _certificates(peer_pem(config, "ca_file"))
     if not any(_issued(c, ca) for c in chain for ca in authorities):
-        raise ConfigError(f"{pem.key}: {pem.where} is not issued by the peers' CA ([peers] ca_file)")
+        raise ConfigError(
+            f"{pem.key}: {pem.where} is not issued by the peers' CA ([peers] ca_file)"
+        )
     try:
         usages = chain[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
@@ -315,7 +317,9 @@ def _fits_peers(config: Config) -> None:
     if config.peer_name:
         needed[ExtendedKeyUsageOID.SERVER_AUTH] = "serverAuth (served to peers)"
         if config.peer_name not in _names_of(chain[0]):
-            raise ConfigError(f"{pem.key}: {pem.where} does not name {config.peer_name} ([peers] name)")
+            raise ConfigError(
+                f"{pem.key}: {pem.where} does not name {config.peer_name} ([peers] name)"
+            )
     for usage, why in needed.items():
         if usages is not None and usage not in usages:
             raise ConfigError(f"{pem.key}: {pem.where} lacks the extended key usage {why}")
