@@ -68,6 +68,8 @@ PUSH_DELAY = 1.0
 """Seconds an answer just stored waits to be pushed to the peers, with those stored meanwhile."""
 BATCH = 50
 """Answers pushed at most per peer and ``PUSH_DELAY``: a few kilobytes each."""
+BATCH_BYTES = 256 * 1024
+"""And about this many bytes at most: well under a peer's ``max_body_size`` (1 MiB by default)."""
 OUTBOX = 1000
 """Answers waiting to be pushed at most; beyond, the oldest are dropped (their containers'
 next check-in stores and pushes them again)."""
@@ -294,7 +296,10 @@ class Peers:
         client = self._client
         if client is None or not self._outbox:
             return
-        batch = [self._outbox.popleft() for _ in range(min(BATCH, len(self._outbox)))]
+        batch, size = [], 0
+        while self._outbox and len(batch) < BATCH and size < BATCH_BYTES:
+            batch.append(self._outbox.popleft())
+            size += len(batch[-1]["body"]) + 1024  # the rest of an item: well under 1 kB
         body = json.dumps(batch).encode("ascii")
         for index, server in enumerate(client.health.servers):
             if client.health.usable(index):

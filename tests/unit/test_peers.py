@@ -330,3 +330,13 @@ class PeerTests(SynchronousTestCase):
         self.assertEqual(self.a.peers.records()[0].sent, BATCH)
         self.push_from_a()
         self.assertEqual(self.a.peers.records()[0].sent, BATCH + 10)
+
+    def test_pushes_are_bounded_in_bytes(self):
+        """Under a peer's max_body_size: large answers go a few at a time."""
+        self.a.server.body = b"x" * 100_000  # 133 kB in base64
+        for n in range(5):
+            self.a.answer(self, self.a.request(headers={"Authorization": f"Token t{n}"}))
+        self.push_from_a()
+        self.assertEqual(self.a.peers.records()[0].sent, 2)
+        self.push_from_a(2 * PUSH_DELAY)
+        self.assertEqual(self.a.peers.records()[0].sent, 4)
