@@ -75,6 +75,21 @@ OUTBOX = 1000
 next check-in stores and pushes them again)."""
 
 
+def _pushed(
+    method: bytes, rest: bytes, headers: Headers, answer: Answer, stored_at: float
+) -> dict:
+    """One answer as a push carries it (``Relay._take`` reads it)."""
+    return {
+        "method": method.decode("latin-1"),
+        "target": rest.decode("latin-1"),
+        "headers": _pairs(headers),
+        "status": answer.status,
+        "answer_headers": _pairs(answer.headers),
+        "body": base64.b64encode(answer.body).decode("ascii"),
+        "stored_at": stored_at,
+    }
+
+
 def _pairs(headers: Headers) -> list[list[str]]:
     return [
         [name.decode("latin-1"), value.decode("latin-1")]
@@ -277,17 +292,7 @@ class Peers:
         within ``PUSH_DELAY`` (in batches of ``BATCH``; the ``OUTBOX`` latest wait at most)."""
         if self._client is None:
             return
-        self._outbox.append(
-            {
-                "method": method.decode("latin-1"),
-                "target": rest.decode("latin-1"),
-                "headers": _pairs(headers),
-                "status": answer.status,
-                "answer_headers": _pairs(answer.headers),
-                "body": base64.b64encode(answer.body).decode("ascii"),
-                "stored_at": stored_at,
-            }
-        )
+        self._outbox.append((method, rest, headers, answer, stored_at))  # encoded when sent
         if self._push_due is None:
             self._push_due = self._clock.callLater(PUSH_DELAY, self._push)
 
@@ -298,7 +303,7 @@ class Peers:
             return
         batch, size = [], 0
         while self._outbox and len(batch) < BATCH and size < BATCH_BYTES:
-            batch.append(self._outbox.popleft())
+            batch.append(_pushed(*self._outbox.popleft()))
             size += len(batch[-1]["body"]) + 1024  # the rest of an item: well under 1 kB
         body = json.dumps(batch).encode("ascii")
         for index, server in enumerate(client.health.servers):
