@@ -510,7 +510,10 @@ class Day:
                 f'"https://127.0.0.1:{other.port}/"'
                 for other_name, other in self.proxies.items() if other_name != name
             )
-            proxy.config_text += f'\n[peers]\nurls = [{urls}]\nca_file = "{self.pki.ca_cert}"\n'
+            proxy.config_text += (
+                f'\n[peers]\nurls = [{urls}]\nca_file = "{self.pki.ca_cert}"\n'
+                f'cert_file = "{self.pki.peer_cert}"\nkey_file = "{self.pki.peer_key}"\n'
+            )
         for name in ("a", "b"):
             self.proxies[name].start()
         for name in ("a", "b"):

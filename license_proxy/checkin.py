@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from .peers import Peers
 from .status import Status, rfc3339
 from .upstream import Answer, Upstream, UpstreamFailure
 
@@ -39,6 +40,7 @@ class CheckIn:
     _upstream: Upstream
     _status: Status
     _key: str = field(repr=False)  # never None: a start without a key is refused (config)
+    _peers: Peers = field(factory=Peers)  # whose trust a start in an outage may take
 
     log = Logger()
 
@@ -75,6 +77,8 @@ class CheckIn:
                     return
                 left = deadline - self._timers.seconds()
                 if left <= 0:
+                    if await self._from_peers(failure):
+                        return
                     raise StartupFailed(
                         f"the license server could not be reached within "
                         f"{timeout:g} s: {failure}"
@@ -94,6 +98,24 @@ class CheckIn:
             self._status.succeeded()
             self.log.info("checked in with the license server: HTTP {status}", status=answer.status)
             return
+
+    async def _from_peers(self, failure: UpstreamFailure) -> bool:
+        """Start ``TrustBased`` from the trust a peer holds, if one does (never a window
+        ending later than the peer's): a pod rescheduled in an outage serves."""
+        window = await self._peers.trust()
+        if window is None:
+            return False
+        self._status.adopt(*window)
+        if not self._status.trusted():
+            return False
+        self.log.warn(
+            "license server unreachable at start ({failure}); serving on a peer's trust: last"
+            " check-in {last}, until {expiration}",
+            failure=str(failure),
+            last=rfc3339(window[0]),
+            expiration=rfc3339(self._status.trust_expiration),
+        )
+        return True
 
     async def periodic(self) -> None:
         """One scheduled check-in; never raises, so the schedule goes on."""

@@ -71,6 +71,13 @@ class Config:
     cache_key_headers: tuple[bytes, ...] = CREDENTIAL_HEADERS  # [cache] key_headers, lower, sorted
     peer_urls: tuple[str, ...] = ()  # [peers] urls: the other instances' licensing URLs
     peer_ca_file: str | None = None  # [peers] ca_file
+    peer_cert_file: str | None = None  # [peers] cert_file: this instance's peer certificate
+    peer_key_file: str | None = None  # [peers] key_file
+    peer_name: str | None = None  # [peers] name, else $LICENSE_PROXY_PEERS_NAME
+    # PEM from the environment (PEER_VARIABLES), used where the file key is unset.
+    peer_ca_pem: str | None = attrs.field(default=None, repr=False)
+    peer_cert_pem: str | None = attrs.field(default=None, repr=False)
+    peer_key_pem: str | None = attrs.field(default=None, repr=False)  # a secret
     log_format: str = "text"  # [log] format: "text" or "json" (one object per line)
 
     @property
@@ -81,6 +88,16 @@ class Config:
 
 KEY_VARIABLE = "DEEPGRAM_API_KEY"
 """Where the key comes from when the file sets none: the vendor's images require it."""
+
+PEER_VARIABLES = {
+    "LICENSE_PROXY_PEERS_NAME": "peer_name",
+    "LICENSE_PROXY_PEERS_CA": "peer_ca_pem",
+    "LICENSE_PROXY_PEERS_CERT": "peer_cert_pem",
+    "LICENSE_PROXY_PEERS_KEY": "peer_key_pem",
+}
+"""The peer settings from the environment (PEM in the variable, e.g. from a Secret): the vendor's
+Helm chart fixes the config file and mounts nothing more, but takes ``extraEnv``. A file key
+wins where both are set (``[peers] name``, ``ca_file``, ``cert_file``, ``key_file``)."""
 
 
 def load(path: str | None, environ: Mapping[str, str]) -> Config:
@@ -116,9 +133,29 @@ def load(path: str | None, environ: Mapping[str, str]) -> Config:
                 raise _error(path, section, key, reason) from None
     if values.get("key") is None:  # unset or ""
         values["key"] = environ.get(KEY_VARIABLE) or None
+    _peer_variables(values, environ)
     config = Config(**values)
     _check_combinations(path, config)
     return config
+
+
+def _peer_variables(values: dict, environ: Mapping[str, str]) -> None:
+    """The peer settings the file leaves unset, from ``PEER_VARIABLES``."""
+    for variable, attribute in PEER_VARIABLES.items():
+        value = environ.get(variable)
+        if not value:
+            continue
+        if attribute == "peer_name":
+            if values.get("peer_name") is None:
+                try:
+                    values["peer_name"] = _peer_name(value)
+                except ValueError as e:
+                    raise ConfigError(f"environment variable {variable}: {e}") from None
+        elif values.get(attribute.replace("_pem", "_file")) is None:
+            if "-----BEGIN " not in value:
+                # Not shown: it may be a key.
+                raise ConfigError(f"environment variable {variable}: expected PEM text")
+            values[attribute] = value
 
 
 def require_key(path: str | None, config: Config) -> None:
@@ -227,6 +264,38 @@ def _check_combinations(path: str, config: Config) -> None:
                 raise _error(path, section, missing, f"missing, required when {given} is set")
     if config.status_port == config.port:
         raise _error(path, "server", "status_port", f"must differ from port ({config.port})")
+    _check_peers(path, config)
+
+
+def _check_peers(path: str, config: Config) -> None:
+    """Peers prove themselves to each other by certificate (``peers``): with any peer setting,
+    the CA, this instance's certificate and key (each from its file or its variable), and a TLS
+    listener (where they are checked); the peers listed or named, not both."""
+    given = [key for key, variable in _PEER_MATERIAL.items() if _peer_material(config, key)]
+    if not (config.peer_urls or config.peer_name or given):
+        return
+    if config.peer_urls and config.peer_name:
+        raise _error(path, "peers", "name", "not with urls: the peers are listed or named")
+    for key, variable in _PEER_MATERIAL.items():
+        if not _peer_material(config, key):
+            raise _error(
+                path, "peers", key, f"missing (or {variable}), required when peers are set"
+            )
+    if not config.tls:
+        raise _error(path, "server", "tls", "tls = false cannot be combined with [peers]")
+
+
+def _peer_material(config: Config, key: str) -> str | None:
+    attribute = _KEYS["peers", key].attribute
+    return getattr(config, attribute) or getattr(config, attribute.replace("_file", "_pem"))
+
+
+#: The peer keys that name PEM files, each with the variable that can hold the PEM instead.
+_PEER_MATERIAL = {
+    "ca_file": "LICENSE_PROXY_PEERS_CA",
+    "cert_file": "LICENSE_PROXY_PEERS_CERT",
+    "key_file": "LICENSE_PROXY_PEERS_KEY",
+}
 
 
 def _error(path: str, section: str, key: str, reason: str) -> ConfigError:
@@ -402,6 +471,19 @@ def _peer_urls(value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of https:// URLs, got {_show(value)}")
     return tuple(_https_url(url) for url in value)
+
+
+def _peer_name(value: object) -> str | None:
+    """A DNS name (not an address: it is re-resolved, and the peers' certificates carry it)."""
+    name = _string(value)
+    if name == "":
+        return None
+    if _is_ip(name) or not _DNS_NAME.fullmatch(name) or name.startswith("*."):
+        raise ValueError(
+            f"expected a DNS name such as license-proxy-peers.NAMESPACE.svc.cluster.local,"
+            f" got {_show(name)}"
+        )
+    return name
 
 
 def _tls_names(value: object) -> tuple[str, ...]:
@@ -725,12 +807,38 @@ _KEYS: dict[tuple[str, str], Key] = {
             'instances](two-instances.md#two-instances))'
         ),
     ),
-    ("peers", "ca_file"): Key(
-        "peer_ca_file", _readable_file, '`""` (the system\'s roots)',
+    ("peers", "name"): Key(
+        "peer_name", _peer_name, 'unset',
         (
-            "CA certificates (PEM) the peers' certificates must chain to, their names "
-            "matching the URLs' hosts"
+            'instead of `urls`: one DNS name (a Kubernetes headless Service) whose every '
+            'address is a peer, re-resolved every few seconds, this instance excepted; each is '
+            "reached at this instance's own `port` and `base_url`, its certificate verified "
+            'against the name. Else `$LICENSE_PROXY_PEERS_NAME` (see [Found by '
+            'DNS](two-instances.md#found-by-dns))'
         ),
+    ),
+    ("peers", "ca_file"): Key(
+        "peer_ca_file", _readable_file, 'unset (required with peers)',
+        (
+            "CA certificates (PEM) the peers' certificates must chain to: the ones their "
+            "listeners present to peers and the client certificates they present "
+            "(`cert_file`). Only a request over a connection with a client certificate "
+            "chaining to it is a peer's (see [Two instances](two-instances.md#two-instances)); "
+            "give it a CA that signs nothing else. Else the PEM in `$LICENSE_PROXY_PEERS_CA`"
+        ),
+    ),
+    ("peers", "cert_file"): Key(
+        "peer_cert_file", _readable_file, 'unset (required with peers)',
+        (
+            "this instance's peer certificate (PEM, chaining to `ca_file`, extended key usages "
+            "`clientAuth`, and with `name` also `serverAuth` and the name), presented when it "
+            "asks a peer, and with `name` to a peer asking it. Else the PEM in "
+            "`$LICENSE_PROXY_PEERS_CERT` (and the key's in `$LICENSE_PROXY_PEERS_KEY`)"
+        ),
+    ),
+    ("peers", "key_file"): Key(
+        "peer_key_file", _readable_file, 'unset',
+        None,
     ),
     ("log", "format"): Key(
         "log_format", _log_format, '"text"',

@@ -35,6 +35,10 @@ HOP_BY_HOP = frozenset(
 #: Marks a request from another instance (see ``peers``).
 PEER = b"license-proxy-peer"
 
-#: Request headers the relay's client sets again for each request, and the peers' mark
+#: An instance's random id, in its requests to peers and its answers to them: which peer an
+#: answer went to, and how one finding its peers by DNS knows its own address (``discovery``).
+INSTANCE = b"license-proxy-instance"
+
+#: Request headers the relay's client sets again for each request, and the peers' headers
 #: (never sent to the license server).
-REQUEST_OWN = frozenset({b"host", b"content-length", PEER})
+REQUEST_OWN = frozenset({b"host", b"content-length", PEER, INSTANCE})

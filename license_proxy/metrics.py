@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 
 from .guards import LIMIT_KEYS, REJECTIONS
+from .peers import Peers
 from .status import CONNECTED, FAILED, READY, TRUST_BASED, Status
 from .trustcache import TrustCache
 from .upstream import Upstream
@@ -196,6 +197,34 @@ class UpstreamCollector:
             for reason, count in slots.overflows.items():
                 overflows.add_metric([slots.url, reason], count)
         yield from (open_, waiting, overflows)
+
+
+@define(eq=False)  # a registry keeps collectors in a dict
+class PeersCollector:
+    """Each peer, read at scrape time (they come and go with ``[peers] name``)."""
+
+    _peers: Peers
+
+    def collect(self):
+        labels = ["peer"]
+        up = GaugeMetricFamily(
+            "license_proxy_peer_up", "1 while a peer is asked, 0 while it is down.", labels=labels
+        )
+        received = CounterMetricFamily(
+            "license_proxy_peer_answers_received",
+            "A peer's answers relayed to this instance's clients or taken from its pushes.",
+            labels=labels,
+        )
+        sent = CounterMetricFamily(
+            "license_proxy_peer_answers_sent",
+            "Answers from this instance's trust given to a peer's requests, or pushed to it.",
+            labels=labels,
+        )
+        for peer in self._peers.records():
+            up.add_metric([peer.url], 1 if peer.up else 0)
+            received.add_metric([peer.url], peer.received)
+            sent.add_metric([peer.url], peer.sent)
+        yield from (up, received, sent)
 
 
 def registry_for(dates: IReactorTime, status: Status, cache: TrustCache) -> CollectorRegistry:

@@ -19,10 +19,12 @@ licensing request can use are relayed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
@@ -36,7 +38,7 @@ from zope.interface import implementer
 
 from . import pathrule
 from .defaults import CREDENTIAL_HEADERS
-from .headernames import HOP_BY_HOP, PEER, REQUEST_OWN, TOKEN, UNDERSCORE
+from .headernames import HOP_BY_HOP, INSTANCE, PEER, REQUEST_OWN, TOKEN, UNDERSCORE
 from .metrics import (
     REJECTED,
     SERVED_BY_PEER,
@@ -46,7 +48,7 @@ from .metrics import (
     UPSTREAM_OK,
     RelayMetrics,
 )
-from .peers import PROBE, Peers
+from .peers import PROBE, STORE, TRUST, Peers, certified_peer
 from .status import Status
 from .trustcache import Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -95,6 +97,8 @@ class Relay:
     #: Request headers that identify a licensee, lower case, sorted: in every cache key.
     _key_headers: tuple[bytes, ...] = CREDENTIAL_HEADERS
     _peers: Peers = field(factory=Peers)
+    #: Whether a request comes from a peer: only then is its mark (``peers``) obeyed.
+    _from_peer: Callable[[IRequest], bool] = certified_peer
     _inflight: set = field(factory=set, init=False)
     _background: set = field(factory=set, init=False)
     _stopping: bool = field(default=False, init=False)
@@ -112,9 +116,28 @@ class Relay:
         if self._stopping:
             request.setHeader(b"connection", b"close")
             return _error(request, 503, "license-proxy is stopping")
-        if request.requestHeaders.getRawHeaders(PEER) == [PROBE]:
-            request.setResponseCode(204)  # a peer's probe: this instance is here
-            return b""
+        mark = request.requestHeaders.getRawHeaders(PEER)
+        from_peer = mark is not None and self._from_peer(request)
+        if mark is not None and not from_peer:
+            # Stripped (never sent on: REQUEST_OWN), and relayed like any other request.
+            self.log.warn(
+                "a request carried {header} without a peer certificate: the mark is ignored",
+                header=PEER.decode("ascii"),
+            )
+        if from_peer:
+            request.setHeader(INSTANCE, self._peers.instance)  # which instance answers
+            if mark == [PROBE]:
+                request.setResponseCode(204)  # a peer's probe: this instance is here
+                return b""
+            if mark == [STORE] and request.method == b"POST":  # answers a peer just stored
+                return self._take(request)
+            if mark == [TRUST]:  # a peer starting in an outage (``checkin``)
+                request.setHeader(_JSON[0], _JSON[1][0])
+                window = {
+                    "last_successful_checkin": self._cache.last_checkin,
+                    "trust_expiration": self._status.trust_expiration,
+                }
+                return json.dumps(window).encode("ascii")
         if request.method not in METHODS:
             request.setHeader(b"allow", _ALLOW)
             return self._reject(request, 405, "method not relayed")
@@ -130,7 +153,7 @@ class Relay:
             return self._reject(request, 400, "_ in a header name (read as - by many servers)")
         gone: list = []
         request.notifyFinish().addErrback(gone.append)
-        done = Deferred.fromCoroutine(self._relay(request, rest, gone))
+        done = Deferred.fromCoroutine(self._relay(request, rest, gone, from_peer))
         done.addErrback(self._crashed, request, gone)
         self._inflight.add(done)
         done.addBoth(lambda _: self._inflight.discard(done))
@@ -157,7 +180,7 @@ class Relay:
         answered = DeferredList(list(self._inflight), consumeErrors=True)
         return answered.addCallback(lambda _: self._peers.stop())
 
-    async def _relay(self, request: IRequest, rest: bytes, gone: list) -> None:
+    async def _relay(self, request: IRequest, rest: bytes, gone: list, from_peer: bool) -> None:
         started = self._timers.seconds()
         method = request.method
         headers = Headers(dict(end_to_end(request.requestHeaders, REQUEST_OWN)))
@@ -165,7 +188,6 @@ class Relay:
             b"content-length"
         ) or request.requestHeaders.hasHeader(b"transfer-encoding")
         body = request.content.read() if has_body else None
-        from_peer = request.requestHeaders.hasHeader(PEER)
         asked = _Asked(request, gone, method, rest, headers, body, from_peer)
         key = self._key(method, rest, headers)
         entry = self._lookup(key, headers) if self._status.trusted() else None
@@ -288,7 +310,42 @@ class Relay:
         took = self._timers.seconds() - started
         self._metrics.latency.observe(took)
         self._status.succeeded(late=took >= self._upstream.health.answer_within)
-        return answer, self._store(key, headers, method, answer)
+        stored = self._store(key, headers, method, answer)
+        if stored:
+            self._peers.share(method, rest, headers, answer, self._dates.seconds())
+        return answer, stored
+
+    def _take(self, request: IRequest) -> bytes:
+        """Keep the answers a peer pushed (``Peers.share``), each as the license server gave
+        it, stored when the peer stored it (never later than now), unless this instance holds
+        one stored later. 204, or 400 if the push is not one."""
+        try:
+            pushed = json.loads(request.content.read())
+            taken = sum(self._taken(item) for item in pushed)
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+            return _error(request, 400, "not a push of answers")
+        self._peers.took(request.requestHeaders.getRawHeaders(INSTANCE, [None])[0], taken)
+        request.setResponseCode(204)
+        return b""
+
+    def _taken(self, item: dict) -> bool:
+        method = item["method"].encode("latin-1")
+        rest = item["target"].encode("latin-1")
+        headers = Headers()
+        for name, value in item["headers"]:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        answer_headers = Headers()
+        for name, value in item["answer_headers"]:
+            answer_headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        answer = Answer(int(item["status"]), answer_headers, base64.b64decode(item["body"]), True)
+        stored_at = min(float(item["stored_at"]), self._dates.seconds())
+        key = self._key(method, rest, headers)
+        vary = _vary(answer_headers)
+        if vary is not None:
+            held = self._cache.lookup(self._cache.variant(key, headers, vary))
+            if held is not None and held.stored_at >= stored_at:
+                return False  # a peer's answer never replaces a newer one
+        return self._store(key, headers, method, answer, self._dates.seconds() - stored_at)
 
     def _in_background(self, exchange: Deferred, method: bytes, path: str, started: float) -> None:
         """An exchange whose client was answered from trust: logged when it
@@ -328,6 +385,8 @@ class Relay:
                 return SERVED_BY_PEER
         if not asked.gone:
             self._answer_failure(asked.request, entry, failure)
+        if entry is not None and asked.from_peer:
+            self._peers.gave(asked.request.requestHeaders.getRawHeaders(INSTANCE, [None])[0])
         return SERVED_FROM_TRUST if entry else UNAVAILABLE
 
     def _answer_failure(

@@ -27,11 +27,18 @@ from .cachewriter import writer_thread
 from .checkin import CheckIn, StartupFailed
 from .clock import HighWaterClock
 from .config import Config
+from .discovery import INTERVAL, Discovery, resolver
 from .egress import Settings
 from .health import Health
 from .guards import ConnectionLimits, GuardedSite
 from .metrics import (
-    ListenerMetrics, MetricsPage, RelayMetrics, UpstreamCollector, registry_for, version,
+    ListenerMetrics,
+    MetricsPage,
+    PeersCollector,
+    RelayMetrics,
+    UpstreamCollector,
+    registry_for,
+    version,
 )
 from .overview import Overview
 from .peers import Peers
@@ -238,6 +245,13 @@ def make_service(
     registry = registry_for(dates, status, cache)
     registry.register(UpstreamCollector(upstream))
     relay_metrics = RelayMetrics.on(registry)
+    peer_certificates = peer_tls(config)
+    peers = Peers.build(
+        reactor, config.peer_urls, config.answer_within, config.retry_interval, peer_certificates
+    )
+    if config.peer_urls or config.peer_name:
+        status.peers = peers
+        registry.register(PeersCollector(peers))
     relay = Relay(
         dates,
         reactor,
@@ -247,12 +261,9 @@ def make_service(
         config.base_url.encode("ascii"),
         relay_metrics,
         config.cache_key_headers,
-        Peers.build(
-            reactor, config.peer_urls, config.answer_within, config.retry_interval,
-            peer_tls(config),
-        ),
+        peers,
     )
-    checkin = CheckIn(reactor, upstream, status, config.key)
+    checkin = CheckIn(reactor, upstream, status, config.key, peers)
     health.probe_with(lambda index: Deferred.fromCoroutine(checkin.probe(index)))
 
     # Bodies are relayed as they are: never parsed as forms (a multipart body twisted.web
@@ -291,6 +302,7 @@ def make_service(
     reload = CertificateReload(
         dates, config, listener_tls, upstream_certificates, certificate_files, health.try_again,
         own_thread(reactor, "certificate-reader"),  # a FIFO or a slow disk holds it, not the loop
+        peer_certificates,
     )
     OnSignal(signal.SIGHUP, reactor, reload).setServiceParent(top)
     watching(reload, reactor).setServiceParent(top)
@@ -298,7 +310,25 @@ def make_service(
     sampling = TimerService(EVERY, timeline.sample)
     sampling.clock = reactor
     sampling.setServiceParent(top)
+    if config.peer_name:
+        _finding(config, reactor, peers).setServiceParent(top)
     return top
+
+
+def _finding(config: Config, reactor, peers: Peers) -> Service:
+    """The lookups of ``[peers] name`` (``discovery``), from the start."""
+    discovery = Discovery(
+        resolver(reactor),
+        lambda url: Deferred.fromCoroutine(peers.identify(url)),
+        peers.use,
+        peers.instance,
+        config.peer_name,
+        config.port,
+        config.base_url,
+    )
+    finding = TimerService(INTERVAL, lambda: Deferred.fromCoroutine(discovery.refresh()))
+    finding.clock = reactor
+    return finding
 
 
 def _tcp(host: str, port: int, backlog: int) -> str:

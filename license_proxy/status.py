@@ -14,7 +14,9 @@ readiness probes grep it: ``'^{.*"state":"\\(Connected\\|TrustBased\\)".*}$'``.
 Fields added since the vendor's three come after them: ``state_since``, and
 ``cache_persisted`` with ``cache_error`` (why the trust cache file cannot be
 written, or null), and ``license_servers``: each ``server_url`` with ``up``,
-``down_since`` and the ``last_error`` of its last failed exchange or probe.  A cache that cannot be persisted does not change the
+``down_since`` and the ``last_error`` of its last failed exchange or probe; with peers,
+``peers``: each peer's ``url``, ``up``, ``last_exchange`` (when it last answered), the
+answers ``received`` from it and ``sent`` to it (asked, or pushed).  A cache that cannot be persisted does not change the
 state: the answers are in memory and containers are licensed as before; what
 is at stake is the next restart, which the two fields tell operators about.
 
@@ -49,6 +51,8 @@ class Status:
     _cache: TrustCache
     _duration: float
     _health: Optional[Health] = None
+    #: With peers set (``peers.Peers``), listed after the license servers; None without.
+    peers: Optional[object] = None
     _last_ok: Optional[bool] = field(default=None, init=False)
     _reported: str = field(default=READY, init=False)
     _since: float = field(init=False)
@@ -68,6 +72,12 @@ class Status:
             self._last_ok = True
         self._cache.record_checkin(self._dates.seconds())
         self._report()
+
+    def adopt(self, last_checkin: float, expiration: float) -> None:
+        """A peer's trust window, taken at a start in an outage (``checkin``): its last
+        check-in, moved earlier if need be so that the window never ends after the peer's."""
+        self._cache.record_checkin(min(last_checkin, expiration - self._duration))
+        self.failed()
 
     def failed(self) -> None:
         self._last_ok = False
@@ -148,6 +158,17 @@ class Status:
                     "last_error": server.last_error,
                 }
                 for server in self._health.servers
+            ]
+        if self.peers is not None:
+            report["peers"] = [
+                {
+                    "url": peer.url,
+                    "up": peer.up,
+                    "last_exchange": rfc3339(peer.last_exchange),
+                    "received": peer.received,
+                    "sent": peer.sent,
+                }
+                for peer in self.peers.records()
             ]
         return json.dumps(report, separators=(",", ":")).encode("ascii")
 

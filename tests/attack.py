@@ -259,6 +259,60 @@ def _pipelined(t: Target, count: int) -> tuple[str, str]:
     return verdict, f"relayed {relayed} of {count} with answers of {size} bytes unread"
 
 
+# -- the peers' mark (issue 19): obeyed only on a connection with a peer certificate ----------
+
+
+def peer_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
+    """A client without a peer certificate marks its requests as a peer's: it must gain
+    nothing (no answer from trust while the license server answers, no probe's 204)."""
+    attacks = {
+        f"peer mark {shown} on a cached {method}": lambda m=method, v=value: _marked(t, m, v)
+        for method, value, shown in (("GET", b"x", "'x'"), ("GET", b"", "empty"),
+                                     ("POST", b"ask", "'ask'"))
+    }
+    attacks["peer probe on TRACE /admin"] = lambda: refused(
+        t.raw(b"TRACE /admin HTTP/1.1\r\nHost: proxy\r\nLicense-Proxy-Peer: probe\r\n"
+              b"Connection: close\r\n\r\n", "TRACE"), 404, 405
+    )
+    attacks["peer probe without a peer certificate"] = lambda: _not_204(
+        t.request("GET", b"peer-probe", b"License-Proxy-Peer: probe")
+    )
+    attacks["peer trust window without a peer certificate"] = lambda: _no_window(
+        t.request("GET", b"peer-trust", b"License-Proxy-Peer: trust")
+    )
+    push = (b'[{"method":"GET","target":"pushed","headers":[],"status":200,'
+            b'"answer_headers":[],"body":"","stored_at":4102444800}]')
+    attacks["peer push of answers without a peer certificate"] = lambda: _not_204(
+        t.request("POST", b"", b"License-Proxy-Peer: store", body=push)
+    )
+    return attacks
+
+
+def _no_window(answer: Answer) -> tuple[str, str]:
+    """A peer starting in an outage asks for the trust window; nobody else gets it."""
+    gave = answer.status == 200 and b'"trust_expiration"' in answer.body
+    return ("UNSAFE" if gave else "safe"), f"answered {answer.status or 'nothing'}"
+
+
+def _marked(t: Target, method: str, value: bytes) -> tuple[str, str]:
+    """The same request, once plain (so the proxy holds its answer), once marked: the marked
+    one must be the license server's answer, not the one in trust (which carries ``Age``)."""
+    sent = (method, b"peer-mark", b"Authorization: Token peer-mark")
+    body = b'{"usage":1}' if method == "POST" else b""
+    plain = t.request(*sent, body=body)
+    if plain.status != 200 or "Age" in plain.headers:
+        age = plain.headers.get("Age")
+        return "not tested", f"the unmarked request answered {plain.status} (Age {age})"
+    marked = t.request(*sent, b"License-Proxy-Peer: " + value, body=body)
+    if "Age" in marked.headers:
+        return "UNSAFE", f"answered {marked.status} from trust, Age {marked.headers['Age']}"
+    return "safe", f"answered {marked.status} by the license server"
+
+
+def _not_204(answer: Answer) -> tuple[str, str]:
+    return ("UNSAFE" if answer.status == 204 else "safe"), f"answered {answer.status or 'nothing'}"
+
+
 class Outage:
     """Attacks on the trust cache: ``prime`` while the license server is up, ``check`` in an
     outage.  Each check is (name, function)."""
@@ -403,7 +457,9 @@ def main(argv=None) -> int:
                         help="the proxy's [license] max_connections")
     args = parser.parse_args(argv)
     target = Target(args)
-    verdicts = run({**door_attacks(target), **status_page_attacks(target)}, sys.stdout)
+    verdicts = run(
+        {**door_attacks(target), **status_page_attacks(target), **peer_attacks(target)}, sys.stdout
+    )
     verdicts += run(storm_attacks(target, args.max_connections), sys.stdout)
     if args.outage:
         outage = Outage(target, args.max_entries, args.checkin_interval)

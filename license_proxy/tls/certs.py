@@ -152,12 +152,15 @@ def issue(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
     client: bool = False,
+    peer: bool = False,
 ) -> KeyPair:
     """
     A leaf certificate for ``hosts`` signed by ``ca``: a server certificate, or a client one
-    (for mutual TLS) when ``client`` is true.  The common name is the first host; every host is
-    in subjectAltName, which is what verifiers check.  ``not_before``/``not_after`` override the
-    default window (an hour before ``now`` to a year after), e.g. to make an expired certificate.
+    (for mutual TLS) when ``client`` is true, or both when ``peer`` is (an instance's peer
+    certificate, served to its peers and presented to them). The common name is the first host;
+    every host is in subjectAltName, which is what verifiers check. ``not_before``/``not_after``
+    override the default window (an hour before ``now`` to a year after), e.g. to make an
+    expired certificate.
     """
     if not hosts:
         raise ValueError("a certificate needs at least one host")
@@ -165,7 +168,9 @@ def issue(
     ca_key = ca.private_key
     key = _new_key()
     public = key.public_key()
-    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+    if peer:
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(hosts[0]))
@@ -176,7 +181,7 @@ def issue(
         .not_valid_after(now + _LEAF_LIFETIME if not_after is None else not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(signs_certificates=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(_san(hosts), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from ..config import Config, ConfigError
 from . import files
-from .contexts import UpstreamTLS, listener_options, upstream_tls
+from .contexts import UpstreamTLS, listener_options, peer_tls, upstream_tls
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -61,12 +61,14 @@ class CertificateFiles:
 
     listener: tuple
     upstream: tuple
+    peers: tuple  # the listener's too: it checks peers' certificates, and serves one
 
     @classmethod
     def read(cls, config: Config) -> CertificateFiles:
         return cls(
             _digests(config.tls_cert, config.tls_key),
             _digests(config.ca_file, config.client_cert, config.client_key),
+            _digests(config.peer_ca_file, config.peer_cert_file, config.peer_key_file),
         )
 
 
@@ -109,6 +111,7 @@ class CertificateReload:
     _upstream_reloaded: Callable[[str], None]
     #: Runs a function off the event loop; a Deferred of its result.
     _run: Callable[[Callable[[], object]], Deferred] = _at_once
+    _peers: UpstreamTLS | None = None  # the peers' client, with peers set
 
     log = Logger()
 
@@ -132,15 +135,31 @@ class CertificateReload:
         """Off the loop: what the files hold now, and for each side that changed its new
         material or the error that keeps the old (None: unchanged, or no such side)."""
         seen = CertificateFiles.read(self._config)
-        listener = upstream = None
-        if self._listener is not None and (since is None or seen.listener != since.listener):
+        listener = upstream = peers = None
+        # The listener checks peers' client certificates and serves the peer certificate too.
+        if self._listener is not None and (
+            since is None or (seen.listener, seen.peers) != (since.listener, since.peers)
+        ):
             listener = _built(lambda: _listener_options(self._config, now))
         if since is None or seen.upstream != since.upstream:
             upstream = _built(lambda: upstream_tls(self._config))
-        return seen, listener, upstream
+        if self._peers is not None and (since is None or seen.peers != since.peers):
+            peers = _built(lambda: peer_tls(self._config))
+        return seen, listener, upstream, peers
 
     def _put_in_service(self, loaded: tuple, cause: str) -> None:
-        self._seen, listener, upstream = loaded
+        self._seen, listener, upstream, peers = loaded
+        if isinstance(peers, Exception):
+            self.log.error(
+                "reload ({cause}): keeping the peers' CA and certificate: {reason}",
+                cause=cause,
+                reason=str(peers),
+            )
+        elif peers is not None:
+            self._peers.replace_with(peers)
+            self.log.info(
+                "reload ({cause}): the peers' CA, certificate and key are reloaded", cause=cause
+            )
         if isinstance(listener, Exception):
             self.log.error(
                 "reload ({cause}): keeping the licensing listener's certificate: {reason}",

@@ -131,7 +131,7 @@ def test_systemd_unit_runs_twistd_in_the_foreground_as_a_dynamic_user():
 
 # -- Kubernetes ---------------------------------------------------------------------------
 
-MANIFESTS = ["deployment.yaml", "services.yaml", "pdb.yaml"]
+MANIFESTS = ["deployment.yaml", "services.yaml", "pdb.yaml", "peers.yaml"]
 
 
 def resources() -> dict[str, dict]:
@@ -146,7 +146,7 @@ def test_kubernetes_manifests_validate_against_the_schema(tmp_path):
     validate = tool("kubernetes-validate")
     result = run(validate, "--strict", *[str(K8S / n) for n in MANIFESTS])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == 4, result.stdout
+    assert result.stdout.count("passed") == 5, result.stdout
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(kustomization["resources"]) == sorted(MANIFESTS)
     # The ConfigMap kustomize generates from license-proxy.toml, as kubectl apply -k makes it.
@@ -217,7 +217,30 @@ def test_deployment_upgrades_blue_green_and_runs_locked_down():
     assert services == {
         "Service/deepgram-license-proxy-internal": [("primary", 8443)],
         "Service/deepgram-license-proxy-status": [("status", 8080)],
+        "Service/deepgram-license-proxy-peers": [("primary", 8443)],
     }
+    # The peers: a headless Service listing every pod, ready or not, and the settings from the
+    # environment only (as the vendor chart's extraEnv gives them), the PEM from the Secret
+    # that peers-certificate.yaml has cert-manager make.
+    peers = found["Service/deepgram-license-proxy-peers"]["spec"]
+    assert (peers["clusterIP"], peers["publishNotReadyAddresses"]) == ("None", True)
+    assert peers["selector"] == {"app": "deepgram-license-proxy"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["LICENSE_PROXY_PEERS_NAME"]["value"] == "deepgram-license-proxy-peers"
+    for variable, key in (("CA", "ca.crt"), ("CERT", "tls.crt"), ("KEY", "tls.key")):
+        assert env[f"LICENSE_PROXY_PEERS_{variable}"]["valueFrom"]["secretKeyRef"] == {
+            "name": "deepgram-license-proxy-peers", "key": key,
+        }
+    issued = {
+        doc["metadata"]["name"]: doc
+        for doc in yaml.safe_load_all((K8S / "peers-certificate.yaml").read_text())
+    }
+    certificate = issued["deepgram-license-proxy-peers"]["spec"]
+    assert certificate["secretName"] == "deepgram-license-proxy-peers"
+    assert certificate["dnsNames"] == ["deepgram-license-proxy-peers"]
+    assert sorted(certificate["usages"]) == ["client auth", "server auth"]
+    assert certificate["issuerRef"]["name"] == "deepgram-license-proxy-peers"
+    assert issued["deepgram-license-proxy-peers-ca"]["spec"]["isCA"] is True
     for name, svc in found.items():
         assert svc["metadata"]["labels"] == {"app": "deepgram-license-proxy"}, name
     assert found["PodDisruptionBudget/deepgram-license-proxy"]["spec"]["minAvailable"] == 1

@@ -59,15 +59,17 @@ def test_the_attack_script_finds_every_attack_refused_or_safe(tmp_path, pki, ups
                 script.kill()
     lines = out.splitlines()
     assert script.returncode == 0, out + err
-    # 24; issue 21's 3 on the status page; issue 20's burst, 5 at the listeners, 9 inputs
-    assert len(lines) == 42, out
+    # 24; issue 21's 3 on the status page; issue 20's burst, 5 at the listeners, 9 inputs;
+    # issue 19's 7 on the peers' mark
+    assert len(lines) == 49, out
     for line in lines:
         assert ": refused (" in line or ": safe (" in line, line
+    assert "peer mark 'ask' on a cached POST: safe (answered 200 by the license server)" in out
     assert "flood of 100 requests each sent twice: safe (10 of the fleet's 10 answers" in out
     # Nothing outside the configured prefix, and no refused method, reached the license server.
     assert all(p == "/lic" or p.startswith("/lic/") for p in relayed_paths(upstream))
     assert not [p for p in relayed_paths(upstream) if "admin" in p]
-    assert {r.method for r in upstream.requests} == {"GET", "HEAD"}
+    assert {r.method for r in upstream.requests} == {"GET", "HEAD", "POST"}  # POST: peer mark
 
 
 def test_encoded_separators_are_refused_and_the_prefix_kept(tmp_path, pki, upstream):

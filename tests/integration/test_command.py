@@ -135,7 +135,16 @@ def test_check_says_ok_in_one_line(tmp_path, pki, upstream):
          "[server] tls_key: {pki.client_key} does not match the certificate {pki.server_cert}"),
         ("license", 'client_cert = "{pki.client_cert}"\nclient_key = "{pki.server_key}"',
          "[license] client_key: {pki.server_key} does not match the certificate {pki.client_cert}"),
-        ("peers", 'ca_file = "{garbage}"', "[peers] ca_file: no PEM certificate in {garbage}"),
+        ("peers", 'ca_file = "{garbage}"\ncert_file = "{pki.peer_cert}"\nkey_file = "{pki.peer_key}"',
+         "[peers] ca_file: no PEM certificate in {garbage}"),
+        ("peers", 'ca_file = "{pki.ca_cert}"\ncert_file = "{pki.peer_cert}"\nkey_file = "{pki.server_key}"',
+         "[peers] key_file: {pki.server_key} does not match the certificate {pki.peer_cert}"),
+        ("peers", 'ca_file = "{pki.ca_cert}"\ncert_file = "{pki.client_cert}"\nkey_file = "{pki.client_key}"',
+         "[peers] cert_file: {pki.client_cert} is not issued by the peers' CA ([peers] ca_file)"),
+        ("peers", 'ca_file = "{pki.ca_cert}"\ncert_file = "{pki.server_cert}"\nkey_file = "{pki.server_key}"',
+         "[peers] cert_file: {pki.server_cert} lacks the extended key usage clientAuth (presented to peers)"),
+        ("peers", 'name = "peers.example"\nca_file = "{pki.ca_cert}"\ncert_file = "{pki.peer_cert}"\nkey_file = "{pki.peer_key}"',
+         "[peers] cert_file: {pki.peer_cert} does not name peers.example ([peers] name)"),
     ],
 )
 def test_check_refuses_bad_certificate_files(tmp_path, pki, section, value, expected):

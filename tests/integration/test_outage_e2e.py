@@ -12,15 +12,13 @@ the 30 s every request waited before.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from datetime import datetime, timezone
-
-import pytest
 
 from license_proxy.tls.certs import issue
 from tests.support.blackhole import BlackHole
 from tests.support.configs import config
+from tests.support.hosts import needs_unshare, private_hosts, rewrite
 from tests.support.metrics import scrape
 from tests.support.proxy import ProxyProcess
 from tests.support.upstream import Upstream
@@ -142,7 +140,7 @@ def test_a_refused_port(tmp_path, pki, upstream):
         back(proxy, since)
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux)")
+@needs_unshare
 def test_a_name_that_does_not_resolve(tmp_path, pki):
     # The proxy runs in its own mount namespace with its own /etc/hosts: the name
     # resolves while the line is there, and fails (.invalid never resolves in DNS,
@@ -152,21 +150,19 @@ def test_a_name_that_does_not_resolve(tmp_path, pki):
     pair = issue(pki.pairs["ca"], ["license.invalid"], now=datetime.now(timezone.utc))
     cert, key = str(tmp_path / "invalid.crt"), str(tmp_path / "invalid.key")
     pair.write(cert, key)
-    wrapper = ("unshare", "--mount", "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec "$@"', "sh")
+    wrapper = private_hosts(hosts)
     with Upstream(cert, key) as upstream:
         url = f"https://license.invalid:{upstream.port}"
         with ProxyProcess(tmp_path, outage_config(tmp_path, pki, url), wrapper=wrapper) as proxy:
             cached_first(proxy, upstream)
-            with open(hosts, "w") as f:  # in place: the bind mount holds this inode
-                f.write("127.0.0.1 localhost\n")
+            rewrite(hosts, "127.0.0.1 localhost\n")
             upstream.stop()  # cuts the pooled connection: the next one needs the name
             upstream.start()
             answered_from_trust(proxy, first_bound=AT_ONCE)
             status = down(proxy)
             assert status["license_servers"][0]["last_error"] == "DNS lookup failed"
             since = time.monotonic()
-            with open(hosts, "w") as f:
-                f.write("127.0.0.1 localhost\n127.0.0.1 license.invalid\n")
+            rewrite(hosts, "127.0.0.1 localhost\n127.0.0.1 license.invalid\n")
             back(proxy, since)
 
 

@@ -21,6 +21,8 @@ class Pki:
       nobody trusts.
     - ``expired``: same CA, localhost and 127.0.0.1, expired yesterday.
     - ``client_ca`` and ``client``: for mutual TLS; the client certificate's CN is ``client_cn``.
+    - ``peer``: a client certificate from ``ca``, as instances present to their peers
+      (``[peers] cert_file``) when ``ca`` is also ``[peers] ca_file``.
 
     ``pairs`` holds the same certificates in memory, by those names.
     """
@@ -44,6 +46,8 @@ class Pki:
     client_ca_key: str
     client_cert: str
     client_key: str
+    peer_cert: str
+    peer_key: str
 
 
 LOCAL = ["localhost", "127.0.0.1"]
@@ -67,6 +71,7 @@ def make_pki(directory: Path) -> Pki:
         ),
         "client_ca": client_ca,
         "client": issue(client_ca, [client_cn], now=now, client=True),
+        "peer": issue(ca, ["license-proxy-peer"], now=now, client=True),
     }
     paths = {}
     for name, pair in pairs.items():

@@ -258,8 +258,10 @@ class ProxyProcess:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = 10,
+        client_cert: tuple[str, str] | None = None,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        """One request to the licensing listener on a fresh connection: (status, headers, body)."""
+        """One request to the licensing listener on a fresh connection: (status, headers, body);
+        ``client_cert``: (certificate, key) files presented over TLS."""
         if self.scheme == "https":
             if self.ca_file is None:
                 context = ssl.create_default_context()
@@ -267,6 +269,8 @@ class ProxyProcess:
                 context.verify_mode = ssl.CERT_NONE
             else:
                 context = ssl.create_default_context(cafile=str(self.ca_file))
+            if client_cert is not None:
+                context.load_cert_chain(*client_cert)
             conn = http.client.HTTPSConnection(
                 self.host, self.port, timeout=timeout, context=context
             )

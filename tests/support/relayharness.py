@@ -25,6 +25,10 @@ from license_proxy.trustcache import TrustCache
 from license_proxy.upstream import Upstream
 from tests.support.clocks import BoundedClock
 
+#: In these tests, what a connection with a peer certificate is (``peers.certified_peer``):
+#: a request carrying this header.
+CERTIFIED = b"x-test-peer-certificate"
+
 T0 = 1_800_000_000.0
 TRUST = 3600.0
 
@@ -87,7 +91,7 @@ class RelayHarness:
         self.upstream = Upstream.using(self.agent, self.clock, self.urls, 30.0)
         self.relay = Relay(
             self.clock, self.clock, self.upstream, cache, self.status, self.base, self.metrics,
-            peers=self.peers,
+            peers=self.peers, from_peer=lambda request: request.requestHeaders.hasHeader(CERTIFIED),
         )
         self.client = RequestTraversalAgent(self.relay)
 

@@ -706,11 +706,22 @@ def test_unknown_section(tmp_path):
 
 
 def test_peers(tmp_path):
-    ca = touch(tmp_path, "peers-ca.pem")
-    text = f'[peers]\nurls = ["https://proxy-b:8443/", "https://[::1]:9443/lic/"]\nca_file = "{ca}"\n'
+    ca, cert, key = (touch(tmp_path, f"peers-{name}.pem") for name in ("ca", "cert", "key"))
+    material = f'ca_file = "{ca}"\ncert_file = "{cert}"\nkey_file = "{key}"\n'
+    text = f'[peers]\nurls = ["https://proxy-b:8443/", "https://[::1]:9443/lic/"]\n{material}'
     config = load_text(tmp_path, text)
     assert config.peer_urls == ("https://proxy-b:8443/", "https://[::1]:9443/lic/")
-    assert config.peer_ca_file == ca
+    assert (config.peer_ca_file, config.peer_cert_file, config.peer_key_file) == (ca, cert, key)
+    # A peer proves itself by its certificate: all three, and a TLS listener to check it on.
+    for missing in ("ca_file", "cert_file", "key_file"):
+        partial = "".join(line + "\n" for line in material.splitlines() if missing not in line)
+        variable = "LICENSE_PROXY_PEERS_" + {"ca_file": "CA", "cert_file": "CERT", "key_file": "KEY"}[missing]
+        assert error(tmp_path, f'[peers]\nurls = ["https://b/"]\n{partial}') == (
+            f"[peers] {missing}: missing (or {variable}), required when peers are set"
+        )
+    assert error(tmp_path, f"[server]\ntls = false\n[peers]\n{material}") == (
+        "[server] tls: tls = false cannot be combined with [peers]"
+    )
     assert error(tmp_path, '[peers]\nurls = "https://b"\n') == (
         "[peers] urls: expected a list of https:// URLs, got 'https://b'"
     )
@@ -720,6 +731,45 @@ def test_peers(tmp_path):
     )
     assert error(tmp_path, '[peers]\nca_file = "/nonexistent"\n').startswith(
         "[peers] ca_file: cannot read '/nonexistent'"
+    )
+
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+PEERS_ENV = {
+    "LICENSE_PROXY_PEERS_NAME": "peers.ns.svc.cluster.local",
+    "LICENSE_PROXY_PEERS_CA": PEM,
+    "LICENSE_PROXY_PEERS_CERT": PEM,
+    "LICENSE_PROXY_PEERS_KEY": PEM.replace("CERTIFICATE", "PRIVATE KEY"),
+}
+
+
+def test_peers_by_name_and_from_the_environment(tmp_path):
+    """The vendor's chart fixes the file: everything peers need can come from extraEnv."""
+    config = load_text(tmp_path, VENDOR_MINIMAL, PEERS_ENV)
+    assert config.peer_name == "peers.ns.svc.cluster.local"
+    assert (config.peer_ca_pem, config.peer_cert_pem) == (PEM, PEM)
+    assert config.peer_key_pem.startswith("-----BEGIN PRIVATE KEY")
+    assert "PRIVATE KEY" not in repr(config) and PEM not in repr(config)
+    # The file's keys win where both are set.
+    ca = touch(tmp_path, "ca.pem")
+    text = f'[peers]\nname = "other.example"\nca_file = "{ca}"\n'
+    config = load_text(tmp_path, text, PEERS_ENV)
+    assert (config.peer_name, config.peer_ca_file, config.peer_ca_pem) == ("other.example", ca, None)
+    assert config.peer_cert_pem == PEM
+    # One line naming the variable, never its value.
+    with pytest.raises(ConfigError) as info:
+        load(None, {**PEERS_ENV, "LICENSE_PROXY_PEERS_KEY": "secret-ish"})
+    assert str(info.value) == "environment variable LICENSE_PROXY_PEERS_KEY: expected PEM text"
+    with pytest.raises(ConfigError) as info:
+        load(None, {**PEERS_ENV, "LICENSE_PROXY_PEERS_NAME": "10.0.0.1"})
+    assert str(info.value).startswith("environment variable LICENSE_PROXY_PEERS_NAME: expected a DNS")
+    assert error(tmp_path, '[peers]\nname = "*.example"\n').startswith("[peers] name: expected a DNS")
+    assert error(tmp_path, '[peers]\nurls = ["https://b/"]\n', PEERS_ENV) == (
+        "[peers] name: not with urls: the peers are listed or named"
+    )
+    missing = {k: v for k, v in PEERS_ENV.items() if k != "LICENSE_PROXY_PEERS_CERT"}
+    assert error(tmp_path, VENDOR_MINIMAL, missing) == (
+        "[peers] cert_file: missing (or LICENSE_PROXY_PEERS_CERT), required when peers are set"
     )
 
 

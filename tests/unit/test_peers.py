@@ -8,30 +8,37 @@ from __future__ import annotations
 import json
 
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from tests.support.relayharness import RelayHarness
+from license_proxy.checkin import CheckIn, StartupFailed
+from license_proxy.metrics import PeersCollector
+from license_proxy.peers import BATCH, PUSH_DELAY
+from tests.support.relayharness import CERTIFIED, T0, TRUST, RelayHarness
 
 ALICE = {"Authorization": "Token alice"}
 
 
 class _ToRelay:
-    """Requests to an instance's relay, found when sent (each of the two is built first);
-    or refused, as by an instance that is not running."""
+    """Requests to an instance's relay, found when sent (each of the two is built first), over
+    a connection with a peer certificate; or refused, as by an instance that is not running."""
 
     def __init__(self, harness) -> None:
         self._harness = harness
         self._agents: list[RequestTraversalAgent] = []
         self.refused = False
         self.sent = 0
+        self.marks: list = []  # the mark of each request sent
 
     def request(self, method, uri, headers=None, bodyProducer=None):
         self.sent += 1
+        self.marks.append(headers.getRawHeaders(b"license-proxy-peer"))
         if self.refused:
             return fail(ConnectionRefusedError())
+        headers = headers.copy()
+        headers.setRawHeaders(CERTIFIED, [b"yes"])
         agent = RequestTraversalAgent(self._harness().relay)
         self._agents.append(agent)
         return agent.request(method, uri, headers, bodyProducer)
@@ -62,8 +69,10 @@ class PeerTests(SynchronousTestCase):
 
     def test_an_answer_only_the_peer_has_is_served_and_kept(self):
         self.a.answer(self, self.a.request(headers={"Authorization": "Token bob"}))
+        self.to_a.refused = True  # b's push of alice's answer does not reach a
         self.b.answer(self, self.b.request(headers=ALICE))  # alice checked in through b only
         self.b.clock.advance(70)
+        self.to_a.refused = False
         self.down(self.a, self.b)
         response, body = self.ask_a()
         self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
@@ -104,21 +113,61 @@ class PeerTests(SynchronousTestCase):
             1,
         )
 
-    def test_a_request_marked_by_a_client_gains_nothing(self):
-        self.b.answer(self, self.b.request(headers=ALICE))
-        self.down(self.b)
-        response, _ = self.ask_a(headers={**ALICE, "License-Proxy-Peer": "x"})
-        self.assertEqual(response.code, 502)  # taken as a peer's request: from trust only
-        self.assertEqual((self.to_b.sent, self.a.server.count), (0, 0))
+    def test_a_mark_without_a_peer_certificate_is_ignored(self):
+        """A revoked key: the license server's 401, never the 200 in trust."""
+        self.assertEqual(self.a.answer(self, self.a.request(headers=ALICE))[0].code, 200)
+        self.a.server.code, self.a.server.body = 401, b'{"error":"revoked"}'
+        for mark in ("x", "", "ask"):
+            count = self.a.server.count
+            response, body = self.a.answer(
+                self, self.a.request(headers={**ALICE, "License-Proxy-Peer": mark})
+            )
+            self.assertEqual((response.code, body), (401, b'{"error":"revoked"}'), mark)
+            self.assertEqual(self.a.server.count, count + 1)
+            self.assertNotIn(b"license-proxy-peer", self.a.server.seen[-1][2])
+        # A usage POST with the mark reaches the license server.
+        self.a.server.code = 200
+        response, _ = self.a.answer(
+            self, self.a.request("POST", data=b'{"usage":1}', headers={**ALICE, "License-Proxy-Peer": "ask"})
+        )
+        self.assertEqual((response.code, self.a.server.seen[-1][3]), (200, b'{"usage":1}'))
 
     def test_a_probe_is_answered_by_the_instance_itself(self):
         count = self.a.server.count
         d = self.a.client.request(
-            b"GET", b"https://proxy.local:8443/v1/anything", Headers({b"License-Proxy-Peer": [b"probe"]})
+            b"GET", b"https://proxy.local:8443/v1/anything",
+            Headers({b"License-Proxy-Peer": [b"probe"], CERTIFIED: [b"yes"]}),
         )
         response, body = self.a.answer(self, d)
         self.assertEqual((response.code, body), (204, b""))
         self.assertEqual(self.a.server.count, count)
+
+    def test_a_probe_without_a_peer_certificate_is_no_probe(self):
+        count = self.a.server.count
+        for method, path, code in ((b"GET", b"/v1/anything", 200), (b"TRACE", b"/admin", 405)):
+            d = self.a.client.request(
+                method, b"https://proxy.local:8443" + path, Headers({b"License-Proxy-Peer": [b"probe"]})
+            )
+            self.assertEqual(self.a.answer(self, d)[0].code, code, method)
+        self.assertEqual(self.a.server.count, count + 1)  # the GET was relayed
+
+    def test_peers_are_not_asked_when_this_instance_holds_a_trusted_answer(self):
+        self.a.answer(self, self.a.request(headers=ALICE))
+        self.b.server.body = b'{"license":"from b"}'
+        self.b.answer(self, self.b.request(headers=ALICE))
+        self.down(self.a, self.b)
+        response, body = self.ask_a()
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+        self.assertEqual(self.to_b.sent, 0)
+
+    def test_a_peers_502_is_no_answer_not_its_absence(self):
+        """b has no answer for bob (502): it is still asked for carol's, which it has."""
+        self.b.answer(self, self.b.request(headers={"Authorization": "Token carol"}))
+        self.down(self.a, self.b)
+        self.assertEqual(self.ask_a(headers={"Authorization": "Token bob"})[0].code, 502)
+        response, body = self.ask_a(headers={"Authorization": "Token carol"})
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+        self.assertEqual(self.to_b.sent, 2)
 
     def test_a_peer_that_failed_is_skipped_until_a_probe_finds_it_back(self):
         self.b.answer(self, self.b.request(headers=ALICE))
@@ -133,5 +182,161 @@ class PeerTests(SynchronousTestCase):
         self.a.pump()
         self.to_b.flush()
         self.assertEqual(self.to_b.sent, 2)
+        self.assertEqual(self.to_b.marks, [[b"ask"], [b"probe"]])  # answered by b itself
+        self.assertEqual(self.b.server.count, 1)  # alice's check-in only
         response, body = self.ask_a()
         self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+
+    def pump_both(self):
+        for _ in range(4):
+            for flush in (self.a.pump, self.to_b.flush, self.b.pump, self.to_a.flush):
+                flush()
+
+    def test_a_probe_answer_names_the_instance(self):
+        """How an instance finding its peers by DNS knows its own address (``discovery``)."""
+        d = Deferred.fromCoroutine(self.a.peers.identify("https://peer.local/"))
+        self.pump_both()
+        self.assertEqual(self.successResultOf(d), self.b.peers.instance)
+        self.assertNotEqual(self.a.peers.instance, self.b.peers.instance)
+        self.to_b.refused = True
+        d = Deferred.fromCoroutine(self.a.peers.identify("https://peer.local/"))
+        self.pump_both()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_peers_found_again_keep_their_state(self):
+        """A peer down before ``use`` names it again stays down until a probe finds it back."""
+        self.b.answer(self, self.b.request(headers=ALICE))
+        self.down(self.a, self.b)
+        self.to_b.refused = True
+        self.assertEqual(self.ask_a()[0].code, 502)
+        self.a.peers.use(["https://peer.local/", "https://other.local/"])
+        self.assertEqual(
+            [s.up for s in self.a.peers.health.servers], [False, True]
+        )
+        self.a.peers.use([])
+        self.assertIsNone(self.a.peers.health)
+
+    def test_the_status_and_the_metrics_list_the_peers(self):
+        self.a.status.peers, self.b.status.peers = self.a.peers, self.b.peers
+        for h in (self.a, self.b):
+            h.registry.register(PeersCollector(h.peers))
+        self.b.answer(self, self.b.request(headers=ALICE))
+        self.down(self.a, self.b)
+        self.assertEqual(self.ask_a()[0].code, 200)  # b's answer
+        self.pump_both()  # b learns which peer a is
+        (a_sees,) = json.loads(self.a.status.as_json())["peers"]
+        (b_sees,) = json.loads(self.b.status.as_json())["peers"]
+        self.assertEqual(
+            (a_sees["url"], a_sees["up"], a_sees["received"], a_sees["sent"]),
+            ("https://peer.local/", True, 1, 0),
+        )
+        self.assertEqual(a_sees["last_exchange"], "2027-01-15T08:00:00.000000Z")
+        self.assertEqual((b_sees["received"], b_sees["sent"]), (0, 1))
+        self.assertEqual(list(json.loads(self.a.status.as_json()))[-1], "peers")  # the last
+        labels = {"peer": "https://peer.local/"}
+        sample = self.b.registry.get_sample_value
+        self.assertEqual(sample("license_proxy_peer_answers_sent_total", labels), 1)
+        self.assertEqual(sample("license_proxy_peer_up", labels), 1)
+        self.assertEqual(
+            self.a.registry.get_sample_value("license_proxy_peer_answers_received_total", labels), 1
+        )
+        # Down: one log line (health's), and the status and the gauge say so.
+        self.to_b.refused = True
+        self.assertEqual(self.ask_a(headers={"Authorization": "Token bob"})[0].code, 502)
+        self.assertFalse(json.loads(self.a.status.as_json())["peers"][0]["up"])
+        self.assertEqual(self.a.registry.get_sample_value("license_proxy_peer_up", labels), 0)
+
+    def start_a_in_an_outage(self):
+        """a's start-up check-in, the license servers down: its outcome, and a's state."""
+        self.down(self.a, self.b)
+        checkin = CheckIn(self.a.clock, self.a.upstream, self.a.status, "key", self.a.peers)
+        started = Deferred.fromCoroutine(checkin.startup(3.0))
+        for _ in range(10):
+            self.a.clock.advance(1)
+            self.pump_both()
+        return self.successResultOf(started.addErrback(lambda f: f.value))
+
+    def test_a_start_in_an_outage_takes_a_peers_trust(self):
+        self.b.answer(self, self.b.request(headers=ALICE))  # b checked in
+        self.b.clock.advance(100)
+        self.assertIsNone(self.start_a_in_an_outage())
+        self.assertEqual(self.a.status.state, "TrustBased")
+        self.assertEqual(self.a.cache.last_checkin, self.b.cache.last_checkin)
+        self.assertEqual(self.a.status.trust_expiration, self.b.status.trust_expiration)
+        # It serves: alice's answer, through b.
+        response, body = self.ask_a()
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+
+    def test_a_start_in_an_outage_without_a_peers_trust_fails(self):
+        """The vendor's rule, when no peer holds trust (b never checked in) or none answers."""
+        self.assertIsInstance(self.start_a_in_an_outage(), StartupFailed)
+        self.to_b.refused = True
+        self.assertIsInstance(self.start_a_in_an_outage(), StartupFailed)
+        self.assertEqual(self.a.status.state, "Ready")
+
+    def test_a_peers_window_never_ends_later_here(self):
+        """A longer [trust] duration here does not stretch the peer's window."""
+        self.a.status.adopt(T0, T0 + 1800)  # the peer's duration: 30 minutes, TRUST here
+        self.assertEqual(self.a.status.trust_expiration, T0 + 1800)
+        self.a.status.adopt(T0 + 60, T0 + 60 + 2 * TRUST)  # a longer one: its last check-in
+        self.assertEqual(self.a.cache.last_checkin, T0 + 60)
+
+    def push_from_a(self, seconds=PUSH_DELAY):
+        self.a.clock.advance(seconds)
+        self.pump_both()
+
+    def test_an_answer_stored_reaches_the_peers_within_a_push_delay(self):
+        self.b.answer(self, self.b.request(headers={"Authorization": "Token bob"}))  # b's check-in
+        self.a.answer(self, self.a.request(headers=ALICE))
+        self.push_from_a()
+        self.down(self.a, self.b)
+        self.to_a.refused = True  # b answers alone: from its own trust
+        self.b.clock.advance(30)
+        response, body = self.b.answer(self, self.b.request(headers=ALICE))
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+        self.assertEqual(response.headers.getRawHeaders("age"), ["30"])  # stored when a stored it
+        self.assertEqual(
+            self.b.registry.get_sample_value("license_proxy_relays_total", {"outcome": "served_from_trust"}),
+            1,
+        )
+        self.assertEqual(self.b.peers.records()[0].received, 1)
+        self.assertEqual(self.a.peers.records()[0].sent, 1)
+
+    def test_a_peers_push_never_replaces_a_newer_answer(self):
+        self.a.answer(self, self.a.request(headers=ALICE))
+        self.b.clock.advance(10)
+        self.b.server.body = b'{"license":"newer"}'
+        self.to_a.refused = True
+        self.b.answer(self, self.b.request(headers=ALICE))  # stored after a's
+        self.push_from_a()
+        self.down(self.b)
+        response, body = self.b.answer(self, self.b.request(headers=ALICE))
+        self.assertEqual(body, b'{"license":"newer"}')
+
+    def test_a_push_without_a_peer_certificate_is_relayed_as_any_post(self):
+        push = json.dumps([{"method": "GET", "target": "v1/check", "headers": [], "status": 200,
+                            "answer_headers": [], "body": "", "stored_at": T0}]).encode()
+        count = self.a.server.count
+        response, _ = self.a.answer(
+            self, self.a.request("POST", data=push, headers={"License-Proxy-Peer": "store"})
+        )
+        self.assertEqual(response.code, 200)  # the license server's answer
+        self.assertEqual(self.a.server.count, count + 1)
+
+    def test_pushes_are_bounded_in_size_and_rate(self):
+        for n in range(BATCH + 10):
+            self.a.answer(self, self.a.request(headers={"Authorization": f"Token t{n}"}))
+        self.push_from_a()
+        self.assertEqual(self.a.peers.records()[0].sent, BATCH)
+        self.push_from_a()
+        self.assertEqual(self.a.peers.records()[0].sent, BATCH + 10)
+
+    def test_pushes_are_bounded_in_bytes(self):
+        """Under a peer's max_body_size: large answers go a few at a time."""
+        self.a.server.body = b"x" * 100_000  # 133 kB in base64
+        for n in range(5):
+            self.a.answer(self, self.a.request(headers={"Authorization": f"Token t{n}"}))
+        self.push_from_a()
+        self.assertEqual(self.a.peers.records()[0].sent, 2)
+        self.push_from_a(2 * PUSH_DELAY)
+        self.assertEqual(self.a.peers.records()[0].sent, 4)

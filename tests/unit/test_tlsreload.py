@@ -16,7 +16,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from license_proxy.tls.certs import issue, make_ca
 from license_proxy.config import Config, ConfigError
-from license_proxy.tls.contexts import listener_options, upstream_tls
+from license_proxy.tls.contexts import listener_options, peer_tls, upstream_tls
 from license_proxy.tls.reload import (
     CHECK_INTERVAL,
     CertificateFiles,
@@ -312,3 +312,42 @@ def test_the_files_are_read_and_the_material_built_by_run_and_put_in_service_aft
         "reload (files changed): the licensing listener's certificate and key are reloaded"
     ]
     assert listener.options is not first
+
+
+def test_the_peers_files_are_reloaded_like_the_others(tmp_path, pki):
+    """[peers] ca_file, cert_file and key_file: the peers' client, and the listener (which asks
+    for peers' certificates against that CA)."""
+    ca, cert, key = (tmp_path / name for name in ("peers-ca.pem", "peer.crt", "peer.key"))
+    ca.write_bytes(pki.pairs["ca"].cert_pem)
+    cert.write_bytes(pki.pairs["peer"].cert_pem)
+    key.write_bytes(pki.pairs["peer"].key_pem)
+    config = Config(
+        tls_cert=pki.server_cert, tls_key=pki.server_key, peer_urls=("https://localhost/",),
+        peer_ca_file=str(ca), peer_cert_file=str(cert), peer_key_file=str(key),
+    )
+    listener = ListenerTLS(listener_options(config, 0))
+    peers = peer_tls(config)
+    clock = Clock()
+    reload = CertificateReload(
+        clock, config, listener, upstream_tls(config), CertificateFiles.read(config),
+        lambda cause: None, peers=peers,
+    )
+    watching(reload, clock).startService()
+    old_options, old_creator = listener.options, peers.creatorForNetloc(b"localhost", 443)
+
+    cert.write_text("garbage")
+    with capturedLogs() as events:
+        clock.advance(CHECK_INTERVAL)
+    lines = [formatEvent(e) for e in events]
+    assert any("keeping the peers' CA and certificate: [peers] cert_file" in l for l in lines), lines
+    assert peers.creatorForNetloc(b"localhost", 443) is old_creator
+
+    renewed = issue(pki.pairs["ca"], ["license-proxy-peer"], now=datetime.now(timezone.utc), client=True)
+    key.write_bytes(renewed.key_pem)
+    cert.write_bytes(renewed.cert_pem)
+    with capturedLogs() as events:
+        clock.advance(CHECK_INTERVAL)
+    lines = [formatEvent(e) for e in events]
+    assert any("the peers' CA, certificate and key are reloaded" in l for l in lines), lines
+    assert peers.creatorForNetloc(b"localhost", 443) is not old_creator
+    assert listener.options is not old_options
