@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from license_proxy.metrics import UpstreamCollector
 from license_proxy.pool import BytesBody, RetryingPool, should_retry
 from license_proxy.upstream import Upstream, UpstreamFailure
-from tests.support.memoryserver import OK, Server
+from tests.support.memoryserver import Server
 
 TIMEOUT = 30.0
 class RetryTests(SynchronousTestCase):
