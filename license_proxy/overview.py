@@ -104,7 +104,7 @@ class Overview:
     _timeline: Timeline
     _version: str
     _duration: float  # [trust] duration
-    #: The peers' ``Health.servers``; none until peers.py exposes them.
+    #: The peers' ``Health.servers`` now (found by DNS, they come and go); none without peers.
     _peers: Callable[[], Sequence[Server]] = tuple
     _page: bytes = field(default=b"", init=False)
     _rendered_at: float = field(default=float("-inf"), init=False)

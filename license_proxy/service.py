@@ -278,10 +278,9 @@ def make_service(
         listener_tls = ListenerTLS(listener_options(config, dates.seconds()))
         licensing = TLSMemoryBIOFactory(listener_tls, False, connections, clock=reactor)
     timeline = Timeline(dates, status, relay_metrics.outcomes)
-    # The page lists the peers too given peers=<a callable returning their Health.servers>,
-    # once peers.py exposes them.
     overview = Overview(
-        dates, reactor, status, cache, health.servers, timeline, version(), config.trust_duration
+        dates, reactor, status, cache, health.servers, timeline, version(), config.trust_duration,
+        peers=lambda: () if peers.health is None else peers.health.servers,  # DNS: they change
     )
     status_site = GuardedSite(
         status_resource(status, MetricsPage(registry), overview), config, reactor, guarded.rejected

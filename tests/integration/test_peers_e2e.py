@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ssl
 import time
+import urllib.request
 
 import pytest
 
@@ -96,6 +97,10 @@ def test_an_answer_only_the_other_instance_holds_survives_the_outage_and_that_in
             labels = (("peer", f"https://127.0.0.1:{b.port}/"),)
             assert scrape(a)[("license_proxy_peer_answers_received_total", labels)] == 1
             assert scrape(a)[("license_proxy_peer_up", labels)] == 1
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            page = opener.open(f"http://127.0.0.1:{a.status_port}/", timeout=5).read()
+            assert b"<h2>Peers</h2>" in page  # and on the page for people
+            assert f"<td>https://127.0.0.1:{b.port}/</td><td>up</td>".encode() in page, page
             sent = lambda: b.status()["peers"][0]["sent"]  # noqa: E731
             deadline = time.monotonic() + 10  # b learns which peer asked by probing it once
             while sent() != 1 and time.monotonic() < deadline:
