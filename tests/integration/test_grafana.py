@@ -18,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.configs import config
-from tests.support.proxy import ProxyProcess
+from tests.support.proxy import ProxyProcess, free_port
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "etc" / "grafana" / "license-proxy.json"
 
@@ -79,11 +79,18 @@ def test_every_metric_it_uses_is_served_by_a_running_proxy(tmp_path, pki, upstre
     used = set()
     for expr in queries().values():
         used |= set(re.findall(r"\b((?:license_proxy|process)_[a-z_]+)\b", expr))
-    assert "process_resident_memory_bytes" in used and "license_proxy_state" in used
-    with ProxyProcess(tmp_path, config(tmp_path, pki, upstream.url)) as proxy:
+    assert {"process_resident_memory_bytes", "license_proxy_state", "license_proxy_peer_up"} <= used
+    # With a peer configured (none listening: it shows as down), so its metrics are served too.
+    tls = f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"'
+    peers = (
+        f'\n[peers]\nurls = ["https://127.0.0.1:{free_port()}/"]\nca_file = "{pki.ca_cert}"\n'
+        f'cert_file = "{pki.peer_cert}"\nkey_file = "{pki.peer_key}"\n'
+    )
+    text = config(tmp_path, pki, upstream.url, server=tls) + peers
+    with ProxyProcess(tmp_path, text, ca_file=pki.ca_cert) as proxy:
         proxy.wait_state("Connected")
         assert proxy.request("GET", "/v1/check")[0] == 200
-        text = urllib.request.urlopen(
+        text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
             f"http://127.0.0.1:{proxy.status_port}/metrics", timeout=10
         ).read().decode()
     served = {
