@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import secrets
 from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
@@ -215,6 +216,16 @@ class MemoryCache:
         first (decoded: for a hand-over, not the request path)."""
         for key, kept in list(self._entries.items()):
             yield key, kept.entry()
+
+    def fingerprint(self) -> str:
+        """What tells whether another cache keys with the same ``salt`` (its HMAC of a fixed
+        text), without telling the salt."""
+        return hmac.new(self.salt, b"license-proxy salt fingerprint", hashlib.sha256).hexdigest()
+
+    def page(self, start: int, count: int) -> list[tuple[str, Kept]]:
+        """At most ``count`` answers held, as kept, from the ``start``-th stored longest ago
+        (a pull by a peer, in pages: one changing meanwhile may skip or repeat one)."""
+        return list(itertools.islice(self._entries.items(), start, start + count))
 
     def store(self, key: str, entry: Entry) -> bool:
         """

@@ -73,15 +73,29 @@ class TrustCache:
         path: str,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         run: Run = on_this_thread,
+        salt: Optional[bytes] = None,
     ) -> TrustCache:
         """The cache the files at ``path`` hold (``CacheFile.load``); ``run`` runs the
-        writes (see ``_run``)."""
+        writes (see ``_run``). With ``salt`` (``[peers] salt_file``, shared by the peers),
+        the answers are keyed with it: those of a file keyed with another can't be found
+        under it, so they are dropped (said once), the times kept; the first write replaces
+        the file's salt."""
         file = CacheFile(path)
         found = file.load(dates.seconds, max_entries)
+        memory = found.memory
+        if salt is not None and memory.salt != salt:
+            if len(memory):
+                cls.log.warn(
+                    "trust cache {path}: its {count} answers are keyed with another salt than"
+                    " the peers' shared one; starting without them (the peers' are taken)",
+                    path=path,
+                    count=len(memory),
+                )
+            memory = MemoryCache(dates.seconds, salt=salt, max_entries=max_entries)
         return cls(
             dates,
             path,
-            found.memory,
+            memory,
             last_checkin=found.last_checkin,
             high_water=found.high_water,
             run=run,
