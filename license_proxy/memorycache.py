@@ -34,7 +34,7 @@ import json
 import secrets
 from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 
 from .defaults import DEFAULT_MAX_ENTRIES
 
@@ -256,9 +256,11 @@ class MemoryCache:
     def offer(self, key: str, entry: Entry) -> bool:
         """
         Keep ``entry`` with the date it was stored (another instance's answer, under the
-        same ``salt``) if nothing newer is held for ``key``; it counts as kept.  Whether
-        it was taken (a change to report).
+        same ``salt``; never later than now here, whatever the other's clock says) if
+        nothing newer is held for ``key``; it counts as kept.  Whether it was taken (a
+        change to report).
         """
+        entry = evolve(entry, stored_at=min(entry.stored_at, self._now()))
         held = self._entries.get(key)
         if held is not None and held.stored_at >= entry.stored_at:
             return False

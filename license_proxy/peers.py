@@ -42,7 +42,7 @@ import secrets
 from collections import Counter, deque
 from typing import Callable, Optional, Sequence
 
-from attrs import define, evolve, field, frozen
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
@@ -336,12 +336,9 @@ class Peers:
                     break
                 if answer.status != 200:
                     raise ValueError(f"HTTP {answer.status}")
-                now = self._clock.seconds()
                 for line in lines[1:]:
                     item = json.loads(line)
-                    entry = Entry.from_json(item)
-                    entry = evolve(entry, stored_at=min(entry.stored_at, now))
-                    taken += offer(str(item["key"]), entry)
+                    taken += offer(str(item["key"]), Entry.from_json(item))
             except (UpstreamFailure, ValueError, KeyError, TypeError, IndexError) as e:
                 self.log.info("peer {url}: its answers not taken ({why})", url=url, why=e)
                 break

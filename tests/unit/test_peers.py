@@ -405,6 +405,12 @@ class PullTests(SynchronousTestCase):
         self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
         self.assertEqual(response.headers.getRawHeaders("age"), ["140"])  # b's age, exactly
 
+    def test_an_answer_pulled_is_never_stored_later_than_now_here(self):
+        self.b.clock.advance(100)  # b's clock is ahead of a's
+        self.b_holds()
+        self.assertIsNone(self.start_a())
+        self.assertLessEqual(self.a.cache.lookup(self.key(0)).stored_at, self.a.clock.seconds())
+
     def test_a_pull_never_replaces_a_newer_answer(self):
         self.b_holds()
         self.a.clock.advance(10)
