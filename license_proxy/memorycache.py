@@ -116,6 +116,12 @@ class Kept:
         return Entry.from_json({**obj, "stored_at": self.stored_at})
 
 
+def shared_salt(secret: bytes) -> bytes:
+    """The key salt of the caches of peers sharing ``secret`` (``[peers] salt_file``): derived
+    from it, so the secret itself is never in a cache file, which holds its salt."""
+    return hmac.new(secret, b"license-proxy cache key salt", hashlib.sha256).digest()
+
+
 @define
 class MemoryCache:
     """Cached answers by key, bounded, with what changed since it was last asked."""

@@ -28,7 +28,7 @@ from .cachefile import CacheFile
 from .cachewriter import CacheWriter, Run, on_this_thread
 from .defaults import DEFAULT_MAX_ENTRIES
 from .durable import Disk
-from .memorycache import Entry, MemoryCache, RequestHeaders
+from .memorycache import Entry, MemoryCache, RequestHeaders, shared_salt
 
 EVICTION_LOG_INTERVAL = 3600.0
 """Seconds between log lines about a full cache."""
@@ -77,12 +77,13 @@ class TrustCache:
     ) -> TrustCache:
         """The cache the files at ``path`` hold (``CacheFile.load``); ``run`` runs the
         writes (see ``_run``). With ``salt`` (``[peers] salt_file``, shared by the peers),
-        the answers are keyed with it: those of a file keyed with another can't be found
-        under it, so they are dropped (said once), the times kept; the first write replaces
-        the file's salt."""
+        the answers are keyed with a salt derived from it (``shared_salt``): those of a file
+        keyed with another can't be found under it, so they are dropped (said once), the times
+        kept; the first write replaces the file's salt."""
         file = CacheFile(path)
         found = file.load(dates.seconds, max_entries)
         memory = found.memory
+        salt = None if salt is None else shared_salt(salt)
         if salt is not None and memory.salt != salt:
             if len(memory):
                 cls.log.warn(

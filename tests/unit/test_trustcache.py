@@ -16,7 +16,7 @@ from twisted.web.http_headers import Headers
 
 from license_proxy.durable import CHUNK, Disk
 from license_proxy.cachewriter import FLUSH_DELAY, MARK_LAG, RETRY_MAX
-from license_proxy.memorycache import DEFAULT_KEEP_AFTER, STORED_AT_LAG
+from license_proxy.memorycache import DEFAULT_KEEP_AFTER, STORED_AT_LAG, shared_salt
 from license_proxy.trustcache import EVICTION_LOG_INTERVAL, Entry, TrustCache
 from tests.support.cachefiles import T0, entry_at, journal_of, two_journaled
 
@@ -628,12 +628,14 @@ def test_a_file_keyed_with_another_salt_than_the_shared_one_starts_empty_said_on
     assert [e["log_format"] for e in events if "another salt" in e["log_format"]] != []
     assert len([e for e in events if "another salt" in e["log_format"]]) == 1
     assert shared.decode() not in json.dumps([str(e) for e in events])
-    assert (len(cache), cache.last_checkin, cache.memory.salt) == (0, T0, shared)
+    assert (len(cache), cache.last_checkin, cache.memory.salt) == (0, T0, shared_salt(shared))
     cache.store("k2", entry_at(T0 + 1))
     cache.close()
     again = TrustCache.load(clock, str(path), salt=shared)  # the same salt: kept, nothing said
     assert again.lookup("k2") == entry_at(T0 + 1)
-    assert json.loads(path.read_bytes())["salt"] == shared.hex()
+    written = path.read_bytes()
+    assert json.loads(written)["salt"] == shared_salt(shared).hex()
+    assert shared not in written and shared.hex().encode() not in written  # the secret isn't
 
 
 def test_an_answer_stored_again_unchanged_is_written_again_only_when_its_time_is_old(
