@@ -209,9 +209,12 @@ class Peers:
     def use(self, urls: Sequence[str]) -> None:
         """Ask these peers from now on, in this order. A peer already known keeps its state (a
         down one stays down until a probe finds it back); a new one starts up."""
-        if self._found is not None:
-            found, self._found = self._found, None
-            found.callback(None)
+        self._use(urls)
+        found, self._found = self._found, None
+        if found is not None and not found.called:  # (a pull given up cancelled it)
+            found.callback(None)  # a pull waiting for the first lookup goes on (``pull``)
+
+    def _use(self, urls: Sequence[str]) -> None:
         known = {} if self._client is None else {s.url: s for s in self._client.health.servers}
         if self._client is not None:
             self._client.health.stop()

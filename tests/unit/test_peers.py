@@ -453,6 +453,21 @@ class PullTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(started))
         self.assertEqual(self.a.status.state, "Connected")
 
+    def test_peers_found_by_dns_are_pulled_from_once_the_first_lookup_found_them(self):
+        self.b_holds()
+        self.a.peers.named = True
+        self.a.peers.use([])  # none until the lookup answers
+        fingerprint = self.a.cache.memory.fingerprint()
+        pulling = Deferred.fromCoroutine(self.a.peers.pull(fingerprint, self.a.cache.offer))
+        self.assertNoResult(pulling)
+        self.a.peers.use(["https://peer.local/"])
+        self.pump_both()
+        self.assertEqual(self.successResultOf(pulling), 1)
+        # A pull given up (the start's bound) leaves the next lookup's ``use`` unharmed.
+        self.a.peers.use([])
+        Deferred.fromCoroutine(self.a.peers.pull(fingerprint, self.a.cache.offer)).cancel()
+        self.a.peers.use(["https://peer.local/"])
+
     def test_entries_without_a_peer_certificate_are_no_pull(self):
         self.b_holds()
         self.b.relay._from_peer = lambda request: False
