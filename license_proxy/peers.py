@@ -211,7 +211,7 @@ class Peers:
         down one stays down until a probe finds it back); a new one starts up."""
         self._use(urls)
         found, self._found = self._found, None
-        if found is not None and not found.called:  # (a pull given up cancelled it)
+        if found is not None:  # (one a pull gave up, cancelled, ignores it: Twisted's rule)
             found.callback(None)  # a pull waiting for the first lookup goes on (``pull``)
 
     def _use(self, urls: Sequence[str]) -> None:
