@@ -31,7 +31,10 @@ start ``TrustBased`` on it.
 And each answer the license server gives an instance, once stored, is pushed to its peers
 (``share``, ``License-Proxy-Peer: store``): the request as sent (each instance keys it with its
 own salt) and the answer with the date it was stored, batched and bounded, so an answer does not
-live on one instance only.
+live on one instance only. When the peers share a key salt (``[peers] salt_file``), an instance
+starting takes what its peers hold before it tells its state (``pull``, ``License-Proxy-Peer:
+entries``, in pages, each answer by key): only from a peer keying with the same salt (their
+fingerprints, ``License-Proxy-Salt``, match), since other keys would never match.
 """
 
 from __future__ import annotations

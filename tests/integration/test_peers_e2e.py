@@ -260,6 +260,13 @@ def test_a_start_takes_its_peers_answers_before_it_reports_connected(tmp_path, p
             b.wait_state("Connected")
             assert "took 1 answers from the peers at start" in b.log_text(), b.log_text()[-3000:]
             assert b.status()["peers"][0]["received"] == 1
+            labels = (("peer", f"https://127.0.0.1:{a.port}/"),)
+            assert scrape(b)[("license_proxy_peer_answers_received_total", labels)] == 1
+            sent = lambda: a.status()["peers"][0]["sent"]  # noqa: E731
+            deadline = time.monotonic() + 10  # a learns which peer pulled by probing it once
+            while sent() != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert sent() == 1
             a.kill()
             upstream.stop()
             took, code, headers, body = ask(b)
