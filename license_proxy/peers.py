@@ -73,6 +73,8 @@ ENTRIES = b"entries"  # a pull of the answers a peer holds (``pull``), a page at
 
 PAGE = 200
 """Answers a peer sends per page of a pull: a few hundred kilobytes."""
+PAGE_BYTES = 1024 * 1024
+"""And about this many bytes at most (answers with large bodies: fewer a page)."""
 PAGES = 100
 """Pages asked of a peer at most in one pull: its whole cache at ``[cache] max_entries``'s
 default, twice over."""

@@ -48,7 +48,7 @@ from .metrics import (
     UPSTREAM_OK,
     RelayMetrics,
 )
-from .peers import ENTRIES, PAGE, PROBE, STORE, TRUST, Peers, certified_peer
+from .peers import ENTRIES, PAGE, PAGE_BYTES, PROBE, STORE, TRUST, Peers, certified_peer
 from .status import Status
 from .trustcache import Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -346,15 +346,19 @@ class Relay:
         except ValueError:
             return _error(request, 400, "not a page of entries")
         page = memory.page(start, PAGE)
-        following = start + len(page) if len(page) == PAGE else None
-        lines = [json.dumps({"salt": fingerprint, "next": following}).encode("ascii")]
+        lines, size = [], 0
         for key, kept in page:
+            if lines and size >= PAGE_BYTES:
+                break
             lines.append(
                 b'{"key":%s,"stored_at":%s,%s}'
                 % (json.dumps(key).encode("ascii"), json.dumps(kept.stored_at).encode(), kept.answer)
             )
-        self._peers.gave(request.requestHeaders.getRawHeaders(INSTANCE, [None])[0], len(page))
-        return b"\n".join(lines) + b"\n"
+            size += len(lines[-1])
+        following = start + len(lines) if len(lines) < len(page) or len(page) == PAGE else None
+        head = json.dumps({"salt": fingerprint, "next": following}).encode("ascii")
+        self._peers.gave(request.requestHeaders.getRawHeaders(INSTANCE, [None])[0], len(lines))
+        return b"\n".join([head, *lines]) + b"\n"
 
     def _taken(self, item: dict) -> bool:
         method = item["method"].encode("latin-1")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.logger import capturedLogs, formatEvent
@@ -16,7 +16,7 @@ from twisted.web.http_headers import Headers
 
 from license_proxy.checkin import PULL_WITHIN, CheckIn, StartupFailed
 from license_proxy.metrics import PeersCollector
-from license_proxy.peers import BATCH, PAGE, PUSH_DELAY, Peers
+from license_proxy.peers import BATCH, PAGE, PAGE_BYTES, PUSH_DELAY, Peers
 from tests.support.relayharness import CERTIFIED, T0, TRUST, RelayHarness
 
 ALICE = {"Authorization": "Token alice"}
@@ -436,6 +436,13 @@ class PullTests(SynchronousTestCase):
         self.assertEqual(len(self.a.cache), PAGE + 1)
         self.assertEqual(self.to_b.marks.count([b"entries"]), 2)
 
+    def test_pages_are_bounded_in_bytes(self):
+        self.b.server.body = b"x" * (PAGE_BYTES // 2)  # large answers: two a page
+        self.b_holds(3)
+        self.assertIsNone(self.start_a())
+        self.assertEqual(len(self.a.cache), 3)
+        self.assertEqual(self.to_b.marks.count([b"entries"]), 2)
+
     def test_a_dead_peer_holds_the_start_no_longer_than_the_bound(self):
         self.to_b.request = lambda *args, **kwargs: Deferred()  # black-holed
         # Each exchange with it waits longer than the start may.
@@ -465,7 +472,9 @@ class PullTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(pulling), 1)
         # A pull given up (the start's bound) leaves the next lookup's ``use`` unharmed.
         self.a.peers.use([])
-        Deferred.fromCoroutine(self.a.peers.pull(fingerprint, self.a.cache.offer)).cancel()
+        given_up = Deferred.fromCoroutine(self.a.peers.pull(fingerprint, self.a.cache.offer))
+        given_up.cancel()
+        self.failureResultOf(given_up, CancelledError)
         self.a.peers.use(["https://peer.local/"])
 
     def test_entries_without_a_peer_certificate_are_no_pull(self):
