@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Optional
 
 from attrs import define, field
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as PullTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -19,6 +21,7 @@ from twisted.web.http_headers import Headers
 
 from .peers import Peers
 from .status import Status, rfc3339
+from .trustcache import TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
 
 RETRY_MAX = 5.0
@@ -26,6 +29,10 @@ RETRY_MAX = 5.0
 
 MIN_ATTEMPT = 1.0
 """Shortest deadline of a start-up attempt, so the last one can still succeed."""
+
+PULL_WITHIN = 5.0
+"""Seconds a start waits at most for the peers' answers (``Peers.pull``): a dead or slow peer
+must not hold it longer."""
 
 _REJECTED = (401, 403)
 
@@ -41,6 +48,9 @@ class CheckIn:
     _status: Status
     _key: str = field(repr=False)  # never None: a start without a key is refused (config)
     _peers: Peers = field(factory=Peers)  # whose trust a start in an outage may take
+    #: The trust cache to fill with the peers' answers before the start is told, when the
+    #: peers share the key salt (``[peers] salt_file``); None: no pull.
+    _shared: Optional[TrustCache] = None
 
     log = Logger()
 
@@ -58,6 +68,38 @@ class CheckIn:
         ``timeout`` seconds pass (then raise ``StartupFailed``).
         """
         deadline = self._timers.seconds() + timeout
+        pulling = self._pull()
+        try:
+            await self._check_in(deadline, timeout, pulling)
+        finally:
+            pulling.cancel()
+
+    def _pull(self) -> Deferred:
+        """The peers' answers taken into the trust cache (``Peers.pull``), within
+        ``PULL_WITHIN``: fires once done or given up, never fails."""
+        if self._shared is None:
+            return succeed(None)
+        cache = self._shared
+        pulling = Deferred.fromCoroutine(
+            self._peers.pull(cache.memory.fingerprint(), cache.offer)
+        )
+        pulling.addTimeout(PULL_WITHIN, self._timers)
+
+        def pulled(taken) -> None:
+            self.log.info("took {taken} answers from the peers at start", taken=taken)
+
+        def unfinished(failure) -> None:
+            failure.trap(PullTimeout, CancelledError)
+            self.log.info(
+                "the peers' answers not all taken at start within {within:g} s",
+                within=PULL_WITHIN,
+            )
+
+        return pulling.addCallbacks(pulled, unfinished)
+
+    async def _check_in(self, deadline: float, timeout: float, pulling: Deferred) -> None:
+        """``startup``'s attempts; the state is told only once ``pulling`` is done (a start
+        is ready with the peers' answers)."""
         pause = 0.5
         while True:
             try:
@@ -67,6 +109,7 @@ class CheckIn:
             except UpstreamFailure as failure:
                 # Still Ready while retrying: a slow start is not yet a failure.
                 if self._status.trusted():
+                    await pulling
                     self._status.failed()
                     self.log.warn(
                         "license server unreachable at start ({failure}); "
@@ -77,6 +120,7 @@ class CheckIn:
                     return
                 left = deadline - self._timers.seconds()
                 if left <= 0:
+                    await pulling
                     if await self._from_peers(failure):
                         return
                     raise StartupFailed(
@@ -95,6 +139,7 @@ class CheckIn:
                 raise StartupFailed(
                     f"the license server rejected the key (HTTP {answer.status})"
                 )
+            await pulling
             self._status.succeeded()
             self.log.info("checked in with the license server: HTTP {status}", status=answer.status)
             return

@@ -78,6 +78,8 @@ class Config:
     peer_ca_pem: str | None = attrs.field(default=None, repr=False)
     peer_cert_pem: str | None = attrs.field(default=None, repr=False)
     peer_key_pem: str | None = attrs.field(default=None, repr=False)  # a secret
+    # [peers] salt_file's contents, else $LICENSE_PROXY_PEERS_SALT: the shared key salt, a secret
+    peer_salt: bytes | None = attrs.field(default=None, repr=False)
     log_format: str = "text"  # [log] format: "text" or "json" (one object per line)
 
     @property
@@ -94,10 +96,12 @@ PEER_VARIABLES = {
     "LICENSE_PROXY_PEERS_CA": "peer_ca_pem",
     "LICENSE_PROXY_PEERS_CERT": "peer_cert_pem",
     "LICENSE_PROXY_PEERS_KEY": "peer_key_pem",
+    "LICENSE_PROXY_PEERS_SALT": "peer_salt",
 }
 """The peer settings from the environment (PEM in the variable, e.g. from a Secret): the vendor's
 Helm chart fixes the config file and mounts nothing more, but takes ``extraEnv``. A file key
-wins where both are set (``[peers] name``, ``ca_file``, ``cert_file``, ``key_file``)."""
+wins where both are set (``[peers] name``, ``ca_file``, ``cert_file``, ``key_file``,
+``salt_file``)."""
 
 
 def load(path: str | None, environ: Mapping[str, str]) -> Config:
@@ -145,10 +149,10 @@ def _peer_variables(values: dict, environ: Mapping[str, str]) -> None:
         value = environ.get(variable)
         if not value:
             continue
-        if attribute == "peer_name":
-            if values.get("peer_name") is None:
+        if attribute in _PARSED_VARIABLES:
+            if values.get(attribute) is None:
                 try:
-                    values["peer_name"] = _peer_name(value)
+                    values[attribute] = _PARSED_VARIABLES[attribute](value)
                 except ValueError as e:
                     raise ConfigError(f"environment variable {variable}: {e}") from None
         elif values.get(attribute.replace("_pem", "_file")) is None:
@@ -289,6 +293,12 @@ def _peer_material(config: Config, key: str) -> str | None:
     attribute = _KEYS["peers", key].attribute
     return getattr(config, attribute) or getattr(config, attribute.replace("_file", "_pem"))
 
+
+#: The peer variables parsed as their file keys' values are (the others hold PEM).
+_PARSED_VARIABLES: dict[str, Callable[[str], object]] = {
+    "peer_name": lambda value: _peer_name(value),
+    "peer_salt": lambda value: _salt(value),
+}
 
 #: The peer keys that name PEM files, each with the variable that can hold the PEM instead.
 _PEER_MATERIAL = {
@@ -518,6 +528,32 @@ def _secret(value: object) -> str | None:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {_kind(value)}")
     return value or None
+
+
+SALT_BYTES = (16, 1024)
+"""The shared salt's length bounds: short enough to guess is no salt, long is a mistake."""
+
+
+def _salt(text: str) -> bytes:
+    """The shared key salt: the text, surrounding white space (a file's last newline) removed.
+    Never shown: it is a secret."""
+    salt = text.strip().encode("utf-8")
+    low, high = SALT_BYTES
+    if not low <= len(salt) <= high:
+        raise ValueError(f"a salt of {low} to {high} bytes expected, got {len(salt)}")
+    return salt
+
+
+def _salt_file(value: object) -> bytes | None:
+    """``[peers] salt_file``: read now (a typo fails at start, ``license-proxy check`` says it)."""
+    path = _readable_file(value)
+    if path is None:
+        return None
+    try:
+        text = files.read(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path!r}: {e}") from None
+    return _salt(text)
 
 
 def _readable_file(value: object) -> str | None:
@@ -839,6 +875,16 @@ _KEYS: dict[tuple[str, str], Key] = {
     ("peers", "key_file"): Key(
         "peer_key_file", _readable_file, 'unset',
         None,
+    ),
+    ("peers", "salt_file"): Key(
+        "peer_salt", _salt_file, 'unset',
+        (
+            "a file holding the key salt the peers share (16 to 1024 bytes, e.g. "
+            "`openssl rand -hex 32`; from the same Secret as the certificates): the trust cache "
+            "keys its answers with it, so an instance that starts can take its peers' answers "
+            "before it reports ready. Unset: no such pull (answers are still pushed and asked). "
+            "Else `$LICENSE_PROXY_PEERS_SALT` (see [The shared salt](two-instances.md#the-shared-salt))"
+        ),
     ),
     ("log", "format"): Key(
         "log_format", _log_format, '"text"',

@@ -14,7 +14,7 @@ the peers found before: a DNS hiccup must not cost the peers during an outage.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, gatherResults
@@ -38,7 +38,9 @@ class Discovery:
     _port: int
     _base_url: str
     _ids: dict = field(factory=dict, init=False)  # address -> id, once one answered
-    _peers: list = field(factory=list, init=False)  # their URLs, as last told to ``use``
+    # Their URLs, as last told to ``use``; None before the first lookup (which always tells:
+    # a pull at start waits for it, ``Peers.pull``).
+    _peers: Optional[list] = field(default=None, init=False)
     _failing: bool = field(default=False, init=False)
 
     log = Logger()

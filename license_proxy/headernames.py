@@ -39,6 +39,10 @@ PEER = b"license-proxy-peer"
 #: answer went to, and how one finding its peers by DNS knows its own address (``discovery``).
 INSTANCE = b"license-proxy-instance"
 
+#: The fingerprint of the key salt an instance keys its answers with, in a peer's pull of
+#: entries (``peers``): an HMAC of a fixed text under the salt, never the salt.
+SALT = b"license-proxy-salt"
+
 #: Request headers the relay's client sets again for each request, and the peers' headers
 #: (never sent to the license server).
-REQUEST_OWN = frozenset({b"host", b"content-length", PEER, INSTANCE})
+REQUEST_OWN = frozenset({b"host", b"content-length", PEER, INSTANCE, SALT})

@@ -29,11 +29,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import secrets
 from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 
 from .defaults import DEFAULT_MAX_ENTRIES
 
@@ -113,6 +114,12 @@ class Kept:
     def entry(self) -> Entry:
         obj = json.loads(b"{" + self.answer + b"}")
         return Entry.from_json({**obj, "stored_at": self.stored_at})
+
+
+def shared_salt(secret: bytes) -> bytes:
+    """The key salt of the caches of peers sharing ``secret`` (``[peers] salt_file``): derived
+    from it, so the secret itself is never in a cache file, which holds its salt."""
+    return hmac.new(secret, b"license-proxy cache key salt", hashlib.sha256).digest()
 
 
 @define
@@ -216,6 +223,16 @@ class MemoryCache:
         for key, kept in list(self._entries.items()):
             yield key, kept.entry()
 
+    def fingerprint(self) -> str:
+        """What tells whether another cache keys with the same ``salt`` (its HMAC of a fixed
+        text), without telling the salt."""
+        return hmac.new(self.salt, b"license-proxy salt fingerprint", hashlib.sha256).hexdigest()
+
+    def page(self, start: int, count: int) -> list[tuple[str, Kept]]:
+        """At most ``count`` answers held, as kept, from the ``start``-th stored longest ago
+        (a pull by a peer, in pages: one changing meanwhile may skip or repeat one)."""
+        return list(itertools.islice(self._entries.items(), start, start + count))
+
     def store(self, key: str, entry: Entry) -> bool:
         """
         Keep ``entry``, last in line for eviction.  Whether it is a change to report
@@ -245,9 +262,11 @@ class MemoryCache:
     def offer(self, key: str, entry: Entry) -> bool:
         """
         Keep ``entry`` with the date it was stored (another instance's answer, under the
-        same ``salt``) if nothing newer is held for ``key``; it counts as kept.  Whether
-        it was taken (a change to report).
+        same ``salt``; never later than now here, whatever the other's clock says) if
+        nothing newer is held for ``key``; it counts as kept.  Whether it was taken (a
+        change to report).
         """
+        entry = evolve(entry, stored_at=min(entry.stored_at, self._now()))
         held = self._entries.get(key)
         if held is not None and held.stored_at >= entry.stored_at:
             return False

@@ -212,12 +212,12 @@ class PeersCollector:
         )
         received = CounterMetricFamily(
             "license_proxy_peer_answers_received",
-            "A peer's answers relayed to this instance's clients or taken from its pushes.",
+            "A peer's answers relayed to this instance's clients, taken from its pushes or pulled.",
             labels=labels,
         )
         sent = CounterMetricFamily(
             "license_proxy_peer_answers_sent",
-            "Answers from this instance's trust given to a peer's requests, or pushed to it.",
+            "Answers from this instance's trust given to a peer's requests, pushed or pulled.",
             labels=labels,
         )
         for peer in self._peers.records():

@@ -31,7 +31,10 @@ start ``TrustBased`` on it.
 And each answer the license server gives an instance, once stored, is pushed to its peers
 (``share``, ``License-Proxy-Peer: store``): the request as sent (each instance keys it with its
 own salt) and the answer with the date it was stored, batched and bounded, so an answer does not
-live on one instance only.
+live on one instance only. When the peers share a key salt (``[peers] salt_file``), an instance
+starting takes what its peers hold before it tells its state (``pull``, ``License-Proxy-Peer:
+entries``, in pages, each answer by key): only from a peer keying with the same salt (their
+fingerprints, ``License-Proxy-Salt``, match), since other keys would never match.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import base64
 import json
 import secrets
 from collections import Counter, deque
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
@@ -53,7 +56,9 @@ from twisted.web.iweb import IAgent, IRequest
 from .defaults import ANSWER_WITHIN, RETRY_INTERVAL
 from .headernames import INSTANCE
 from .headernames import PEER as HEADER
+from .headernames import SALT
 from .health import Health, Server
+from .memorycache import Entry
 from .pool import RetryingPool
 from .tls.contexts import UpstreamTLS
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -64,6 +69,15 @@ ASK = b"ask"
 PROBE = b"probe"
 TRUST = b"trust"
 STORE = b"store"  # a push of answers just stored (``share``), answered 204
+ENTRIES = b"entries"  # a pull of the answers a peer holds (``pull``), a page at a time
+
+PAGE = 200
+"""Answers a peer sends per page of a pull: a few hundred kilobytes."""
+PAGE_BYTES = 1024 * 1024
+"""And about this many bytes at most (answers with large bodies: fewer a page)."""
+PAGES = 100
+"""Pages asked of a peer at most in one pull: its whole cache at ``[cache] max_entries``'s
+default, twice over."""
 
 PUSH_DELAY = 1.0
 """Seconds an answer just stored waits to be pushed to the peers, with those stored meanwhile."""
@@ -139,6 +153,10 @@ class Peers:
     _pushed: Counter = field(factory=Counter, init=False)
     _took: Counter = field(factory=Counter, init=False)
     _learning: set = field(factory=set, init=False)  # URLs probed for their id now
+    _other_salt: set = field(factory=set, init=False)  # URLs said to key with another salt
+    #: Found by ``discovery``: a pull waits for its first answer (``use``), not the empty start.
+    named: bool = field(default=False, init=False)
+    _found: Optional[Deferred] = field(default=None, init=False)
     _outbox: deque = field(factory=lambda: deque(maxlen=OUTBOX), init=False)
     _push_due: Optional[IDelayedCall] = field(default=None, init=False)
 
@@ -196,6 +214,12 @@ class Peers:
     def use(self, urls: Sequence[str]) -> None:
         """Ask these peers from now on, in this order. A peer already known keeps its state (a
         down one stays down until a probe finds it back); a new one starts up."""
+        self._use(urls)
+        found, self._found = self._found, None
+        if found is not None:  # (one a pull gave up, cancelled, ignores it: Twisted's rule)
+            found.callback(None)  # a pull waiting for the first lookup goes on (``pull``)
+
+    def _use(self, urls: Sequence[str]) -> None:
         known = {} if self._client is None else {s.url: s for s in self._client.health.servers}
         if self._client is not None:
             self._client.health.stop()
@@ -277,6 +301,61 @@ class Peers:
             if held[1] > self._clock.seconds() and (best is None or held[1] > best[1]):
                 best = held
         return best
+
+    async def pull(self, fingerprint: str, offer: Callable[[str, Entry], bool]) -> int:
+        """Take the answers each usable peer holds, page by page (``offer``: never replacing
+        a newer one), from peers keying with the same salt (``fingerprint``) only; how many
+        were taken. The caller bounds its time (a dead peer must not hold a start). Peers
+        found by DNS: once the first lookup found them."""
+        if self.named and self._client is None:
+            self._found = Deferred()
+            await self._found
+        client = self._client
+        taken = 0
+        for index, server in enumerate([] if client is None else client.health.servers):
+            if client.health.usable(index):
+                taken += await self._pull_from(client, index, server.url, fingerprint, offer)
+        return taken
+
+    async def _pull_from(
+        self,
+        client: Upstream,
+        index: int,
+        url: str,
+        fingerprint: str,
+        offer: Callable[[str, Entry], bool],
+    ) -> int:
+        marked = self._marked(ENTRIES)
+        marked.setRawHeaders(SALT, [fingerprint.encode("ascii")])
+        taken, start = 0, 0
+        for _ in range(PAGES):
+            try:
+                answer = await client.attempt(index, b"GET", b"?from=%d" % start, marked, None)
+                lines = answer.body.splitlines()
+                head = json.loads(lines[0])
+                if head["salt"] != fingerprint:
+                    if url not in self._other_salt:
+                        self._other_salt.add(url)
+                        self.log.warn(
+                            "peer {url} keys its answers with another salt ([peers] salt_file):"
+                            " none taken from it",
+                            url=url,
+                        )
+                    break
+                if answer.status != 200:
+                    raise ValueError(f"HTTP {answer.status}")
+                for line in lines[1:]:
+                    item = json.loads(line)
+                    taken += offer(str(item["key"]), Entry.from_json(item))
+            except (UpstreamFailure, ValueError, KeyError, TypeError, IndexError) as e:
+                self.log.info("peer {url}: its answers not taken ({why})", url=url, why=e)
+                break
+            self._heard(url, answer)
+            if not isinstance(head["next"], int):
+                break
+            start = head["next"]
+        self._received[url] += taken
+        return taken
 
     def gave(self, asker: Optional[bytes], count: int = 1) -> None:
         """Answers from trust went to the peer whose id is ``asker``."""

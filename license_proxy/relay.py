@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from . import pathrule
 from .defaults import CREDENTIAL_HEADERS
-from .headernames import HOP_BY_HOP, INSTANCE, PEER, REQUEST_OWN, TOKEN, UNDERSCORE
+from .headernames import HOP_BY_HOP, INSTANCE, PEER, REQUEST_OWN, SALT, TOKEN, UNDERSCORE
 from .metrics import (
     REJECTED,
     SERVED_BY_PEER,
@@ -48,7 +48,7 @@ from .metrics import (
     UPSTREAM_OK,
     RelayMetrics,
 )
-from .peers import PROBE, STORE, TRUST, Peers, certified_peer
+from .peers import ENTRIES, PAGE, PAGE_BYTES, PROBE, STORE, TRUST, Peers, certified_peer
 from .status import Status
 from .trustcache import Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -131,6 +131,8 @@ class Relay:
                 return b""
             if mark == [STORE] and request.method == b"POST":  # answers a peer just stored
                 return self._take(request)
+            if mark == [ENTRIES]:  # a peer starting: the answers held here (``Peers.pull``)
+                return self._give(request)
             if mark == [TRUST]:  # a peer starting in an outage (``checkin``)
                 request.setHeader(_JSON[0], _JSON[1][0])
                 window = {
@@ -327,6 +329,36 @@ class Relay:
         self._peers.took(request.requestHeaders.getRawHeaders(INSTANCE, [None])[0], taken)
         request.setResponseCode(204)
         return b""
+
+    def _give(self, request: IRequest) -> bytes:
+        """A page of the answers held (``Peers.pull``), as JSON lines: first the salt's
+        fingerprint and the next page's start (null: the last), then one answer a line, with
+        its key and the date it was stored. Only to a peer keying with the same salt: else 409
+        and the fingerprint alone (its keys would never match)."""
+        memory = self._cache.memory
+        fingerprint = memory.fingerprint()
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        if request.requestHeaders.getRawHeaders(SALT) != [fingerprint.encode("ascii")]:
+            request.setResponseCode(409)
+            return json.dumps({"salt": fingerprint}).encode("ascii") + b"\n"
+        try:
+            start = max(0, int(request.args.get(b"from", [b"0"])[0]))
+        except ValueError:
+            return _error(request, 400, "not a page of entries")
+        page = memory.page(start, PAGE)
+        lines, size = [], 0
+        for key, kept in page:
+            if lines and size >= PAGE_BYTES:
+                break
+            lines.append(
+                b'{"key":%s,"stored_at":%s,%s}'
+                % (json.dumps(key).encode("ascii"), json.dumps(kept.stored_at).encode(), kept.answer)
+            )
+            size += len(lines[-1])
+        following = start + len(lines) if len(lines) < len(page) or len(page) == PAGE else None
+        head = json.dumps({"salt": fingerprint, "next": following}).encode("ascii")
+        self._peers.gave(request.requestHeaders.getRawHeaders(INSTANCE, [None])[0], len(lines))
+        return b"\n".join([head, *lines]) + b"\n"
 
     def _taken(self, item: dict) -> bool:
         method = item["method"].encode("latin-1")

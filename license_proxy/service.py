@@ -227,7 +227,8 @@ def make_service(
     # restart; timers (the reactor's, monotonic) measure elapsed time and run the delayed calls.
     dates = HighWaterClock(reactor, time.time)
     cache = TrustCache.load(
-        dates, config.cache_path, config.cache_max_entries, run=writer_thread(reactor)
+        dates, config.cache_path, config.cache_max_entries, run=writer_thread(reactor),
+        salt=config.peer_salt,
     )
     # An answer counts as one the fleet keeps asking for once asked for a check-in later.
     cache.memory.keep_after = config.checkin_interval
@@ -249,7 +250,10 @@ def make_service(
     peers = Peers.build(
         reactor, config.peer_urls, config.answer_within, config.retry_interval, peer_certificates
     )
+    peers.named = config.peer_name is not None
+    pulled = None  # the peers' answers taken at start: only under a salt they share
     if config.peer_urls or config.peer_name:
+        pulled = cache if config.peer_salt is not None else None
         status.peers = peers
         registry.register(PeersCollector(peers))
     relay = Relay(
@@ -263,7 +267,7 @@ def make_service(
         config.cache_key_headers,
         peers,
     )
-    checkin = CheckIn(reactor, upstream, status, config.key, peers)
+    checkin = CheckIn(reactor, upstream, status, config.key, peers, pulled)
     health.probe_with(lambda index: Deferred.fromCoroutine(checkin.probe(index)))
 
     # Bodies are relayed as they are: never parsed as forms (a multipart body twisted.web

@@ -28,7 +28,7 @@ from .cachefile import CacheFile
 from .cachewriter import CacheWriter, Run, on_this_thread
 from .defaults import DEFAULT_MAX_ENTRIES
 from .durable import Disk
-from .memorycache import Entry, MemoryCache, RequestHeaders
+from .memorycache import Entry, MemoryCache, RequestHeaders, shared_salt
 
 EVICTION_LOG_INTERVAL = 3600.0
 """Seconds between log lines about a full cache."""
@@ -73,15 +73,30 @@ class TrustCache:
         path: str,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         run: Run = on_this_thread,
+        salt: Optional[bytes] = None,
     ) -> TrustCache:
         """The cache the files at ``path`` hold (``CacheFile.load``); ``run`` runs the
-        writes (see ``_run``)."""
+        writes (see ``_run``). With ``salt`` (``[peers] salt_file``, shared by the peers),
+        the answers are keyed with a salt derived from it (``shared_salt``): those of a file
+        keyed with another can't be found under it, so they are dropped (said once), the times
+        kept; the first write replaces the file's salt."""
         file = CacheFile(path)
         found = file.load(dates.seconds, max_entries)
+        memory = found.memory
+        salt = None if salt is None else shared_salt(salt)
+        if salt is not None and memory.salt != salt:
+            if len(memory):
+                cls.log.warn(
+                    "trust cache {path}: its {count} answers are keyed with another salt than"
+                    " the peers' shared one; starting without them (the peers' are taken)",
+                    path=path,
+                    count=len(memory),
+                )
+            memory = MemoryCache(dates.seconds, salt=salt, max_entries=max_entries)
         return cls(
             dates,
             path,
-            found.memory,
+            memory,
             last_checkin=found.last_checkin,
             high_water=found.high_water,
             run=run,

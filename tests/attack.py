@@ -285,7 +285,18 @@ def peer_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
     attacks["peer push of answers without a peer certificate"] = lambda: _not_204(
         t.request("POST", b"", b"License-Proxy-Peer: store", body=push)
     )
+    # -- the pull at start (issue 19 item 3): the answers held, to a peer only ---------------
+    attacks["peer pull of the answers held without a peer certificate"] = lambda: _no_entries(
+        t.request("GET", b"?from=0", b"License-Proxy-Peer: entries\r\nLicense-Proxy-Salt: 00")
+    )
     return attacks
+
+
+def _no_entries(answer: Answer) -> tuple[str, str]:
+    """A peer starting takes the answers held (``Peers.pull``); nobody else gets them, nor the
+    salt's fingerprint."""
+    gave = b'"salt"' in answer.body or b'"stored_at"' in answer.body
+    return ("UNSAFE" if gave else "safe"), f"answered {answer.status or 'nothing'}"
 
 
 def _no_window(answer: Answer) -> tuple[str, str]:

@@ -60,11 +60,12 @@ def test_the_attack_script_finds_every_attack_refused_or_safe(tmp_path, pki, ups
     lines = out.splitlines()
     assert script.returncode == 0, out + err
     # 24; issue 21's 3 on the status page; issue 20's burst, 5 at the listeners, 9 inputs;
-    # issue 19's 7 on the peers' mark
-    assert len(lines) == 49, out
+    # issue 19's 7 on the peers' mark, 1 on the pull of entries
+    assert len(lines) == 50, out
     for line in lines:
         assert ": refused (" in line or ": safe (" in line, line
     assert "peer mark 'ask' on a cached POST: safe (answered 200 by the license server)" in out
+    assert "peer pull of the answers held without a peer certificate: safe (" in out
     assert "flood of 100 requests each sent twice: safe (10 of the fleet's 10 answers" in out
     # Nothing outside the configured prefix, and no refused method, reached the license server.
     assert all(p == "/lic" or p.startswith("/lic/") for p in relayed_paths(upstream))

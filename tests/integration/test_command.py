@@ -274,6 +274,8 @@ BAD = {
     "key header with _": ('[cache]\nkey_headers = ["X_Api_Key"]', {}, None),
     "malformed HTTPS_PROXY": ("", {"HTTPS_PROXY": "http://"}, None),
     "no key": ("", {"DEEPGRAM_API_KEY": None}, None),
+    "peers' salt too short": ("", {"LICENSE_PROXY_PEERS_SALT": "tooshort"}, None),
+    "peers' salt_file unreadable": ('[peers]\nsalt_file = "/nonexistent/salt"', {}, None),
     "unknown key": ("[server]\nprot = 1", {}, None),
     "tls_cert not a certificate": ('[server]\ntls_cert = "/etc/hostname"\ntls_key = "/etc/hostname"',
                                    {}, None),

@@ -237,3 +237,58 @@ def test_an_answer_stored_on_one_instance_reaches_the_other(tmp_path, pki, upstr
         took, code, headers, body = ask(b)
         assert (code, body) == (200, GOOD) and "Age" in headers
         assert relays(b, "served_from_trust") == 1 and relays(b, "served_by_peer") == 0
+
+
+SALT = "a-salt-the-peers-share-from-a-secret"
+
+
+def test_a_start_takes_its_peers_answers_before_it_reports_connected(tmp_path, pki, upstream):
+    """Sharing a salt (``$LICENSE_PROXY_PEERS_SALT``, as from a Secret), b starts empty and takes
+    a's answers before it is Connected: then, a gone and the license server too, b answers
+    from its own trust, with the age a's answer has. With another salt, b takes nothing and
+    says so once."""
+    a, b = pair(tmp_path, pki, upstream)
+    a.env["LICENSE_PROXY_PEERS_SALT"] = b.env["LICENSE_PROXY_PEERS_SALT"] = SALT
+    with a:
+        a.wait_state("Connected")
+        upstream.respond(body=GOOD)
+        assert ask(a)[1] == 200  # alice checks in through a only, b not there yet
+        stored = time.time()
+        push_missed(a, b)
+        time.sleep(2)  # an age to travel
+        with b:
+            b.wait_state("Connected")
+            assert "took 1 answers from the peers at start" in b.log_text(), b.log_text()[-3000:]
+            assert b.status()["peers"][0]["received"] == 1
+            labels = (("peer", f"https://127.0.0.1:{a.port}/"),)
+            assert scrape(b)[("license_proxy_peer_answers_received_total", labels)] == 1
+            sent = lambda: a.status()["peers"][0]["sent"]  # noqa: E731
+            deadline = time.monotonic() + 10  # a learns which peer pulled by probing it once
+            while sent() != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert sent() == 1
+            a.kill()
+            upstream.stop()
+            took, code, headers, body = ask(b)
+            age = time.time() - stored
+            assert (code, body) == (200, GOOD), (code, body, b.log_text()[-3000:])
+            assert age - 2 <= int(headers["Age"]) <= age + 1, (headers["Age"], age)
+            assert relays(b, "served_from_trust") == 1 and relays(b, "served_by_peer") == 0
+        assert SALT not in a.log_text() + b.log_text()
+
+
+def test_peers_with_another_salt_pull_nothing_said_once(tmp_path, pki, upstream):
+    a, b = pair(tmp_path, pki, upstream)
+    a.env["LICENSE_PROXY_PEERS_SALT"] = SALT
+    b.env["LICENSE_PROXY_PEERS_SALT"] = "another-salt-than-a-has-here"
+    with a:
+        a.wait_state("Connected")
+        upstream.respond(body=GOOD)
+        assert ask(a)[1] == 200
+        push_missed(a, b)
+        with b:
+            b.wait_state("Connected")
+            said = f"peer https://127.0.0.1:{a.port}/ keys its answers with another salt"
+            assert b.log_text().count(said) == 1, b.log_text()[-3000:]
+            assert "took 0 answers from the peers at start" in b.log_text()
+            assert b.status()["peers"][0]["received"] == 0

@@ -773,6 +773,31 @@ def test_peers_by_name_and_from_the_environment(tmp_path):
     )
 
 
+def test_the_shared_salt_from_a_file_or_the_environment_bounded_never_shown(tmp_path):
+    salt = "0123456789abcdef" * 2
+    config = load_text(tmp_path, VENDOR_MINIMAL, {**PEERS_ENV, "LICENSE_PROXY_PEERS_SALT": salt})
+    assert config.peer_salt == salt.encode() and salt not in repr(config)
+    # The file's key wins (its last newline is no part of it).
+    path = tmp_path / "salt"
+    path.write_text("f" * 16 + "\n")
+    text = f'[peers]\nsalt_file = "{path}"\n'
+    config = load_text(tmp_path, text, {**PEERS_ENV, "LICENSE_PROXY_PEERS_SALT": salt})
+    assert config.peer_salt == b"f" * 16
+    # Too short (no salt) or too long (a mistake): one line naming it, never the value.
+    with pytest.raises(ConfigError) as info:
+        load(None, {**PEERS_ENV, "LICENSE_PROXY_PEERS_SALT": "short-secret"})
+    assert str(info.value) == (
+        "environment variable LICENSE_PROXY_PEERS_SALT: a salt of 16 to 1024 bytes expected, got 12"
+    )
+    path.write_text("x" * 1025)
+    message = error(tmp_path, text)
+    assert message.endswith("[peers] salt_file: a salt of 16 to 1024 bytes expected, got 1025")
+    assert "xxxx" not in message
+    assert error(tmp_path, '[peers]\nsalt_file = "/nonexistent"\n').startswith(
+        "[peers] salt_file: cannot read '/nonexistent'"
+    )
+
+
 def test_unknown_names_are_quoted_when_not_bare(tmp_path):
     assert error(tmp_path, '["my section"]\n').startswith('unknown section ["my section"] ')
     assert error(tmp_path, '[server]\n"po\\nrt" = 1\n').startswith(

@@ -87,6 +87,15 @@ class DiscoveryTests(SynchronousTestCase):
         lines = [e for e in events if "did not resolve" in e.get("log_format", "")]
         self.assertEqual(len(lines), 1)  # one line per transition
 
+    def test_the_first_lookup_tells_even_no_peer(self):
+        """A pull at start waits for the first lookup's peers (``Peers.pull``): a lone pod's
+        is told at once, so it does not wait for the pull's bound."""
+        self.addresses = ["10.0.0.1"]  # this instance alone
+        self.refresh()
+        self.assertEqual(self.used, [[]])
+        self.refresh()
+        self.assertEqual(self.used, [[]])  # then only when the peers change
+
     def test_an_ipv6_address_is_bracketed(self):
         self.addresses = ["fd00::2"]
         self.ids = {"https://[fd00::2]:8443/v1/": b"b"}

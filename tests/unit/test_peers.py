@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.logger import capturedLogs, formatEvent
 from twisted.web.http_headers import Headers
 
-from license_proxy.checkin import CheckIn, StartupFailed
+from license_proxy.checkin import PULL_WITHIN, CheckIn, StartupFailed
 from license_proxy.metrics import PeersCollector
-from license_proxy.peers import BATCH, PUSH_DELAY
+from license_proxy.peers import BATCH, PAGE, PAGE_BYTES, PUSH_DELAY, Peers
 from tests.support.relayharness import CERTIFIED, T0, TRUST, RelayHarness
 
 ALICE = {"Authorization": "Token alice"}
@@ -340,3 +341,144 @@ class PeerTests(SynchronousTestCase):
         self.assertEqual(self.a.peers.records()[0].sent, 2)
         self.push_from_a(2 * PUSH_DELAY)
         self.assertEqual(self.a.peers.records()[0].sent, 4)
+
+
+class PullTests(SynchronousTestCase):
+    """The pull at start (``Peers.pull``): a takes b's answers before its state is told."""
+
+    down, pump_both = PeerTests.down, PeerTests.pump_both
+
+    def setUp(self):
+        PeerTests.setUp(self)
+        self.a.cache.memory.salt = self.b.cache.memory.salt = b"s" * 32  # [peers] salt_file
+
+    def b_holds(self, count=1):
+        """b stores ``count`` answers a never heard of (its pushes don't reach a)."""
+        self.to_a.refused = True
+        for n in range(count):
+            self.b.answer(self, self.b.request(headers={"Authorization": f"Token {n}"}))
+        self.to_a.refused = False
+
+    def start_a(self, within=3.0):
+        """a's start-up check-in with its license server up: its outcome, and the state it
+        told while the pull was under way."""
+        checkin = CheckIn(
+            self.a.clock, self.a.upstream, self.a.status, "key", self.a.peers, self.a.cache
+        )
+        started = Deferred.fromCoroutine(checkin.startup(within))
+        for _ in range(10):
+            self.pump_both()
+            self.a.clock.advance(1)
+        return self.successResultOf(started.addErrback(lambda f: f.value))
+
+    def key(self, n):
+        return self.a.relay._key(b"GET", b"v1/check", Headers({"Authorization": [f"Token {n}"]}))
+
+    def test_a_start_takes_the_peers_answers_before_it_is_connected(self):
+        self.b_holds()
+        self.a.clock.advance(70)  # a starts later
+        self.b.clock.advance(70)
+        held, sent = [], self.to_b.request
+
+        def later(*args):  # b answers when told
+            held.append((args, Deferred()))
+            return held[-1][1]
+
+        self.to_b.request = later
+        checkin = CheckIn(
+            self.a.clock, self.a.upstream, self.a.status, "key", self.a.peers, self.a.cache
+        )
+        started = Deferred.fromCoroutine(checkin.startup(3.0))
+        self.a.pump()  # its license server answered; b not yet
+        self.assertNoResult(started)
+        self.assertEqual(self.a.status.state, "Ready")  # not Connected before b's answers
+        for args, answered in held:
+            sent(*args).chainDeferred(answered)
+        self.pump_both()
+        self.assertIsNone(self.successResultOf(started))
+        self.assertEqual(self.a.status.state, "Connected")
+        self.assertEqual(self.a.cache.lookup(self.key(0)), self.b.cache.lookup(self.key(0)))
+        self.assertEqual(self.a.peers.records()[0].received, 1)
+        self.down(self.a, self.b)
+        self.a.clock.advance(70)
+        response, body = self.a.answer(self, self.a.request(headers={"Authorization": "Token 0"}))
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+        self.assertEqual(response.headers.getRawHeaders("age"), ["140"])  # b's age, exactly
+
+    def test_an_answer_pulled_is_never_stored_later_than_now_here(self):
+        self.b.clock.advance(100)  # b's clock is ahead of a's
+        self.b_holds()
+        self.assertIsNone(self.start_a())
+        self.assertLessEqual(self.a.cache.lookup(self.key(0)).stored_at, self.a.clock.seconds())
+
+    def test_a_pull_never_replaces_a_newer_answer(self):
+        self.b_holds()
+        self.a.clock.advance(10)
+        self.a.answer(self, self.a.request(headers={"Authorization": "Token 0"}))
+        newer = self.a.cache.lookup(self.key(0))
+        self.assertIsNone(self.start_a())
+        self.assertEqual(self.a.cache.lookup(self.key(0)), newer)
+
+    def test_a_peer_with_another_salt_gives_nothing_said_once(self):
+        self.b.cache.memory.salt = b"t" * 32
+        self.b_holds()
+        with capturedLogs() as events:
+            self.assertIsNone(self.start_a())
+            self.assertIsNone(self.start_a())
+        said = [formatEvent(e) for e in events if "another salt" in formatEvent(e)]
+        self.assertEqual(len(said), 1)
+        self.assertNotIn("s" * 32, "".join(formatEvent(e) for e in events))
+        self.assertEqual(len(self.a.cache), 0)
+
+    def test_pages_are_bounded_and_all_are_taken(self):
+        self.b_holds(PAGE + 1)
+        self.assertIsNone(self.start_a())
+        self.assertEqual(len(self.a.cache), PAGE + 1)
+        self.assertEqual(self.to_b.marks.count([b"entries"]), 2)
+
+    def test_pages_are_bounded_in_bytes(self):
+        self.b.server.body = b"x" * (PAGE_BYTES // 2)  # large answers: two a page
+        self.b_holds(3)
+        self.assertIsNone(self.start_a())
+        self.assertEqual(len(self.a.cache), 3)
+        self.assertEqual(self.to_b.marks.count([b"entries"]), 2)
+
+    def test_a_dead_peer_holds_the_start_no_longer_than_the_bound(self):
+        self.to_b.request = lambda *args, **kwargs: Deferred()  # black-holed
+        # Each exchange with it waits longer than the start may.
+        self.a.peers = Peers.using(self.to_b, self.a.clock, ["https://peer.local/"], 30.0, 5.0)
+        checkin = CheckIn(
+            self.a.clock, self.a.upstream, self.a.status, "key", self.a.peers, self.a.cache
+        )
+        started = Deferred.fromCoroutine(checkin.startup(30.0))
+        self.a.pump()
+        self.a.clock.advance(PULL_WITHIN - 0.5)
+        self.a.pump()
+        self.assertNoResult(started)
+        self.a.clock.advance(1)
+        self.a.pump()
+        self.assertIsNone(self.successResultOf(started))
+        self.assertEqual(self.a.status.state, "Connected")
+
+    def test_peers_found_by_dns_are_pulled_from_once_the_first_lookup_found_them(self):
+        self.b_holds()
+        self.a.peers.named = True
+        self.a.peers.use([])  # none until the lookup answers
+        fingerprint = self.a.cache.memory.fingerprint()
+        pulling = Deferred.fromCoroutine(self.a.peers.pull(fingerprint, self.a.cache.offer))
+        self.assertNoResult(pulling)
+        self.a.peers.use(["https://peer.local/"])
+        self.pump_both()
+        self.assertEqual(self.successResultOf(pulling), 1)
+        # A pull given up (the start's bound) leaves the next lookup's ``use`` unharmed.
+        self.a.peers.use([])
+        given_up = Deferred.fromCoroutine(self.a.peers.pull(fingerprint, self.a.cache.offer))
+        given_up.cancel()
+        self.failureResultOf(given_up, CancelledError)
+        self.a.peers.use(["https://peer.local/"])
+
+    def test_entries_without_a_peer_certificate_are_no_pull(self):
+        self.b_holds()
+        self.b.relay._from_peer = lambda request: False
+        self.assertIsNone(self.start_a())
+        self.assertEqual(len(self.a.cache), 0)

@@ -16,7 +16,7 @@ from twisted.web.http_headers import Headers
 
 from license_proxy.durable import CHUNK, Disk
 from license_proxy.cachewriter import FLUSH_DELAY, MARK_LAG, RETRY_MAX
-from license_proxy.memorycache import DEFAULT_KEEP_AFTER, STORED_AT_LAG
+from license_proxy.memorycache import DEFAULT_KEEP_AFTER, STORED_AT_LAG, shared_salt
 from license_proxy.trustcache import EVICTION_LOG_INTERVAL, Entry, TrustCache
 from tests.support.cachefiles import T0, entry_at, journal_of, two_journaled
 
@@ -610,6 +610,32 @@ def test_a_file_from_before_the_journal_loads_and_is_migrated(tmp_path, clock):
     assert snapshot["generation"] and snapshot["salt"] == "ab" * 16
     assert snapshot["entries"] == old["entries"]
     assert json.loads(journal_of(path).read_bytes()) == {"journal": snapshot["generation"]}
+
+
+def test_a_file_keyed_with_another_salt_than_the_shared_one_starts_empty_said_once(
+    tmp_path, clock
+):
+    """Its keys can't be found under the peers' salt: dropped (said once), the times kept, and
+    the next write replaces the file's salt."""
+    path = tmp_path / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k", entry_at(T0))
+    cache.record_checkin(T0)
+    cache.close()
+    shared = b"shared-salt-" * 3
+    with capturedLogs() as events:
+        cache = TrustCache.load(clock, str(path), salt=shared)
+    assert [e["log_format"] for e in events if "another salt" in e["log_format"]] != []
+    assert len([e for e in events if "another salt" in e["log_format"]]) == 1
+    assert shared.decode() not in json.dumps([str(e) for e in events])
+    assert (len(cache), cache.last_checkin, cache.memory.salt) == (0, T0, shared_salt(shared))
+    cache.store("k2", entry_at(T0 + 1))
+    cache.close()
+    again = TrustCache.load(clock, str(path), salt=shared)  # the same salt: kept, nothing said
+    assert again.lookup("k2") == entry_at(T0 + 1)
+    written = path.read_bytes()
+    assert json.loads(written)["salt"] == shared_salt(shared).hex()
+    assert shared not in written and shared.hex().encode() not in written  # the secret isn't
 
 
 def test_an_answer_stored_again_unchanged_is_written_again_only_when_its_time_is_old(
