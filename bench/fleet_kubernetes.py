@@ -130,7 +130,17 @@ class KubernetesDay(fleet.Day):
 
     def meta(self) -> dict:
         return {"day": "kubernetes", "peers": self.peers, "peers_name": NAME,
-                "pods": self.pod_events}
+                "pods": self.pod_events, "peers_found": self.peers_found()}
+
+    def peers_found(self) -> dict[str, list[str]]:
+        """Each pod's peers as it last logged them (``discovery``): which name lookups it saw."""
+        found = {}
+        for name, proxy in self.proxies.items():
+            lines = [x for x in proxy.log_text().splitlines() if f"peers: {NAME} names" in x]
+            if lines:
+                urls = lines[-1].split(" now: ", 1)[1]
+                found[name] = [] if urls == "none" else urls.split(", ")
+        return found
 
     def client_context(self) -> ssl.SSLContext:
         """The chart configures no certificate: each pod's is generated, and not verified."""

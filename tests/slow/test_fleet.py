@@ -141,6 +141,11 @@ def test_a_day_on_kubernetes_runs_to_its_end_and_accounts_for_every_check_in(kub
     assert sorted(ready) == ["c", "d", "e", "f"], meta["pods"]
     assert all(ready[p].startswith("ready (Connected)") for p in "cde"), ready
     assert ready["f"].startswith("ready (TrustBased)"), ready
+    # The pods followed the name as it changed: the last two found each other, and no other.
+    address = {pod: f"127.0.0.{i + 2}" for i, pod in enumerate("abcdef")}
+    found = meta["peers_found"]
+    assert [u.split("/")[2].split(":")[0] for u in found["e"]] == [address["f"]], found
+    assert [u.split("/")[2].split(":")[0] for u in found["f"]] == [address["e"]], found
     # The outage began within one check-in interval after the rolling update ended.
     gap = float(phases["outage"]["note"].split()[0])
     assert 0 <= gap <= 1, phases["outage"]["note"]
