@@ -187,11 +187,13 @@ class PeersCollector:
         )
         received = CounterMetricFamily(
             "license_proxy_peer_answers_received",
-            "A peer's answers relayed to this instance's clients.", labels=labels,
+            "A peer's answers relayed to this instance's clients or taken from its pushes.",
+            labels=labels,
         )
         sent = CounterMetricFamily(
             "license_proxy_peer_answers_sent",
-            "Answers from this instance's trust given to a peer's requests.", labels=labels,
+            "Answers from this instance's trust given to a peer's requests, or pushed to it.",
+            labels=labels,
         )
         for peer in self._peers.records():
             up.add_metric([peer.url], 1 if peer.up else 0)

@@ -27,18 +27,24 @@ proxy: they are neighbours), over TLS verified against ``[peers] ca_file``, with
 rules of ``health``; a peer's 502 only means it has no answer either. An instance starting in an
 outage asks its peers for their trust window (``License-Proxy-Peer: trust``, ``checkin``), to
 start ``TrustBased`` on it.
+
+And each answer the license server gives an instance, once stored, is pushed to its peers
+(``share``, ``License-Proxy-Peer: store``): the request as sent (each instance keys it with its
+own salt) and the answer with the date it was stored, batched and bounded, so an answer does not
+live on one instance only.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
-from collections import Counter
+from collections import Counter, deque
 from typing import Optional, Sequence
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
@@ -56,6 +62,40 @@ from .upstream import Answer, Upstream, UpstreamFailure
 ASK = b"ask"
 PROBE = b"probe"
 TRUST = b"trust"
+STORE = b"store"  # a push of answers just stored (``share``), answered 204
+
+PUSH_DELAY = 1.0
+"""Seconds an answer just stored waits to be pushed to the peers, with those stored meanwhile."""
+BATCH = 50
+"""Answers pushed at most per peer and ``PUSH_DELAY``: a few kilobytes each."""
+BATCH_BYTES = 256 * 1024
+"""And about this many bytes at most: well under a peer's ``max_body_size`` (1 MiB by default)."""
+OUTBOX = 1000
+"""Answers waiting to be pushed at most; beyond, the oldest are dropped (their containers'
+next check-in stores and pushes them again)."""
+
+
+def _pushed(
+    method: bytes, rest: bytes, headers: Headers, answer: Answer, stored_at: float
+) -> dict:
+    """One answer as a push carries it (``Relay._take`` reads it)."""
+    return {
+        "method": method.decode("latin-1"),
+        "target": rest.decode("latin-1"),
+        "headers": _pairs(headers),
+        "status": answer.status,
+        "answer_headers": _pairs(answer.headers),
+        "body": base64.b64encode(answer.body).decode("ascii"),
+        "stored_at": stored_at,
+    }
+
+
+def _pairs(headers: Headers) -> list[list[str]]:
+    return [
+        [name.decode("latin-1"), value.decode("latin-1")]
+        for name, values in headers.getAllRawHeaders()
+        for value in values
+    ]
 
 
 def certified_peer(request: IRequest) -> bool:
@@ -91,9 +131,15 @@ class Peers:
     _client: Optional[Upstream] = field(default=None, init=False)
     _answered: dict = field(factory=dict, init=False)  # URL -> when it last answered
     _ids: dict = field(factory=dict, init=False)  # URL -> its instance id, once it answered
-    _received: Counter = field(factory=Counter, init=False)  # URL -> answers taken
-    _sent: Counter = field(factory=Counter, init=False)  # instance id -> answers given
+    # Answers received and sent: asked of a peer (by URL), given to a peer's request (by its
+    # id), pushed to a peer (by URL), taken from a peer's push (by its id).
+    _received: Counter = field(factory=Counter, init=False)
+    _sent: Counter = field(factory=Counter, init=False)
+    _pushed: Counter = field(factory=Counter, init=False)
+    _took: Counter = field(factory=Counter, init=False)
     _learning: set = field(factory=set, init=False)  # URLs probed for their id now
+    _outbox: deque = field(factory=lambda: deque(maxlen=OUTBOX), init=False)
+    _push_due: Optional[IDelayedCall] = field(default=None, init=False)
 
     log = Logger()
 
@@ -140,8 +186,8 @@ class Peers:
                 server.url,
                 server.up,
                 self._answered.get(server.url),
-                self._received[server.url],
-                self._sent[self._ids[server.url]] if server.url in self._ids else 0,
+                self._received[server.url] + self._by_id(self._took, server.url),
+                self._pushed[server.url] + self._by_id(self._sent, server.url),
             )
             for server in servers
         ]
@@ -154,11 +200,12 @@ class Peers:
             self._client.health.stop()
         self._client = None
         # What is kept of peers gone, pods that came and went for days, would only grow.
-        for kept in (self._answered, self._ids, self._received):
+        for kept in (self._answered, self._ids, self._received, self._pushed):
             for url in set(kept) - set(urls):
                 del kept[url]
-        for instance in set(self._sent) - set(self._ids.values()):
-            del self._sent[instance]
+        for kept in (self._sent, self._took):
+            for instance in set(kept) - set(self._ids.values()):
+                del kept[instance]
         if not urls:
             return
         health = Health(
@@ -230,13 +277,61 @@ class Peers:
                 best = held
         return best
 
-    def gave(self, asker: Optional[bytes]) -> None:
-        """An answer from trust went to the peer whose id is ``asker``. A peer is known by its
-        id once it answered this instance: those not yet are probed once, to tell which."""
-        if not asker:
+    def gave(self, asker: Optional[bytes], count: int = 1) -> None:
+        """Answers from trust went to the peer whose id is ``asker``."""
+        self._count(self._sent, asker, count)
+
+    def took(self, pusher: Optional[bytes], count: int) -> None:
+        """Answers the peer whose id is ``pusher`` pushed were kept here."""
+        self._count(self._took, pusher, count)
+
+    def share(
+        self, method: bytes, rest: bytes, headers: Headers, answer: Answer, stored_at: float
+    ) -> None:
+        """An answer the license server gave, just stored here: pushed to every usable peer
+        within ``PUSH_DELAY`` (in batches of ``BATCH``; the ``OUTBOX`` latest wait at most)."""
+        if self._client is None:
             return
-        self._sent[asker] += 1
-        if self._client is None or asker in self._ids.values():
+        self._outbox.append((method, rest, headers, answer, stored_at))  # encoded when sent
+        if self._push_due is None:
+            self._push_due = self._clock.callLater(PUSH_DELAY, self._push)
+
+    def _push(self) -> None:
+        self._push_due = None
+        client = self._client
+        if client is None or not self._outbox:
+            return
+        batch, size = [], 0
+        while self._outbox and len(batch) < BATCH and size < BATCH_BYTES:
+            batch.append(_pushed(*self._outbox.popleft()))
+            size += len(batch[-1]["body"]) + 1024  # the rest of an item: well under 1 kB
+        body = json.dumps(batch).encode("ascii")
+        for index, server in enumerate(client.health.servers):
+            if client.health.usable(index):
+                Deferred.fromCoroutine(self._send(client, index, body, len(batch)))
+        if self._outbox:
+            self._push_due = self._clock.callLater(PUSH_DELAY, self._push)
+
+    async def _send(self, client: Upstream, index: int, body: bytes, count: int) -> None:
+        url = client.health.servers[index].url
+        try:
+            answer = await client.attempt(index, b"POST", b"", self._marked(STORE), body)
+        except UpstreamFailure:
+            return  # health has it; the next check-ins are pushed again
+        self._heard(url, answer)
+        if answer.status == 204:
+            self._pushed[url] += count
+
+    def _by_id(self, counts: Counter, url: str) -> int:
+        return counts[self._ids[url]] if url in self._ids else 0
+
+    def _count(self, counts: Counter, instance: Optional[bytes], count: int) -> None:
+        """Counted by the peer's id. A peer is known by its id once it answered this
+        instance: those not yet are probed once, to tell which."""
+        if not instance:
+            return
+        counts[instance] += count
+        if self._client is None or instance in self._ids.values():
             return
         for server in self._client.health.servers:
             if server.url not in self._ids and server.url not in self._learning:
@@ -265,9 +360,12 @@ class Peers:
             pass  # health has it
 
     def stop(self) -> Deferred:
-        """No more probes; idle connections closed."""
+        """No more probes nor pushes; idle connections closed."""
+        if self._push_due is not None and self._push_due.active():
+            self._push_due.cancel()
         if self._client is not None:
             self._client.health.stop()
+        self._client = None
         if self._pool is None:
             return succeed(None)
         return self._pool.closeCachedConnections()

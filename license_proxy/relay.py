@@ -19,6 +19,8 @@ upstream decodes.  Only the methods a licensing request can use are relayed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -44,7 +46,7 @@ from .metrics import (
     UPSTREAM_OK,
     RelayMetrics,
 )
-from .peers import PROBE, TRUST, Peers, certified_peer
+from .peers import PROBE, STORE, TRUST, Peers, certified_peer
 from .status import Status
 from .trustcache import CREDENTIAL_HEADERS, Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -128,6 +130,8 @@ class Relay:
             if mark == [PROBE]:
                 request.setResponseCode(204)  # a peer's probe: this instance is here
                 return b""
+            if mark == [STORE] and request.method == b"POST":  # answers a peer just stored
+                return self._take(request)
             if mark == [TRUST]:  # a peer starting in an outage (``checkin``)
                 request.setHeader(_JSON[0], _JSON[1][0])
                 window = {
@@ -294,7 +298,42 @@ class Relay:
             return failure
         self._metrics.latency.observe(self._timers.seconds() - started)
         self._status.succeeded()
-        return answer, self._store(key, headers, method, answer)
+        stored = self._store(key, headers, method, answer)
+        if stored:
+            self._peers.share(method, rest, headers, answer, self._dates.seconds())
+        return answer, stored
+
+    def _take(self, request: IRequest) -> bytes:
+        """Keep the answers a peer pushed (``Peers.share``), each as the license server gave
+        it, stored when the peer stored it (never later than now), unless this instance holds
+        one stored later. 204, or 400 if the push is not one."""
+        try:
+            pushed = json.loads(request.content.read())
+            taken = sum(self._taken(item) for item in pushed)
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+            return _error(request, 400, "not a push of answers")
+        self._peers.took(request.requestHeaders.getRawHeaders(INSTANCE, [None])[0], taken)
+        request.setResponseCode(204)
+        return b""
+
+    def _taken(self, item: dict) -> bool:
+        method = item["method"].encode("latin-1")
+        rest = item["target"].encode("latin-1")
+        headers = Headers()
+        for name, value in item["headers"]:
+            headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        answer_headers = Headers()
+        for name, value in item["answer_headers"]:
+            answer_headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+        answer = Answer(int(item["status"]), answer_headers, base64.b64decode(item["body"]), True)
+        stored_at = min(float(item["stored_at"]), self._dates.seconds())
+        key = self._key(method, rest, headers)
+        vary = _vary(answer_headers)
+        if vary is not None:
+            held = self._cache.lookup(self._cache.variant(key, headers, vary))
+            if held is not None and held.stored_at >= stored_at:
+                return False  # a peer's answer never replaces a newer one
+        return self._store(key, headers, method, answer, self._dates.seconds() - stored_at)
 
     def _in_background(self, exchange: Deferred, method: bytes, path: str, started: float) -> None:
         """An exchange whose client was answered from trust: logged when it

@@ -14,7 +14,7 @@ Fields added since the vendor's three come after them: ``state_since``, and
 written, or null), and ``license_servers``: each ``server_url`` with ``up``,
 ``down_since`` and the ``last_error`` of its last failed exchange or probe; with peers,
 ``peers``: each peer's ``url``, ``up``, ``last_exchange`` (when it last answered), the
-answers ``received`` from it and ``sent`` to it.  A cache that cannot be persisted does not change the
+answers ``received`` from it and ``sent`` to it (asked, or pushed).  A cache that cannot be persisted does not change the
 state: the answers are in memory and containers are licensed as before; what
 is at stake is the next restart, which the two fields tell operators about.
 

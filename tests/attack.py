@@ -150,6 +150,11 @@ def peer_attacks(t: Target) -> dict[str, Callable[[], tuple[str, str]]]:
     attacks["peer trust window without a peer certificate"] = lambda: _no_window(
         t.request("GET", b"peer-trust", b"License-Proxy-Peer: trust")
     )
+    push = (b'[{"method":"GET","target":"pushed","headers":[],"status":200,'
+            b'"answer_headers":[],"body":"","stored_at":4102444800}]')
+    attacks["peer push of answers without a peer certificate"] = lambda: _not_204(
+        t.request("POST", b"", b"License-Proxy-Peer: store", body=push)
+    )
     return attacks
 
 

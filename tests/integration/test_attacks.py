@@ -58,7 +58,7 @@ def test_the_attack_script_finds_every_attack_refused_or_safe(tmp_path, pki, ups
                 script.kill()
     lines = out.splitlines()
     assert script.returncode == 0, out + err
-    assert len(lines) == 30, out
+    assert len(lines) == 31, out
     for line in lines:
         assert ": refused (" in line or ": safe (" in line, line
     assert "peer mark 'ask' on a cached POST: safe (answered 200 by the license server)" in out

@@ -48,6 +48,16 @@ def pair(tmp_path, pki, upstream, extra_peers=()) -> tuple[ProxyProcess, ProxyPr
     return a, b
 
 
+def push_missed(pusher: ProxyProcess, absent: ProxyProcess, timeout: float = 15.0) -> None:
+    """Until ``pusher``'s push of what it stored (``peers.share``) found ``absent`` not there:
+    then only asking can bring ``absent`` those answers."""
+    line = f"peer https://127.0.0.1:{absent.port}/ is down"
+    deadline = time.monotonic() + timeout
+    while line not in pusher.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert line in pusher.log_text(), pusher.log_text()[-3000:]
+
+
 def relays(proxy, outcome: str) -> float:
     return scrape(proxy).get(("license_proxy_relays_total", (("outcome", outcome),)), 0)
 
@@ -62,42 +72,44 @@ def test_an_answer_only_the_other_instance_holds_survives_the_outage_and_that_in
     tmp_path, pki, upstream
 ):
     a, b = pair(tmp_path, pki, upstream)
-    with a, b:
-        a.wait_state("Connected")
+    with b:
         b.wait_state("Connected")
         upstream.respond(body=GOOD)
-        took, code, headers, body = ask(b)  # alice checks in through b only
+        took, code, headers, body = ask(b)  # alice checks in through b only, a not there yet
         assert (code, body) == (200, GOOD) and "Age" not in headers
-        upstream.stop()
+        push_missed(b, a)
+        with a:
+            a.wait_state("Connected")
+            upstream.stop()
 
-        took, code, headers, body = ask(a)
-        assert (code, body) == (200, GOOD), (code, body, a.log_text())
-        assert "Age" in headers
-        assert took < ANSWER_WITHIN + MARGIN, took
-        assert relays(a, "served_by_peer") == 1
-        assert relays(b, "served_from_trust") >= 1
-        # Visible: the status lists the peers after the vendor's fields, the metrics too.
-        (seen,) = a.status()["peers"]
-        assert (seen["url"], seen["up"], seen["received"]) == (f"https://127.0.0.1:{b.port}/", True, 1)
-        assert seen["last_exchange"] is not None
-        assert list(a.status())[:3] == ["state", "last_successful_checkin", "trust_expiration"]
-        labels = (("peer", f"https://127.0.0.1:{b.port}/"),)
-        assert scrape(a)[("license_proxy_peer_answers_received_total", labels)] == 1
-        assert scrape(a)[("license_proxy_peer_up", labels)] == 1
-        sent = lambda: b.status()["peers"][0]["sent"]  # noqa: E731
-        deadline = time.monotonic() + 10  # b learns which peer asked by probing it once
-        while sent() != 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert sent() == 1
-        # A container no instance ever answered: one 502 from each, no loop between them.
-        took, code, _, _ = ask(a, "/v1/never")
-        assert code == 502
-        assert relays(b, "unavailable") == 1
+            took, code, headers, body = ask(a)
+            assert (code, body) == (200, GOOD), (code, body, a.log_text())
+            assert "Age" in headers
+            assert took < ANSWER_WITHIN + MARGIN, took
+            assert relays(a, "served_by_peer") == 1
+            assert relays(b, "served_from_trust") >= 1
+            # Visible: the status lists the peers after the vendor's fields, the metrics too.
+            (seen,) = a.status()["peers"]
+            assert (seen["url"], seen["up"], seen["received"]) == (f"https://127.0.0.1:{b.port}/", True, 1)
+            assert seen["last_exchange"] is not None
+            assert list(a.status())[:3] == ["state", "last_successful_checkin", "trust_expiration"]
+            labels = (("peer", f"https://127.0.0.1:{b.port}/"),)
+            assert scrape(a)[("license_proxy_peer_answers_received_total", labels)] == 1
+            assert scrape(a)[("license_proxy_peer_up", labels)] == 1
+            sent = lambda: b.status()["peers"][0]["sent"]  # noqa: E731
+            deadline = time.monotonic() + 10  # b learns which peer asked by probing it once
+            while sent() != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert sent() == 1
+            # A container no instance ever answered: one 502 from each, no loop between them.
+            took, code, _, _ = ask(a, "/v1/never")
+            assert code == 502
+            assert relays(b, "unavailable") == 1
 
-        b.kill()  # a kept alice's answer: b's going does not bring the gap back
-        took, code, headers, body = ask(a)
-        assert (code, body) == (200, GOOD) and "Age" in headers
-        assert relays(a, "served_from_trust") >= 1
+            b.kill()  # a kept alice's answer: b's going does not bring the gap back
+            took, code, headers, body = ask(a)
+            assert (code, body) == (200, GOOD) and "Age" in headers
+            assert relays(a, "served_from_trust") >= 1
         # What the license server was sent never carried the peers' mark.
         assert upstream.requests
         assert not [r for r in upstream.requests if r.header("License-Proxy-Peer") is not None]
@@ -106,20 +118,22 @@ def test_an_answer_only_the_other_instance_holds_survives_the_outage_and_that_in
 def test_a_black_holed_peer_costs_one_answer_within_then_is_skipped(tmp_path, pki, upstream):
     with BlackHole() as hole:
         a, b = pair(tmp_path, pki, upstream, extra_peers=[f"https://127.0.0.1:{hole.port}/"])
-        with a, b:
-            a.wait_state("Connected")
+        with b:  # the check-ins reach b only, a not there yet to be pushed them
             b.wait_state("Connected")
             upstream.respond(body=GOOD)
             for token in ("Token alice", "Token carol"):
                 assert ask(b, token=token)[1] == 200
-            upstream.stop()
-            took, code, _, body = ask(a)
-            assert (code, body) == (200, GOOD)
-            assert ANSWER_WITHIN - 0.1 < took < ANSWER_WITHIN + MARGIN, took
-            took, code, _, body = ask(a, token="Token carol")
-            assert (code, body) == (200, GOOD)
-            assert took < 1.0, took  # the black hole is skipped: b answers at once
-            assert "peer https://127.0.0.1:" in a.log_text() and "is down" in a.log_text()
+            push_missed(b, a)
+            with a:
+                a.wait_state("Connected")
+                upstream.stop()
+                took, code, _, body = ask(a)
+                assert (code, body) == (200, GOOD)
+                assert ANSWER_WITHIN - 0.1 < took < ANSWER_WITHIN + MARGIN, took
+                took, code, _, body = ask(a, token="Token carol")
+                assert (code, body) == (200, GOOD)
+                assert took < 1.0, took  # the black hole is skipped: b answers at once
+                assert "peer https://127.0.0.1:" in a.log_text() and "is down" in a.log_text()
 
 
 def alone(tmp_path, pki, upstream) -> ProxyProcess:
@@ -197,3 +211,24 @@ def test_a_replacement_during_an_outage_starts_on_its_peers_trust(tmp_path, pki,
         b.start()
         assert b.wait_exit(timeout=30) != 0
         assert "could not be reached" in b.log_text()
+
+
+def test_an_answer_stored_on_one_instance_reaches_the_other(tmp_path, pki, upstream):
+    """Issue 19 item 3: pushed on store, kept with its age; the other instance answers it from
+    its own trust once the license server and the first instance are both gone."""
+    a, b = pair(tmp_path, pki, upstream)
+    with a, b:
+        a.wait_state("Connected")
+        b.wait_state("Connected")
+        upstream.respond(body=GOOD)
+        assert ask(a)[1] == 200  # alice checks in through a only
+        deadline = time.monotonic() + 10  # within PUSH_DELAY, on a loaded machine
+        while b.status()["peers"][0]["received"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b.status()["peers"][0]["received"] == 1
+        assert a.status()["peers"][0]["sent"] == 1
+        upstream.stop()
+        a.kill()
+        took, code, headers, body = ask(b)
+        assert (code, body) == (200, GOOD) and "Age" in headers
+        assert relays(b, "served_from_trust") == 1 and relays(b, "served_by_peer") == 0

@@ -15,6 +15,7 @@ from twisted.web.http_headers import Headers
 
 from license_proxy.checkin import CheckIn, StartupFailed
 from license_proxy.metrics import PeersCollector
+from license_proxy.peers import BATCH, PUSH_DELAY
 from tests.support.relayharness import CERTIFIED, T0, TRUST, RelayHarness
 
 ALICE = {"Authorization": "Token alice"}
@@ -68,8 +69,10 @@ class PeerTests(SynchronousTestCase):
 
     def test_an_answer_only_the_peer_has_is_served_and_kept(self):
         self.a.answer(self, self.a.request(headers={"Authorization": "Token bob"}))
+        self.to_a.refused = True  # b's push of alice's answer does not reach a
         self.b.answer(self, self.b.request(headers=ALICE))  # alice checked in through b only
         self.b.clock.advance(70)
+        self.to_a.refused = False
         self.down(self.a, self.b)
         response, body = self.ask_a()
         self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
@@ -277,3 +280,63 @@ class PeerTests(SynchronousTestCase):
         self.assertEqual(self.a.status.trust_expiration, T0 + 1800)
         self.a.status.adopt(T0 + 60, T0 + 60 + 2 * TRUST)  # a longer one: its last check-in
         self.assertEqual(self.a.cache.last_checkin, T0 + 60)
+
+    def push_from_a(self, seconds=PUSH_DELAY):
+        self.a.clock.advance(seconds)
+        self.pump_both()
+
+    def test_an_answer_stored_reaches_the_peers_within_a_push_delay(self):
+        self.b.answer(self, self.b.request(headers={"Authorization": "Token bob"}))  # b's check-in
+        self.a.answer(self, self.a.request(headers=ALICE))
+        self.push_from_a()
+        self.down(self.a, self.b)
+        self.to_a.refused = True  # b answers alone: from its own trust
+        self.b.clock.advance(30)
+        response, body = self.b.answer(self, self.b.request(headers=ALICE))
+        self.assertEqual((response.code, body), (200, b'{"license":"ok"}'))
+        self.assertEqual(response.headers.getRawHeaders("age"), ["30"])  # stored when a stored it
+        self.assertEqual(
+            self.b.registry.get_sample_value("license_proxy_relays_total", {"outcome": "served_from_trust"}),
+            1,
+        )
+        self.assertEqual(self.b.peers.records()[0].received, 1)
+        self.assertEqual(self.a.peers.records()[0].sent, 1)
+
+    def test_a_peers_push_never_replaces_a_newer_answer(self):
+        self.a.answer(self, self.a.request(headers=ALICE))
+        self.b.clock.advance(10)
+        self.b.server.body = b'{"license":"newer"}'
+        self.to_a.refused = True
+        self.b.answer(self, self.b.request(headers=ALICE))  # stored after a's
+        self.push_from_a()
+        self.down(self.b)
+        response, body = self.b.answer(self, self.b.request(headers=ALICE))
+        self.assertEqual(body, b'{"license":"newer"}')
+
+    def test_a_push_without_a_peer_certificate_is_relayed_as_any_post(self):
+        push = json.dumps([{"method": "GET", "target": "v1/check", "headers": [], "status": 200,
+                            "answer_headers": [], "body": "", "stored_at": T0}]).encode()
+        count = self.a.server.count
+        response, _ = self.a.answer(
+            self, self.a.request("POST", data=push, headers={"License-Proxy-Peer": "store"})
+        )
+        self.assertEqual(response.code, 200)  # the license server's answer
+        self.assertEqual(self.a.server.count, count + 1)
+
+    def test_pushes_are_bounded_in_size_and_rate(self):
+        for n in range(BATCH + 10):
+            self.a.answer(self, self.a.request(headers={"Authorization": f"Token t{n}"}))
+        self.push_from_a()
+        self.assertEqual(self.a.peers.records()[0].sent, BATCH)
+        self.push_from_a()
+        self.assertEqual(self.a.peers.records()[0].sent, BATCH + 10)
+
+    def test_pushes_are_bounded_in_bytes(self):
+        """Under a peer's max_body_size: large answers go a few at a time."""
+        self.a.server.body = b"x" * 100_000  # 133 kB in base64
+        for n in range(5):
+            self.a.answer(self, self.a.request(headers={"Authorization": f"Token t{n}"}))
+        self.push_from_a()
+        self.assertEqual(self.a.peers.records()[0].sent, 2)
+        self.push_from_a(2 * PUSH_DELAY)
+        self.assertEqual(self.a.peers.records()[0].sent, 4)
