@@ -23,9 +23,10 @@ What is Kubernetes here, and how it is played:
   ``LICENSE_PROXY_PEERS_NAME`` (the headless Service's name), and the PEM of the peers' CA (one
   of its own, signing nothing else), of the pods' shared peer certificate (for that name) and of
   its key in ``LICENSE_PROXY_PEERS_CA``, ``_CERT``, ``_KEY``. ``--no-peers``: none of them.
-- **The headless Service**: the name resolves to every ready pod, one hosts-file line each
-  (``/etc/host.conf`` has ``multi on``). A pod joins it once ready and leaves it when it is
-  terminated or lost, as an EndpointSlice would; the file is rewritten in place (the bind mounts
+- **The headless Service** (etc/kubernetes/peers.yaml): the name resolves to every pod's
+  address, one hosts-file line each (``/etc/host.conf`` has ``multi on``). As the shipped
+  Service publishes not-ready addresses, a pod is in the name from its start until its process
+  has ended (terminated, killed, its node lost). The file is rewritten in place (the bind mounts
   hold its inode), and glibc's getaddrinfo, which the pods' resolver runs, reads it at each
   lookup.
 - **The Service** (ClusterIP) is HAProxy, as in bench/fleet.py: each connection to a ready pod,
@@ -34,7 +35,7 @@ What is Kubernetes here, and how it is played:
   and put back in maintenance when it goes.
 - **Readiness** is the vendor's probe's rule: state Connected or TrustBased.
 - **Rolling update** (maxSurge 1, maxUnavailable 0): a new pod starts; once ready it joins the
-  name and the Service; then an old pod leaves both and gets SIGTERM; the same for the second.
+  Service; then an old pod leaves the Service and gets SIGTERM; the same for the second.
 - **A node lost**: the pod is SIGKILLed, its state directory deleted, it leaves the name and the
   Service, and a new pod (new address, empty state) replaces it.
 
@@ -88,7 +89,8 @@ SCRIPT = [
     (19, "flapping", f"license server: flapping ({FLAP_SECONDS:g} s up, {FLAP_SECONDS:g} s down)"),
     (21, "answers", "license server answers"),
     (22, "node_loss", "node lost under pod b (SIGKILL, state gone); pod c replaces it"),
-    (26, "rolling_update", "rolling update (maxSurge 1, maxUnavailable 0): d in, a out; e in, c out"),
+    (26, "rolling_update",
+     "rolling update (maxSurge 1, maxUnavailable 0): d in, a out; e in, c out"),
     # Scheduled a minute after the update began: it starts when the update ends if that is
     # later, so always within one check-in interval after it.
     (27, "outage", "outage begins (connection refused), within one check-in interval"),
@@ -177,24 +179,25 @@ status_port = {status_port}
         port, status_port = free_port(), free_port()
         for name in PODS:
             self.pod(name, port, status_port)
-        self.name_resolves_to([])
+        self.name_resolves_to(["a", "b"])
         self.created = 2
         for name in "ab":
             self.proxies[name].start()
         for name in "ab":
             await asyncio.to_thread(self.proxies[name].wait_state, "Connected", 60)
-        self.name_resolves_to(["a", "b"])
         self.haproxy = HAProxy(self.root, self.proxies, self.minute, disabled=tuple(PODS[2:]))
 
     # -- the pods' lifecycle -------------------------------------------------------------
 
     async def new_pod(self) -> str:
-        """The next pod started; once ready (Connected or TrustBased), in the name and the
-        Service. Its name. A pod that exits (no license server, no peer holding trust) is
-        restarted after CrashLoopBackOff's first delay, on a new filesystem, until ready."""
+        """The next pod started, in the name from its start; once ready (Connected or
+        TrustBased), in the Service. Its name. A pod that exits (no license server, no peer
+        holding trust) is restarted after CrashLoopBackOff's first delay, on a new filesystem,
+        until ready."""
         name = PODS[self.created]
         self.created += 1
         proxy = self.proxies[name]
+        self.name_resolves_to([*self.named, name])  # publishNotReadyAddresses: true
         began = time.monotonic()
         for _ in range(100):
             shutil.rmtree(proxy.tmp_path / "state", ignore_errors=True)
@@ -210,27 +213,26 @@ status_port = {status_port}
                 await asyncio.sleep(CRASH_LOOP_DELAY)
         self.pod_event(name, f"ready ({proxy.status()['state']}) {self._s(began)} after its "
                              f"start")
-        self.name_resolves_to([*self.named, name])
         self.haproxy.api.command(f"enable server {BACKEND}/{name}")
         self.haproxy.api.command(f"set server {BACKEND}/{name} state ready")
         return name
 
-    def gone(self, name: str) -> None:
-        """Pod ``name`` out of the name and the Service."""
+    def unnamed(self, name: str) -> None:
         self.name_resolves_to([p for p in self.named if p != name])
-        self.haproxy.api.command(f"set server {BACKEND}/{name} state maint")
 
     async def terminate(self, name: str) -> None:
-        """Out of the name and the Service, then SIGTERM, as a terminating pod."""
-        self.gone(name)
+        """A terminating pod: out of the Service, SIGTERM; out of the name once it has exited."""
+        self.haproxy.api.command(f"set server {BACKEND}/{name} state maint")
         await asyncio.to_thread(self.proxies[name].terminate, 30)
+        self.unnamed(name)
 
     async def lose(self, name: str) -> None:
         """SIGKILL and its state gone; then out of the name and the Service."""
         proxy = self.proxies[name]
         await asyncio.to_thread(proxy.kill)
         shutil.rmtree(proxy.tmp_path / "state", ignore_errors=True)
-        self.gone(name)
+        self.unnamed(name)
+        self.haproxy.api.command(f"set server {BACKEND}/{name} state maint")
 
     def pod_event(self, name: str, what: str) -> None:
         """Kept for PREFIX.json; printed when no action is waiting for it to say it."""

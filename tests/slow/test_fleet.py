@@ -63,10 +63,11 @@ def test_the_day_runs_to_its_end_and_accounts_for_every_check_in(day):
     rows = result["checkins"]["rows"]
     assert len(rows) == sum(p["checkins"] for p in result["phases"]) > 60 * 60
     assert len({r[0] for r in rows}) == 60
-    # The wiped proxy refused to start; the SIGKILLed one came back from its own cache.
+    # The wiped proxy started on its peer's trust (issue 19 item 4: before peers held trust,
+    # it refused to start); the SIGKILLed one came back from its own cache.
     notes = {p["action"]: p.get("note", "") for p in result["phases"]}
     assert notes["wipe_restart"] == "restarted"
-    assert notes["restart_b"].startswith("it had exited with status 1; now Connected")
+    assert notes["restart_b"] == "it started TrustBased; now Connected"
     assert notes["kill_restart"] in ("back TrustBased", "back Connected")
     # The long outage outlasted the window: it closed once, and M is what the window says.
     assert len(result["closed"]) == 1
