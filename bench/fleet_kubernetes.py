@@ -115,6 +115,7 @@ class KubernetesDay(fleet.Day):
         self.update_ended = 0.0  # monotonic, when the rolling update's last old pod went
         self.pod_events: list[list] = []  # [minute, pod, what]
         self.replacing: asyncio.Task | None = None
+        self.loud = False  # pod events printed as they happen
         now = datetime.now(timezone.utc)
         ca = make_ca("license-proxy peers CA", now=now)
         pair = issue(ca, [NAME], now=now, peer=True)
@@ -237,7 +238,7 @@ status_port = {status_port}
     def pod_event(self, name: str, what: str) -> None:
         """Kept for PREFIX.json; printed when no action is waiting for it to say it."""
         self.pod_events.append([round(self.sim(time.monotonic()), 3), name, what])
-        if self.replacing is not None:
+        if self.loud:
             print(f"fleet: {self.sim(time.monotonic()):6.1f} min    pod {name} {what}", flush=True)
 
     # -- the actions of the script ------------------------------------------------------
@@ -268,6 +269,7 @@ status_port = {status_port}
         await asyncio.wait({self.replacing}, timeout=REPLACE_WAIT * self.minute)
         if self.replacing.done():
             return f"pod {self.replacing.result()} {self.pod_events[-1][2]}"
+        self.loud = True  # what it does next, nobody waits to say
         return f"pod {PODS[self.created - 1]} not ready {REPLACE_WAIT} simulated minutes later"
 
     async def end(self) -> None:

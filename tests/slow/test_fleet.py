@@ -162,9 +162,10 @@ def test_on_kubernetes_no_check_in_fails_while_the_pods_hold_every_answer(kubern
     Up to the outage (every fault shape, the node lost, the rolling update) no check-in fails,
     and in the whole day none fails otherwise than by a pod's 502 (no trusted answer): never a
     timeout or a refused connection, so the Service only ever sent check-ins to ready pods.
-    Not yet N = 0 over the whole day: the pods that the rolling update and the outage's
-    replacement leave hold only the answers of the containers they relayed, and ask their
-    peers one request at a time (issue 19 item 3 would hand them over at start).
+    Not N = 0 over the whole day (docs/reliability.md, A day on Kubernetes): the pods a rolling
+    update starts hold only what they relay and what their peers push once they have found them
+    (a lookup every 5 s); nothing hands a new pod its peers' answers before it is ready, so a
+    container whose answer was only on the pods gone gets 502s during the outage.
     """
     run, out = kubernetes_day
     result = json.loads(out.with_suffix(".json").read_text())
