@@ -33,7 +33,8 @@ What is Kubernetes here, and how it is played:
   round robin, readiness by ``GET /v1/ready`` (200 in Connected or TrustBased: the vendor's
   readiness rule). A pod not created yet is a server in maintenance; it is enabled once ready
   and put back in maintenance when it goes.
-- **Readiness** is the vendor's probe's rule: state Connected or TrustBased.
+- **A pod that exits** (starting in an outage with no peer holding trust) is started again
+  after 10 s, CrashLoopBackOff's first delay, on a new filesystem, until it is ready.
 - **Rolling update** (maxSurge 1, maxUnavailable 0): a new pod starts; once ready it joins the
   Service; then an old pod leaves the Service and gets SIGTERM; the same for the second.
 - **A node lost**: the pod is SIGKILLed, its state directory deleted, it leaves the name and the
@@ -57,7 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import fleet
-from fleet import BACKEND, FLAP_SECONDS, HAProxy, license_and_scale  # noqa: E402
+from fleet import BACKEND, FLAP_SECONDS, HAProxy, license_and_scale
 
 from license_proxy.tls.certs import issue, make_ca  # noqa: E402
 from tests.support.hosts import private_hosts, rewrite  # noqa: E402
