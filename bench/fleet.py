@@ -50,6 +50,9 @@ not held to it.
 Prints one line per event with the fleet's failures in that phase, then exactly one line
 ``unlicensed container-minutes: N inside the trust window, M after it``; writes PREFIX.json
 (the raw events) and PREFIX.png (the day).  Exit status 1 when N > 0 or M is inconsistent.
+
+bench/fleet_kubernetes.py runs a second day with this fleet, accounting and picture: pods in
+the shape of the vendor's Kubernetes chart (its ``KubernetesDay`` is a ``Day``).
 """
 
 from __future__ import annotations
@@ -121,9 +124,9 @@ SCRIPT = [
     (35, "blue_green", "blue-green swap a -> c (bin/blue-green, a's trust cache copied to c)"),
     (40, "refused", "long outage begins (connection refused), longer than the trust window"),
     (42, "kill_restart", "SIGKILL proxy c, restart it from its own cache"),
-    (44, "wipe_restart", "restart proxy b with its state directory wiped (must refuse to start)"),
+    (44, "wipe_restart", "restart proxy b with its state directory wiped (it starts on c's trust)"),
     (60, "answers", "license server returns"),
-    (61, "restart_b", "start proxy b again (empty state, license server up)"),
+    (61, "restart_b", "proxy b Connected, license server up (started again if it had exited)"),
     (66, "end", "end of the day"),
 ]
 TRUST_MINUTES = 15
@@ -194,7 +197,12 @@ status_port = {free_port()}
 tls_cert = "{pki.server_cert}"
 tls_key = "{pki.server_key}"
 
-[license]
+""" + license_and_scale(directory, pki, server, minute)
+
+
+def license_and_scale(directory: Path, pki, server: LicenseServer, minute: float) -> str:
+    """The test license server, the day's scale, and the state directory ``directory/state``."""
+    return f"""[license]
 server_url = "https://127.0.0.1:{server.port}"
 ca_file = "{pki.ca_cert}"
 timeout = "30s"
@@ -210,16 +218,18 @@ path = "{directory}/state/trust-cache.json"
 
 
 class HAProxy:
-    """HAProxy in TCP mode over proxies a, b (and c, disabled until the blue-green swap)."""
+    """HAProxy in TCP mode over the proxies; those named in ``disabled`` wait in maintenance
+    (the blue-green swap's c, pods not created yet) until enabled."""
 
-    def __init__(self, root: Path, proxies: dict[str, ProxyProcess], minute: float) -> None:
+    def __init__(self, root: Path, proxies: dict[str, ProxyProcess], minute: float,
+                 disabled: tuple[str, ...] = ("c",)) -> None:
         if shutil.which("haproxy") is None:
             raise SystemExit("fleet: haproxy is not installed (apt-get install haproxy)")
         self.port = free_port()
         self.socket = root / "haproxy.sock"
         servers = "\n".join(
-            f"    server {name} 127.0.0.1:{p.port} check port {p.status_port}"
-            + (" disabled" if name == "c" else "")
+            f"    server {name} {p.host}:{p.port} check port {p.status_port}"
+            + (" disabled" if name in disabled else "")
             for name, p in proxies.items()
         )
         config = root / "haproxy.cfg"
@@ -252,7 +262,7 @@ backend {BACKEND}
         self.api = BLUE_GREEN_TOOL.HAProxy(str(self.socket))
         deadline = time.monotonic() + 20
         while not (self.socket.exists() and all(
-            self.status(n).startswith("UP") for n in proxies if n != "c"
+            self.status(n).startswith("UP") for n in proxies if n not in disabled
         )):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"fleet: HAProxy did not start; see {root / 'haproxy.log'}")
@@ -272,11 +282,13 @@ backend {BACKEND}
 class Fleet:
     """The containers: each its own credential, interval and timeout; one record per check-in."""
 
-    def __init__(self, count: int, minute: float, port: int, ca: str, seed: int) -> None:
+    def __init__(
+        self, count: int, minute: float, port: int, context: ssl.SSLContext, seed: int
+    ) -> None:
         rng = random.Random(seed)
         self.port = port
         self.minute = minute
-        self.context = ssl.create_default_context(cafile=ca)
+        self.context = context
         self.containers = [
             {
                 "id": i,
@@ -360,6 +372,9 @@ class Fleet:
 class Day:
     """Runs the script against the license server, the proxies and HAProxy; records it all."""
 
+    script = SCRIPT
+    title = "A day in the life"
+
     def __init__(self, args, root: Path) -> None:
         mode = MODES["short" if args.short else "full"]
         self.containers = args.containers or mode["containers"]
@@ -374,6 +389,14 @@ class Day:
         self._flapper: asyncio.Task | None = None
         self.seed = args.seed
         self.t0 = 0.0
+
+    @classmethod
+    def arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """This day's own command-line options (the first day has none)."""
+
+    def meta(self) -> dict:
+        """This day's own facts in PREFIX.json's meta."""
+        return {}
 
     def sim(self, monotonic: float) -> float:
         """Simulated minutes since the day began."""
@@ -470,15 +493,16 @@ class Day:
         await asyncio.to_thread(b.terminate)
         shutil.rmtree(b.tmp_path / "state")
         b.start()
-        self.refusal = asyncio.create_task(asyncio.to_thread(b.wait_exit, 120))
+        self.refusal = asyncio.create_task(asyncio.to_thread(_started_or_exited, b, 120))
         return "restarted"
 
     async def restart_b(self) -> str:
-        code = await self.refusal
+        outcome = await self.refusal
         b = self.proxies["b"]
-        b.start()
+        if not b.running:
+            b.start()
         state = await asyncio.to_thread(b.wait_state, "Connected", 60)
-        return f"it had exited with status {code}; now {state['state']}"
+        return f"{outcome}; now {state['state']}"
 
     async def end(self) -> None:
         pass
@@ -492,7 +516,7 @@ class Day:
             for name, proxy in self.proxies.items():
                 if proxy.process is None:
                     continue  # not started yet
-                state = await _state_of(proxy.status_port)
+                state = await _state_of(proxy.host, proxy.status_port)
                 if last.get(name) != state:
                     last[name] = state
                     self.proxy_states.append((time.monotonic(), name, state))
@@ -500,9 +524,12 @@ class Day:
 
     # -- the day -------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        self.server.respond(body=b'{"license":"valid"}')
-        self.server.start()
+    def client_context(self) -> ssl.SSLContext:
+        """How a container's TLS verifies the proxies: the test CA, for "localhost"."""
+        return ssl.create_default_context(cafile=self.pki.ca_cert)
+
+    async def start(self) -> None:
+        """Proxies a and b running, c (the blue-green swap's) configured, HAProxy over them."""
         for name in ("a", "b", "c"):  # c, the blue-green swap's new one, starts later
             self.proxy(name)
         for name, proxy in self.proxies.items():  # each the others' peer
@@ -519,15 +546,21 @@ class Day:
         for name in ("a", "b"):
             await asyncio.to_thread(self.proxies[name].wait_state, "Connected", 60)
         self.haproxy = HAProxy(self.root, self.proxies, self.minute)
-        fleet = Fleet(self.containers, self.minute, self.haproxy.port, self.pki.ca_cert, self.seed)
+
+    async def run(self) -> None:
+        self.server.respond(body=b'{"license":"valid"}')
+        self.server.start()
+        await self.start()
+        fleet = Fleet(self.containers, self.minute, self.haproxy.port, self.client_context(),
+                      self.seed)
         self.fleet = fleet
         self.t0 = time.monotonic()
         self.server_up(True)
-        end = self.t0 + SCRIPT[-1][0] * self.minute
+        end = self.t0 + self.script[-1][0] * self.minute
         poller = asyncio.create_task(self.poll_states())
         traffic = asyncio.create_task(fleet.run(end))
         try:
-            for minute, action, what in SCRIPT:
+            for minute, action, what in self.script:
                 await asyncio.sleep(max(0.0, self.t0 + minute * self.minute - time.monotonic()))
                 event = {"minute": round(self.sim(time.monotonic()), 3), "action": action,
                          "what": what}
@@ -555,10 +588,21 @@ class Day:
         self.server.stop()
 
 
-async def _state_of(port: int) -> str:
+def _started_or_exited(proxy: ProxyProcess, timeout: float) -> str:
+    """How a proxy started with no trust of its own during an outage ended its start: exited
+    (no peer holding trust, the vendor's rule) or started on a peer's trust window."""
+    try:
+        return f"it started {proxy.wait_state(('TrustBased', 'Connected'), timeout)['state']}"
+    except AssertionError:
+        if proxy.running:
+            raise
+        return f"it had exited with status {proxy.process.returncode}"
+
+
+async def _state_of(host: str, port: int) -> str:
     try:
         async with asyncio.timeout(2):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection(host, port)
             writer.write(b"GET /v1/status HTTP/1.0\r\nHost: x\r\n\r\n")
             data = await reader.read()
             writer.close()
@@ -671,25 +715,28 @@ def draw(day: Day, rows: list, path: Path) -> None:
     for e in day.events:
         ax3.annotate(e["action"], (e["minute"], 0), xytext=(0, -28), rotation=60,
                      textcoords="offset points", fontsize=6, ha="right", annotation_clip=False)
-    fig.suptitle(f"A day in the life: {day.containers} containers, 1 simulated minute = "
+    fig.suptitle(f"{day.title}: {day.containers} containers, 1 simulated minute = "
                  f"{day.minute:g} s, trust window {TRUST_MINUTES} min (shaded: closed)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, day_class: type[Day] = Day, doc: str = __doc__, name: str = "fleet") -> int:
+    """Runs ``day_class``'s day (``doc``: its script's docstring; ``name``: its files' default
+    prefix, bench/NAME and bench/NAME-short), prints the figures and writes the files."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--short", action="store_true", help="60 containers, 3 s a minute")
     parser.add_argument("--containers", type=int, default=0, help="override the mode's")
     parser.add_argument("--minute", type=float, default=0, help="real seconds per simulated minute")
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--out", help="PREFIX of PREFIX.json and PREFIX.png "
-                                      "(default bench/fleet, bench/fleet-short)")
+                                      f"(default bench/{name}, bench/{name}-short)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    day_class.arguments(parser)
     args = parser.parse_args(argv)
-    out = Path(args.out or REPO / "bench" / ("fleet-short" if args.short else "fleet"))
-    root = Path(tempfile.mkdtemp(prefix="fleet-"))
-    day = Day(args, root)
+    out = Path(args.out or REPO / "bench" / (f"{name}-short" if args.short else name))
+    root = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    day = day_class(args, root)
     print(f"fleet: {day.containers} containers, 1 simulated minute = {day.minute:g} s, "
           f"trust window {TRUST_MINUTES} simulated minutes; working in {root}", flush=True)
     started = datetime.now(timezone.utc)
@@ -721,7 +768,7 @@ def main(argv=None) -> int:
         "trust_window_minutes": TRUST_MINUTES, "client_timeouts_seconds": [5, 15],
         "proxy_timeout_seconds": 30, "start_command": ["license-proxy", *CLI, "FILE"],
         "tolerance_seconds": TOLERANCE, "unlicensed_inside": verdict["n"],
-        "unlicensed_after": verdict["m"], "consistent": consistent,
+        "unlicensed_after": verdict["m"], "consistent": consistent, **day.meta(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({
