@@ -22,7 +22,9 @@ What is Kubernetes here, and how it is played:
 - **Peers only through the environment** (the chart's one hook is ``extraEnv``):
   ``LICENSE_PROXY_PEERS_NAME`` (the headless Service's name), and the PEM of the peers' CA (one
   of its own, signing nothing else), of the pods' shared peer certificate (for that name) and of
-  its key in ``LICENSE_PROXY_PEERS_CA``, ``_CERT``, ``_KEY``. ``--no-peers``: none of them.
+  its key in ``LICENSE_PROXY_PEERS_CA``, ``_CERT``, ``_KEY``, and the shared salt (a Secret's,
+  in ``LICENSE_PROXY_PEERS_SALT``: a new pod pulls its peers' answers before it is ready).
+  ``--no-peers``: none of them.
 - **The headless Service** (etc/kubernetes/peers.yaml): the name resolves to every pod's
   address, one hosts-file line each (``/etc/host.conf`` has ``multi on``). As the shipped
   Service publishes not-ready addresses, a pod is in the name from its start until its process
@@ -50,6 +52,7 @@ inconsistent.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import ssl
 import sys
@@ -125,6 +128,7 @@ class KubernetesDay(fleet.Day):
             "LICENSE_PROXY_PEERS_CA": ca.cert_pem.decode(),
             "LICENSE_PROXY_PEERS_CERT": pair.cert_pem.decode(),
             "LICENSE_PROXY_PEERS_KEY": pair.key_pem.decode(),
+            "LICENSE_PROXY_PEERS_SALT": secrets.token_hex(32),  # the pull at a pod's start
         } if self.peers else {}
 
     @classmethod
