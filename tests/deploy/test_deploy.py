@@ -192,8 +192,8 @@ def test_deployment_upgrades_blue_green_and_runs_locked_down():
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert container["resources"]["requests"]["memory"] == "80Mi"
-    assert container["resources"]["limits"]["memory"] == "160Mi"
+    assert container["resources"]["requests"]["memory"] == "128Mi"
+    assert container["resources"]["limits"]["memory"] == "256Mi"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert mounts["/var/lib/license-proxy"] == "state"  # the directory, not the file
     assert mounts["/etc/config"] == "config"
