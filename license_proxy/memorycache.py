@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import math
 import secrets
 from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
@@ -77,8 +78,17 @@ class Entry:
             status=int(obj["status"]),
             headers=tuple((_unb64(n), _unb64(v)) for n, v in obj["headers"]),
             body=_unb64(obj["body"]),
-            stored_at=float(obj["stored_at"]),
+            stored_at=finite(obj["stored_at"]),
         )
+
+
+def finite(value: object) -> float:
+    """A date read from a file or a peer: a number, never NaN or an infinity (JSON's parser
+    takes both, and either would break every Age computed from it)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a date: {value!r}")
+    return number
 
 
 def _b64(data: bytes) -> str:

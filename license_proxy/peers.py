@@ -58,7 +58,7 @@ from .headernames import INSTANCE
 from .headernames import PEER as HEADER
 from .headernames import SALT
 from .health import Health, Server
-from .memorycache import Entry
+from .memorycache import Entry, finite
 from .pool import RetryingPool
 from .tls.contexts import UpstreamTLS
 from .upstream import Answer, Upstream, UpstreamFailure
@@ -291,8 +291,10 @@ class Peers:
             try:
                 answer = await self._client.attempt(index, b"GET", b"", self._marked(TRUST), None)
                 window = json.loads(answer.body)
-                held = (float(window["last_successful_checkin"]), float(window["trust_expiration"]))
-            except (UpstreamFailure, ValueError, KeyError, TypeError) as e:
+                held = (finite(window["last_successful_checkin"]), finite(window["trust_expiration"]))
+                if not 0 <= held[0] <= held[1]:
+                    raise ValueError("a check-in before 1970 or after the window's end")
+            except (UpstreamFailure, ValueError, KeyError, TypeError, RecursionError) as e:
                 self.log.info(
                     "peer {url} holds no trust to start from ({why})", url=server.url, why=e
                 )
@@ -347,7 +349,7 @@ class Peers:
                 for line in lines[1:]:
                     item = json.loads(line)
                     taken += offer(str(item["key"]), Entry.from_json(item))
-            except (UpstreamFailure, ValueError, KeyError, TypeError, IndexError) as e:
+            except (UpstreamFailure, ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
                 self.log.info("peer {url}: its answers not taken ({why})", url=url, why=e)
                 break
             self._heard(url, answer)

@@ -50,6 +50,7 @@ from .metrics import (
 )
 from .peers import ENTRIES, PAGE, PAGE_BYTES, PROBE, STORE, TRUST, Peers, certified_peer
 from .status import Status
+from .memorycache import finite
 from .trustcache import Entry, TrustCache
 from .upstream import Answer, Upstream, UpstreamFailure
 
@@ -324,7 +325,7 @@ class Relay:
         try:
             pushed = json.loads(request.content.read())
             taken = sum(self._taken(item) for item in pushed)
-        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error):
             return _error(request, 400, "not a push of answers")
         self._peers.took(request.requestHeaders.getRawHeaders(INSTANCE, [None])[0], taken)
         request.setResponseCode(204)
@@ -370,7 +371,7 @@ class Relay:
         for name, value in item["answer_headers"]:
             answer_headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
         answer = Answer(int(item["status"]), answer_headers, base64.b64decode(item["body"]), True)
-        stored_at = min(float(item["stored_at"]), self._dates.seconds())
+        stored_at = min(finite(item["stored_at"]), self._dates.seconds())
         key = self._key(method, rest, headers)
         vary = _vary(answer_headers)
         if vary is not None:
@@ -459,7 +460,9 @@ class _Asked:
 def _age(headers: Headers) -> int:
     """The ``Age`` of an answer a peer gave from its trust cache (0: from the license server)."""
     values = headers.getRawHeaders(b"age", [])
-    return int(values[0]) if len(values) == 1 and values[0].isdigit() else 0
+    # A number of seconds a year could hold (Python's int() refuses over 4,300 digits).
+    good = len(values) == 1 and values[0].isdigit() and len(values[0]) <= 10
+    return int(values[0]) if good else 0
 
 
 def _within(clock: IReactorTime, exchange: Deferred, bound: float) -> Deferred:

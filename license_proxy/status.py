@@ -75,8 +75,10 @@ class Status:
 
     def adopt(self, last_checkin: float, expiration: float) -> None:
         """A peer's trust window, taken at a start in an outage (``checkin``): its last
-        check-in, moved earlier if need be so that the window never ends after the peer's."""
-        self._cache.record_checkin(min(last_checkin, expiration - self._duration))
+        check-in, moved earlier if need be so that the window never ends after the peer's, nor
+        after this instance's own clock says a window begun now would (a peer's clock ahead)."""
+        now = self._dates.seconds()
+        self._cache.record_checkin(min(last_checkin, expiration - self._duration, now))
         self.failed()
 
     def failed(self) -> None:

@@ -279,8 +279,12 @@ class PeerTests(SynchronousTestCase):
         """A longer [trust] duration here does not stretch the peer's window."""
         self.a.status.adopt(T0, T0 + 1800)  # the peer's duration: 30 minutes, TRUST here
         self.assertEqual(self.a.status.trust_expiration, T0 + 1800)
+        self.a.clock.advance(60)
         self.a.status.adopt(T0 + 60, T0 + 60 + 2 * TRUST)  # a longer one: its last check-in
         self.assertEqual(self.a.cache.last_checkin, T0 + 60)
+        self.a.status.adopt(T0 + 3600, T0 + 3600 + TRUST)  # a peer whose clock is an hour ahead
+        self.assertEqual(self.a.cache.last_checkin, T0 + 60)  # a window begun now, no later
+        self.assertEqual(self.a.status.trust_expiration, T0 + 60 + TRUST)
 
     def push_from_a(self, seconds=PUSH_DELAY):
         self.a.clock.advance(seconds)
@@ -482,3 +486,48 @@ class PullTests(SynchronousTestCase):
         self.b.relay._from_peer = lambda request: False
         self.assertIsNone(self.start_a())
         self.assertEqual(len(self.a.cache), 0)
+
+
+class HostilePeerTests(SynchronousTestCase):
+    """What a peer sends is checked like any input: a peer with a broken clock, or a buggy
+    or compromised one, must not stretch trust, break an answer or crash a start."""
+
+    def setUp(self):
+        self.h = RelayHarness(self)
+
+    def push(self, body: bytes):
+        headers = {"License-Proxy-Peer": "store", CERTIFIED.decode(): "yes"}
+        return self.h.answer(self, self.h.request("POST", path="/", data=body, headers=headers))
+
+    def pushed(self, stored_at) -> bytes:
+        return json.dumps([{
+            "method": "GET", "target": "v1/check", "headers": [["Authorization", "Token alice"]],
+            "status": 200, "answer_headers": [["Content-Type", "application/json"]],
+            "body": "eyJ4IjoxfQ==", "stored_at": stored_at,
+        }]).encode()
+
+    def test_a_date_that_is_no_number_is_no_push_and_nothing_is_stored(self):
+        for date in (float("nan"), float("-inf"), float("inf")):
+            response, _ = self.push(self.pushed(date))
+            self.assertEqual(response.code, 400, date)
+        self.h.status.adopt(T0, T0 + TRUST)
+        self.h.server.code = 503
+        response, _ = self.h.answer(self, self.h.request(headers=ALICE))
+        self.assertEqual(response.code, 502)  # nothing stored, and no 500 either
+
+    def test_a_nested_push_is_refused_not_a_crash(self):
+        response, body = self.push(b"[" * 100_000)
+        self.assertEqual(response.code, 400)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_an_age_no_clock_could_hold_is_none(self):
+        from license_proxy.relay import _age
+
+        self.assertEqual(_age(Headers({b"age": [b"9" * 5000]})), 0)
+        self.assertEqual(_age(Headers({b"age": [b"42"]})), 42)
+
+    def test_a_window_from_a_clock_ahead_starts_now_at_the_latest(self):
+        year = 365 * 86400.0
+        self.h.status.adopt(T0 + year, T0 + year + TRUST)
+        self.assertEqual(self.h.status.trust_expiration, T0 + TRUST)
+        self.assertIn(b'"state":"TrustBased"', self.h.status.as_json())
