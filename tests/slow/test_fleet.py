@@ -167,7 +167,7 @@ def test_on_kubernetes_no_check_in_fails_inside_the_trust_window(kubernetes_day)
 
     One race is left, and allowed here by name: a check-in whose connection reached a pod of
     the rolling update just before it left the Service can arrive after its SIGTERM, and gets
-    that pod's ``503 license-proxy is stopping`` (seen once in five runs).  Anything else
+    that pod's ``503 license-proxy is stopping`` (seen once in four runs).  Anything else
     inside the trust window fails the test.
     """
     run, out = kubernetes_day
