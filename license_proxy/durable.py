@@ -108,7 +108,7 @@ class Directory:
         """``fd()``, once its path is seen to still name it (see the class)."""
         fd = self.fd()
         try:
-            named = os.lstat(self.path)
+            named = os.stat(self.path)  # through a link, as it was opened (systemd's DynamicUser)
         except FileNotFoundError:
             raise self._replaced() from None
         if (named.st_dev, named.st_ino) != self._identity:

@@ -229,6 +229,30 @@ def test_a_directory_renamed_away_and_replaced_is_not_written_to_and_says_so(tmp
     assert [m for m in messages(events) if "not written at stop" in m]
 
 
+def test_a_state_directory_reached_through_a_link_is_written(tmp_path, clock):
+    """systemd's DynamicUser: /var/lib/license-proxy is a link to private/license-proxy."""
+    real = tmp_path / "private" / "license-proxy"
+    real.mkdir(parents=True, mode=0o755)
+    (tmp_path / "license-proxy").symlink_to(real)
+    path = tmp_path / "license-proxy" / "cache.json"
+    cache = TrustCache.load(clock, str(path))
+    cache.store("k0", ANSWER)
+    cache.flush()
+    assert cache.persisted, cache.write_error
+    cache.store("k1", entry_at(T0 + 1))
+    cache.close()
+    assert TrustCache.load(clock, str(path)).lookup("k1") is not None
+    # A link swapped to another directory is still a replacement.
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    (tmp_path / "license-proxy").unlink()
+    (tmp_path / "license-proxy").symlink_to(other)
+    cache.store("k2", entry_at(T0 + 2))
+    cache.flush()
+    assert not cache.persisted and "no longer the directory" in cache.write_error
+    assert not (other / "cache.json.journal").exists()
+
+
 @pytest.mark.parametrize("kind", ["journal", "temporary"])
 def test_a_link_in_place_of_a_file_is_not_written_through(tmp_path, clock, kind):
     name = "cache.json.journal" if kind == "journal" else f"cache.json.tmp-{os.getpid()}"
