@@ -880,7 +880,7 @@ _KEYS: dict[tuple[str, str], Key] = {
         "peer_salt", _salt_file, 'unset',
         (
             "a file holding the key salt the peers share (16 to 1024 bytes, e.g. "
-            "`openssl rand -hex 32`; from the same Secret as the certificates): the trust cache "
+            "`openssl rand -hex 32`; from a Secret of its own, as `etc/kubernetes` does): the trust cache "
             "keys its answers with it, so an instance that starts can take its peers' answers "
             "before it reports ready. Unset: no such pull (answers are still pushed and asked). "
             "Else `$LICENSE_PROXY_PEERS_SALT` (see [The shared salt](two-instances.md#the-shared-salt))"
