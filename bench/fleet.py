@@ -406,7 +406,8 @@ class Day:
         directory = self.root / name
         directory.mkdir(exist_ok=True)
         text = proxy_config(directory, self.pki, self.server, self.minute)
-        proxy = ProxyProcess(directory, text, ca_file=self.pki.ca_cert, cli=CLI)
+        proxy = ProxyProcess(directory, text, ca_file=self.pki.ca_cert, cli=CLI,
+                             env={"LICENSE_PROXY_DRAIN_TIME": None})  # the product's default
         self.proxies[name] = proxy
         return proxy
 

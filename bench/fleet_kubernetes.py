@@ -38,7 +38,10 @@ What is Kubernetes here, and how it is played:
 - **A pod that exits** (starting in an outage with no peer holding trust) is started again
   after 10 s, CrashLoopBackOff's first delay, on a new filesystem, until it is ready.
 - **Rolling update** (maxSurge 1, maxUnavailable 0): a new pod starts; once ready it joins the
-  Service; then an old pod leaves the Service and gets SIGTERM; the same for the second.
+  Service; then an old pod gets SIGTERM and leaves the Service 1 s later (``ENDPOINT_LAG``:
+  Kubernetes removes a terminating pod's endpoint as it signals it, and kube-proxy applies the
+  change a moment later), still sent new connections meanwhile; the same for the second.
+  The pods run with the product's default ``drain_time`` (5 s), as the chart runs them.
 - **A node lost**: the pod is SIGKILLed, its state directory deleted, it leaves the name and the
   Service, and a new pod (new address, empty state) replaces it.
 
@@ -52,8 +55,10 @@ inconsistent.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
+import signal
 import ssl
 import sys
 import time
@@ -76,6 +81,8 @@ PODS = "abcdef"
 CRASH_LOOP_DELAY = 10.0
 #: Simulated minutes the script waits for the pod replacing one killed in the outage.
 REPLACE_WAIT = 5
+#: Real seconds between a terminating pod's SIGTERM and its leaving the Service.
+ENDPOINT_LAG = 1.0
 
 #: The day, in simulated minutes: (when, action, what it is).  Actions are KubernetesDay methods.
 SCRIPT = [
@@ -117,6 +124,7 @@ class KubernetesDay(fleet.Day):
         self.named: list[str] = []  # the pods the name resolves to, in order
         self.created = 0  # pods created so far (PODS[:created])
         self.update_ended = 0.0  # monotonic, when the rolling update's last old pod went
+        self.exiting: list[asyncio.Task] = []  # terminated pods, until they have exited
         self.pod_events: list[list] = []  # [minute, pod, what]
         self.replacing: asyncio.Task | None = None
         self.loud = False  # pod events printed as they happen
@@ -130,6 +138,7 @@ class KubernetesDay(fleet.Day):
             "LICENSE_PROXY_PEERS_KEY": pair.key_pem.decode(),
             "LICENSE_PROXY_PEERS_SALT": secrets.token_hex(32),  # the pull at a pod's start
         } if self.peers else {}
+        self.env["LICENSE_PROXY_DRAIN_TIME"] = None  # the product's default, as on the chart
 
     @classmethod
     def arguments(cls, parser) -> None:
@@ -227,10 +236,20 @@ status_port = {status_port}
         self.name_resolves_to([p for p in self.named if p != name])
 
     async def terminate(self, name: str) -> None:
-        """A terminating pod: out of the Service, SIGTERM; out of the name once it has exited."""
+        """A terminating pod: SIGTERM, out of the Service ``ENDPOINT_LAG`` later; out of the
+        name once it has exited, which the rollout does not wait for (Kubernetes counts a
+        terminating pod in neither maxSurge nor maxUnavailable)."""
+        proxy = self.proxies[name]
+        os.kill(proxy.pid, signal.SIGTERM)
+        await asyncio.sleep(ENDPOINT_LAG)
         self.haproxy.api.command(f"set server {BACKEND}/{name} state maint")
-        await asyncio.to_thread(self.proxies[name].terminate, 30)
-        self.unnamed(name)
+
+        async def exited() -> None:
+            status = await asyncio.to_thread(proxy.wait_exit, 30)
+            self.unnamed(name)
+            self.pod_event(name, f"exited with status {status} after its SIGTERM")
+
+        self.exiting.append(asyncio.create_task(exited()))
 
     async def lose(self, name: str) -> None:
         """SIGKILL and its state gone; then out of the name and the Service."""
@@ -259,7 +278,7 @@ status_port = {status_port}
             began = time.monotonic()
             new = await self.new_pod()
             await self.terminate(old)
-            notes.append(f"{new} ready and {old} gone in {self._s(began)}")
+            notes.append(f"{new} ready and {old} out of the Service in {self._s(began)}")
         self.update_ended = time.monotonic()
         return "; ".join(notes)
 
@@ -280,6 +299,8 @@ status_port = {status_port}
     async def end(self) -> None:
         if self.replacing is not None and not self.replacing.done():
             self.replacing.cancel()
+        for exiting in self.exiting:
+            await exiting  # a pod that did not end within 30 s of its SIGTERM fails the day
 
     @staticmethod
     def _s(began: float) -> str:

@@ -49,6 +49,7 @@ class Config:
     max_connections: int = 4096  # [server] max_connections, per listener
     max_connections_per_peer: int = 1024  # [server] max_connections_per_peer, per listener
     backlog: int = 4096  # [server] backlog: each listener's listen queue
+    drain_time: float = 5.0  # [server] drain_time, else $LICENSE_PROXY_DRAIN_TIME; 0: none
     fips: bool = False  # [fips] mode
     server_urls: tuple[str, ...] = ("https://license.deepgram.com",)  # [license] server_url
     # [license] key, else $DEEPGRAM_API_KEY: a secret
@@ -74,7 +75,7 @@ class Config:
     peer_cert_file: str | None = None  # [peers] cert_file: this instance's peer certificate
     peer_key_file: str | None = None  # [peers] key_file
     peer_name: str | None = None  # [peers] name, else $LICENSE_PROXY_PEERS_NAME
-    # PEM from the environment (PEER_VARIABLES), used where the file key is unset.
+    # PEM from the environment (VARIABLES), used where the file key is unset.
     peer_ca_pem: str | None = attrs.field(default=None, repr=False)
     peer_cert_pem: str | None = attrs.field(default=None, repr=False)
     peer_key_pem: str | None = attrs.field(default=None, repr=False)  # a secret
@@ -91,17 +92,18 @@ class Config:
 KEY_VARIABLE = "DEEPGRAM_API_KEY"
 """Where the key comes from when the file sets none: the vendor's images require it."""
 
-PEER_VARIABLES = {
+VARIABLES = {
     "LICENSE_PROXY_PEERS_NAME": "peer_name",
     "LICENSE_PROXY_PEERS_CA": "peer_ca_pem",
     "LICENSE_PROXY_PEERS_CERT": "peer_cert_pem",
     "LICENSE_PROXY_PEERS_KEY": "peer_key_pem",
     "LICENSE_PROXY_PEERS_SALT": "peer_salt",
+    "LICENSE_PROXY_DRAIN_TIME": "drain_time",
 }
-"""The peer settings from the environment (PEM in the variable, e.g. from a Secret): the vendor's
-Helm chart fixes the config file and mounts nothing more, but takes ``extraEnv``. A file key
-wins where both are set (``[peers] name``, ``ca_file``, ``cert_file``, ``key_file``,
-``salt_file``)."""
+"""The settings also read from the environment (peer PEM in the variable, e.g. from a Secret):
+the vendor's Helm chart fixes the config file and mounts nothing more, but takes ``extraEnv``.
+A file key wins where both are set (``[peers] name``, ``ca_file``, ``cert_file``, ``key_file``,
+``salt_file``, ``[server] drain_time``)."""
 
 
 def load(path: str | None, environ: Mapping[str, str]) -> Config:
@@ -137,15 +139,15 @@ def load(path: str | None, environ: Mapping[str, str]) -> Config:
                 raise _error(path, section, key, reason) from None
     if values.get("key") is None:  # unset or ""
         values["key"] = environ.get(KEY_VARIABLE) or None
-    _peer_variables(values, environ)
+    _variables(values, environ)
     config = Config(**values)
     _check_combinations(path, config)
     return config
 
 
-def _peer_variables(values: dict, environ: Mapping[str, str]) -> None:
-    """The peer settings the file leaves unset, from ``PEER_VARIABLES``."""
-    for variable, attribute in PEER_VARIABLES.items():
+def _variables(values: dict, environ: Mapping[str, str]) -> None:
+    """The settings the file leaves unset, from ``VARIABLES``."""
+    for variable, attribute in VARIABLES.items():
         value = environ.get(variable)
         if not value:
             continue
@@ -294,10 +296,11 @@ def _peer_material(config: Config, key: str) -> str | None:
     return getattr(config, attribute) or getattr(config, attribute.replace("_file", "_pem"))
 
 
-#: The peer variables parsed as their file keys' values are (the others hold PEM).
+#: The variables parsed as their file keys' values are (the others hold PEM).
 _PARSED_VARIABLES: dict[str, Callable[[str], object]] = {
     "peer_name": lambda value: _peer_name(value),
     "peer_salt": lambda value: _salt(value),
+    "drain_time": lambda value: _KEYS["server", "drain_time"].parse(value),
 }
 
 #: The peer keys that name PEM files, each with the variable that can hold the PEM instead.
@@ -401,6 +404,13 @@ def _spell_duration(seconds: float) -> str:
         if seconds >= _UNIT_SECONDS[unit] and seconds % _UNIT_SECONDS[unit] == 0:
             return f"{seconds // _UNIT_SECONDS[unit]:g}{unit}"
     return f"{seconds:g}s"
+
+
+def _duration_or_zero(value: object) -> float:
+    """A duration, or 0 (``0``, ``"0"``, ``"0s"``) for none."""
+    if not isinstance(value, bool) and value in (0, "0", "0s"):
+        return 0.0
+    return parse_duration(value)
 
 
 def _seconds(low: float, high: float) -> Bounded:
@@ -699,6 +709,18 @@ _KEYS: dict[tuple[str, str], Key] = {
             'costs its client a retry 1 s, then 3 s, later. The kernel caps it at '
             '`net.core.somaxconn` (4096 on Linux 5.4 and later); see '
             '[A reconnect storm](performance.md#a-reconnect-storm)'
+        ),
+    ),
+    ("server", "drain_time"): Key(
+        "drain_time", Bounded("a duration", _duration_or_zero, 0, 5 * 60, _spell_duration),
+        '"5s"',
+        (
+            'after SIGTERM, the licensing listener keeps answering this long, each answer with '
+            '`Connection: close` and kept-alive connections closed while idle, so that a '
+            'Kubernetes Service or a load balancer that still sends check-ins here while it '
+            'takes the instance out gets them answered; then the stop. `0`: stop at once. '
+            'Also `$LICENSE_PROXY_DRAIN_TIME` (the vendor\'s Helm chart fixes the file); see '
+            '[Stopping](running.md#stopping)'
         ),
     ),
     ("fips", "mode"): Key(

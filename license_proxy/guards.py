@@ -35,7 +35,8 @@ follows, pipelined requests included, is held unparsed and the transport paused 
 drains (``resumeProducing``).  So a client that pipelines a thousand requests and reads
 nothing costs the answers the socket buffers take and one more, not a thousand exchanges
 with the license server.  Answers carry no ``Server`` version banner (a relayed answer keeps
-the license server's own).
+the license server's own).  While the site is ``draining`` (a stop, ``service``), every answer
+closes its connection, and ``closeIfIdle`` closes a kept-alive one between requests.
 
 The channel overrides ``HTTPChannel``'s methods ``dataReceived``, ``lineReceived``,
 ``allHeadersReceived``, ``allContentReceived``, ``rawDataReceived``, ``requestDone``,
@@ -107,6 +108,9 @@ class _GuardedRequest(Request):
     def render(self, resource) -> None:
         # Twisted has just set "Server: TwistedWeb/<version>": a banner for scanners.
         self.responseHeaders.removeHeader(b"server")
+        if self.channel.site.draining:
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self.channel.closeAfterAnswer()
         super().render(resource)
 
 
@@ -123,6 +127,7 @@ class _GuardedChannel(HookedHTTPChannel):
     _refused = False  # an answer was sent; the rest of the input is ignored
     _hostRequired = False  # the request arriving is HTTP/1.1
     _transportFull = False  # the client is not reading its answers: read no next request
+    _answeredOne = False  # a kept-alive connection, once idle again
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -212,6 +217,9 @@ class _GuardedChannel(HookedHTTPChannel):
 
     def requestDone(self, request) -> None:
         self._answering = False  # before Twisted replays the next request's bytes
+        self._answeredOne = True
+        if self.site.draining:  # also an answer to a request taken before the drain
+            self.closeAfterAnswer()
         if self._transportFull:  # the client reads none of its answers: read on later
             self.holdInput()
             IPushProducer(self.transport).pauseProducing()
@@ -221,6 +229,12 @@ class _GuardedChannel(HookedHTTPChannel):
         # and no dataReceived call will start its deadline.
         if self.unreadInput() and self.keepsAlive():
             self._startDeadline()
+
+    def closeIfIdle(self) -> None:
+        """Close now if kept alive and waiting for a next request; else leave it be (one just
+        opened is about to send its first)."""
+        if self._answeredOne and self.idle():
+            self.loseConnection()
 
     def badRequest(self) -> None:
         self._refuse(BAD_REQUEST)
@@ -304,6 +318,9 @@ class GuardedSite(QuietSite):
         )
         self.config = config
         self.rejected = rejected
+        #: Stopping: each answer closes its connection (``Connection: close``), so that the
+        #: client's next one goes to another instance (``service``'s drain).
+        self.draining = False
 
 
 LIMIT_KEYS = {"total": "max_connections", "per_peer": "max_connections_per_peer"}

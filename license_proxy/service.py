@@ -17,7 +17,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.endpoints import quoteStringArgument
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -75,6 +75,13 @@ class _Connections(WrappingFactory):
             waiting, self._waiting = self._waiting, []
             for d in waiting:
                 d.callback(None)
+
+    def drain(self) -> None:
+        """From now on each answer closes its connection (``Connection: close``); kept-alive
+        connections waiting for a next request are closed now."""
+        self.wrappedFactory.draining = True
+        for protocol in list(self.protocols):
+            protocol.wrappedProtocol.closeIfIdle()
 
     def close(self) -> Deferred:
         """Close every connection once written out; fires when all are gone."""
@@ -134,11 +141,15 @@ class _Listener(Service):
 class _Lifecycle(Service):
     """
     Start-up check-in, then the licensing listener and the periodic check-in; on
-    stop, drain and flush.  The licensing port opens only once the start-up rule
-    holds: an instance that is about to refuse to start must not answer anyone in
-    the meantime (a load balancer that has not yet seen it go would send it the
-    fleet's check-ins, to get 502s; a port that refuses the connection sends them
-    to the other instance, or to the next ``server_url`` of the containers).
+    stop, drain and flush.  The drain keeps the licensing listener answering for
+    ``drain_time`` after SIGTERM: a Kubernetes Service takes a terminating pod out
+    as it gets its SIGTERM, not before, and a check-in already on its way here must
+    be answered, neither refused nor given a 503.  The licensing port opens only
+    once the start-up rule holds: an instance that is about to refuse to start must
+    not answer anyone in the meantime (a load balancer that has not yet seen it go
+    would send it the fleet's check-ins, to get 502s; a port that refuses the
+    connection sends them to the other instance, or to the next ``server_url`` of
+    the containers).
     """
 
     log = Logger()
@@ -162,6 +173,7 @@ class _Lifecycle(Service):
         self._connections = connections
         self._licensing = licensing
         self._startup_timeout = config.startup_timeout
+        self._drain_time = config.drain_time
         self._interval = config.checkin_interval
         self._timers = timers
         self._fatal = fatal
@@ -182,8 +194,7 @@ class _Lifecycle(Service):
             return
         except CancelledError:
             return
-        # Added to the running parent: started now, and stopped before this service.
-        self._licensing.setServiceParent(self.parent)
+        self._licensing.startService()  # and stopped by ``_stop``, after the drain
         if not self._licensing.listening:
             return
         self._looping = self._loop.start(self._interval, now=False)
@@ -200,6 +211,9 @@ class _Lifecycle(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._licensing.running:
+            await self._drain()
+            await self._licensing.stopService()
         await self._relay.stop()
         self._upstream.health.stop()
         if self._looping is not None:
@@ -212,6 +226,18 @@ class _Lifecycle(Service):
         except TimeoutError:
             pass
         await self._upstream.close()
+
+    async def _drain(self) -> None:
+        if not (self._licensing.listening and self._drain_time):
+            return
+        self.log.info(
+            "stopping: licensing requests are still answered for {seconds:g} s"
+            " ([server] drain_time), each connection closed after its answer",
+            seconds=self._drain_time,
+        )
+        self._connections.drain()
+        await deferLater(self._timers, self._drain_time)
+        self.log.info("stopping: the drain is over; the licensing port closes")
 
 
 def make_service(
@@ -295,8 +321,8 @@ def make_service(
         return _Listener(name, _tcp(config.host, port, config.backlog), limited, reactor, fatal)
 
     top = MultiService()
-    # Added first, so it stops last: the listeners stop accepting before it
-    # waits for the requests in flight (it adds the licensing listener itself).
+    # It starts the licensing listener itself, and stops it after the drain; the status
+    # listener closes at once (a load balancer checking it takes the instance out).
     _Lifecycle(
         checkin, relay, cache, upstream, connections,
         listener(config.port, licensing, "licensing"), config, reactor, fatal,

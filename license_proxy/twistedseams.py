@@ -25,6 +25,10 @@ below its next major (27), and CI runs ``tests/unit`` on the oldest allowed vers
   is being read (its ``requestHeaders`` complete in ``allHeadersReceived``);
 - ``keepsAlive()``: the undocumented ``HTTPChannel.persistent`` after ``requestDone``: whether
   the connection stays open for a next request;
+- ``closeAfterAnswer()``: sets that ``persistent`` to False after ``allHeadersReceived`` (where
+  Twisted decides it from the request), so that ``requestDone`` closes the connection;
+- ``idle()``: no request under way (the undocumented ``HTTPChannel.requests``, which holds each
+  request from its first line to its ``requestDone``) and no byte of one in ``_buffer``;
 - ``holdInput()``, ``releaseInput()``, ``holdingInput()``: ``LineReceiver.paused``, the flag
   of its pausable mixin, which ``HTTPChannel`` (whose own ``pauseProducing`` is the
   transport's flow control) never sets: while it is set, ``LineReceiver.dataReceived``
@@ -115,6 +119,14 @@ class HookedHTTPChannel(HTTPChannel):
     def keepsAlive(self) -> bool:
         """After ``requestDone``: whether the connection stays open for a next request."""
         return bool(self.persistent)
+
+    def closeAfterAnswer(self) -> None:
+        """Once the request under way is answered, the connection closes."""
+        self.persistent = False
+
+    def idle(self) -> bool:
+        """Whether the connection waits for a next request, none of it received."""
+        return not self.requests and not self._buffer
 
 
 class ReuseAwarePool(HTTPConnectionPool):

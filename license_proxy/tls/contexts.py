@@ -34,7 +34,7 @@ from twisted.internet.ssl import (
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from ..config import PEER_VARIABLES, Config, ConfigError
+from ..config import VARIABLES, Config, ConfigError
 from . import certs, files, policy
 
 GENERATED_CERT = "tls.crt"
@@ -252,7 +252,7 @@ def peer_pem(config: Config, key: str) -> Pem:
     if getattr(config, attribute):
         return Pem(f"[peers] {key}", getattr(config, attribute))
     held = attribute.removesuffix("_file") + "_pem"
-    variable = next(name for name, a in PEER_VARIABLES.items() if a == held)
+    variable = next(name for name, a in VARIABLES.items() if a == held)
     return Pem(f"environment variable {variable}", None, getattr(config, held))
 
 

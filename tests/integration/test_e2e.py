@@ -7,9 +7,13 @@ status, log lines, files on disk.
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import re
+import signal
 import socket
+import ssl
 import stat
 import subprocess
 import threading
@@ -442,3 +446,62 @@ def test_a_taken_port_is_one_line_and_status_1(tmp_path, pki, upstream, listener
         f"license-proxy cannot start: cannot listen for {listener} requests on 127.0.0.1:{port}:"
         " [Errno 98] Address already in use"
     ), lines[0]
+
+
+def _tls_client() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the proxy's self-signed certificate
+    return context
+
+
+def _closed_by_server(sock: ssl.SSLSocket, timeout: float = 10) -> bool:
+    """Whether the server closes ``sock`` (sending nothing) within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionError, ssl.SSLError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_sigterm_drains_answering_check_ins_for_the_default_drain_time(tmp_path, pki, upstream):
+    """
+    A Kubernetes pod leaves its Service as it gets SIGTERM, not before: for ``drain_time`` (5 s
+    by default) check-ins still reaching it, on an open connection or a new one, are relayed and
+    answered with ``Connection: close``; a kept-alive connection is closed while idle, so that
+    its client's next check-in goes elsewhere; the status port closes at once.  Then the stop.
+    """
+    text = config(tmp_path, pki, upstream.url)
+    upstream.respond(body=b'{"license":"valid"}')
+    with ProxyProcess(tmp_path, text, env={"LICENSE_PROXY_DRAIN_TIME": None}) as proxy:
+        proxy.wait_state("Connected")
+        kept = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=10,
+                                           context=_tls_client())
+        kept.request("GET", "/v1/lic")
+        assert kept.getresponse().read() == b'{"license":"valid"}'
+        opened = _tls_client().wrap_socket(socket.create_connection((proxy.host, proxy.port)))
+        os.kill(proxy.pid, signal.SIGTERM)
+
+        assert _closed_by_server(kept.sock), "the idle kept-alive connection was left open"
+        opened.sendall(b"GET /v1/lic HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        answer = b""
+        opened.settimeout(10)
+        while chunk := opened.recv(65536):  # until the server closes
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert b"\r\nConnection: close\r\n" in answer and answer.endswith(b'{"license":"valid"}')
+        with pytest.raises(OSError):
+            proxy.status(timeout=2)  # the status port closed at once
+        code, headers, body = proxy.request("GET", "/v1/lic")  # a new connection, still taken
+        assert (code, headers["Connection"], body) == (200, "close", b'{"license":"valid"}')
+        assert proxy.running
+        assert proxy.wait_exit(30) in (0, -15)
+    log = proxy.log_text()
+    assert "licensing requests are still answered for 5 s ([server] drain_time)" in log, log
+    assert log.index("still answered for 5 s") < log.index("the drain is over")
+    assert "Traceback" not in log
+    assert len(relayed(upstream, "/v1/lic")) == 3
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((proxy.host, proxy.port), timeout=5)

@@ -62,7 +62,8 @@ class ProxyProcess:
     attributes.  ``options`` are added to the plugin's command line; ``wrapper`` is a command
     twistd runs under (strace), whose child gets the signals.  ``env`` is added to
     the test's environment (a value of None removes a variable); proxy variables of the
-    test's own environment are not inherited, and DEEPGRAM_API_KEY is ``TEST_KEY``.  ``cli``,
+    test's own environment are not inherited, DEEPGRAM_API_KEY is ``TEST_KEY`` and
+    LICENSE_PROXY_DRAIN_TIME is ``0s`` (a ``drain_time`` in the file wins over it).  ``cli``,
     when given, runs ``license-proxy *cli FILE`` (e.g. ``("-v", "serve")``) instead of twistd.
     ``umask`` is the process's (default: the test's).
     """
@@ -113,6 +114,9 @@ class ProxyProcess:
         env["PYTHONUNBUFFERED"] = "1"
         env["DEEPGRAM_API_KEY"] = TEST_KEY
         env.pop("PYTHONPATH", None)  # the installed package runs, not a checkout on the path
+        # Most tests stop their proxy with nothing in front of it: no drain, or every stop
+        # would take 5 s; tests of the stop and the fleet days set it back (None: the default).
+        env["LICENSE_PROXY_DRAIN_TIME"] = "0s"
         for key, value in self.env.items():
             if value is None:
                 env.pop(key, None)

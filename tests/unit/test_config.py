@@ -695,7 +695,29 @@ def test_unknown_key(tmp_path):
     assert error(tmp_path, "[server]\nprot = 8443\n") == (
         "unknown key [server] prot (known: host, port, base_url, status_port, tls, tls_cert,"
         " tls_key, tls_names, max_body_size, header_timeout, idle_timeout, max_connections,"
-        " max_connections_per_peer, backlog)"
+        " max_connections_per_peer, backlog, drain_time)"
+    )
+
+
+def test_the_drain_from_the_file_or_the_environment_zero_turns_it_off(tmp_path):
+    assert load(None, {}).drain_time == 5.0
+    for value, seconds in (('"0s"', 0.0), ("0", 0.0), ('"30s"', 30.0), ('"5m"', 300.0)):
+        assert load_text(tmp_path, f"[server]\ndrain_time = {value}\n").drain_time == seconds
+    for value in ("0s", "0", "12s"):
+        assert load(None, {"LICENSE_PROXY_DRAIN_TIME": value}).drain_time == float(value[:-1] or 0)
+    # the file wins where both say
+    assert load_text(
+        tmp_path, '[server]\ndrain_time = "1s"\n', {"LICENSE_PROXY_DRAIN_TIME": "9s"}
+    ).drain_time == 1.0
+    for value, shown in (('"6m"', "'6m'"), ("-1", "-1"), ("false", "false"), ('"soon"', "'soon'")):
+        message = error(tmp_path, f"[server]\ndrain_time = {value}\n")
+        assert message.startswith("[server] drain_time: expected "), message
+        assert message.endswith(f", got {shown}"), message
+    with pytest.raises(ConfigError) as info:
+        load(None, {"LICENSE_PROXY_DRAIN_TIME": "10m"})
+    assert str(info.value) == (
+        "environment variable LICENSE_PROXY_DRAIN_TIME: expected a duration from 0s to 5m,"
+        " got '10m'"
     )
 
 

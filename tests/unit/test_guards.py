@@ -634,3 +634,29 @@ def test_systemd_unit_allows_the_files_the_default_limits_need():
     unit = (Path(__file__).parents[2] / "etc" / "license-proxy.service").read_text()
     (value,) = re.findall(r"^LimitNOFILE=(\d+)$", unit, re.M)
     assert int(value) >= 3 * Config().max_connections
+
+
+# Draining (a stop: service's drain)
+
+
+def test_draining_closes_a_connection_once_its_answer_is_written():
+    client = Client()
+    client.resource.hold = True
+    client.send(head("Content-Length: 1") + b"x")  # taken before the drain began
+    client.channel.site.draining = True
+    client.channel.closeIfIdle()
+    assert not client.closed, "closed with an answer still owed"
+    client.resource.release()
+    assert client.answer.startswith(b"HTTP/1.1 200 ") and client.answer.endswith(b"late\r\n0\r\n\r\n")
+    assert client.closed
+
+
+def test_draining_answers_with_connection_close_and_leaves_a_new_connection_open():
+    client = Client()
+    client.channel.site.draining = True
+    client.channel.closeIfIdle()
+    assert not client.closed, "a connection that has not sent its first request was closed"
+    client.send(head("Content-Length: 1") + b"x")
+    assert client.answer.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nConnection: close\r\n" in client.answer
+    assert client.closed

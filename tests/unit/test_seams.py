@@ -233,6 +233,38 @@ def test_keeps_alive_is_persistent_after_the_answer():
         assert channel.transport.disconnecting, "not closed after Connection: close"
 
 
+def test_close_after_answer_in_the_resource_closes_once_answered():
+    with seam("HTTPChannel.persistent (set during render)"):
+        held = _Held()
+        channel = _channel(_Seen)
+        channel.site.resource = held
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        channel.closeAfterAnswer()  # while the resource holds the request
+        assert not channel.transport.disconnecting, "closed before the answer"
+        (request,) = held.requests
+        request.write(b"ok")
+        request.finish()
+        assert channel.transport.value().endswith(b"ok\r\n0\r\n\r\n"), channel.transport.value()
+        assert channel.transport.disconnecting, "not closed once answered"
+
+
+def test_idle_is_no_request_under_way_and_none_begun():
+    with seam("HTTPChannel.requests, LineReceiver._buffer"):
+        held = _Held()
+        channel = _channel(_Seen)
+        channel.site.resource = held
+        seen = [channel.idle()]
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHo")
+        seen.append(channel.idle())  # part of a head
+        channel.dataReceived(b"st: a\r\n\r\n")
+        seen.append(channel.idle())  # with the resource
+        held.requests[0].finish()
+        seen.append(channel.idle())  # answered
+        channel.dataReceived(b"GE")
+        seen.append(channel.idle())  # a next request begun
+        assert seen == [True, False, False, True, False], f"not whether idle: {seen}"
+
+
 class _Held(Resource):
     isLeaf = True
 

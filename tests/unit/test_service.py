@@ -10,8 +10,10 @@ import json
 import time
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError, ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport, _FakePort
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from license_proxy.egress import Settings
@@ -28,11 +30,22 @@ class BusyPorts(MemoryReactorClock):
     def __init__(self, busy: tuple[int, ...]) -> None:
         super().__init__()
         self.busy = busy
+        self.closed: list[int] = []  # ports no longer listened on, in order
 
     def listenTCP(self, port, factory, backlog=50, interface=""):
         if port in self.busy:
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
-        return super().listenTCP(port, factory, backlog, interface)
+        super().listenTCP(port, factory, backlog, interface)
+        return _Port(self, port)
+
+
+class _Port(_FakePort):
+    def __init__(self, reactor: BusyPorts, port: int) -> None:
+        super().__init__(IPv4Address("TCP", "127.0.0.1", port))
+        self.reactor, self.port = reactor, port
+
+    def stopListening(self) -> None:
+        self.reactor.closed.append(self.port)
 
 
 class Started:
@@ -72,6 +85,15 @@ path = "{tmp_path}/state/trust-cache.json"
 
     def connecting(self) -> list[tuple[str, int]]:
         return [(host, port) for host, port, *_ in self.reactor.tcpClients]
+
+    def connect(self, port: int = LICENSING) -> StringTransport:
+        """A client connected to ``port``'s listener (``tls = false``)."""
+        factory = next(f for p, f, _, _ in self.reactor.tcpServers if p == port)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        transport.protocol = protocol
+        return transport
 
     def refuse(self) -> None:
         """The license server's port refuses the connection attempt in flight."""
@@ -151,3 +173,55 @@ def test_a_taken_licensing_port_is_the_same_one_fatal_line(started):
         "cannot listen for licensing requests on 127.0.0.1:8443: [Errno 98] Address already in use"
     ]
     assert s.listening() == [("127.0.0.1", STATUS)]
+
+
+TRACE = b"TRACE / HTTP/1.1\r\nHost: proxy\r\n\r\n"  # answered at once (405), no license server
+
+
+def test_a_stop_answers_on_for_the_drain_time_closing_each_connection_after_its_answer(started):
+    """SIGTERM reaches a Kubernetes pod as it leaves the Service, not after: check-ins on their
+    way still arrive, new connections too, and are answered; kept-alive ones move elsewhere."""
+    s = started(trust_cache=_trusted_cache(), server='tls = false\ndrain_time = "5s"')
+    s.refuse()
+    kept = s.connect()
+    kept.protocol.dataReceived(TRACE)
+    assert kept.value().startswith(b"HTTP/1.1 405 ") and not kept.disconnecting
+    opened = s.connect()  # its request not sent yet
+    stopping = s.service.stopService()
+    assert kept.disconnecting, "a kept-alive connection waiting for a next request stays open"
+    assert not opened.disconnecting, "a connection about to send its first request was closed"
+    opened.protocol.dataReceived(TRACE)
+    assert opened.value().startswith(b"HTTP/1.1 405 "), opened.value()
+    assert b"\r\nConnection: close\r\n" in opened.value() and opened.disconnecting
+    s.reactor.advance(4.9)
+    late = s.connect()  # a new connection during the drain: the listener is still open
+    late.protocol.dataReceived(TRACE)
+    assert late.value().startswith(b"HTTP/1.1 405 ") and late.disconnecting
+    assert LICENSING not in s.reactor.closed
+    s.reactor.advance(0.1)
+    assert LICENSING in s.reactor.closed
+    assert STATUS in s.reactor.closed  # at once: a load balancer checking it sees the stop
+    assert s.reactor.closed.index(STATUS) < s.reactor.closed.index(LICENSING)
+    del stopping  # the rest of the stop (the flush) is the trust cache's
+
+
+def test_a_drain_time_of_zero_stops_the_licensing_listener_at_once(started):
+    s = started(trust_cache=_trusted_cache(), server='tls = false\ndrain_time = "0s"')
+    s.refuse()
+    kept = s.connect()
+    kept.protocol.dataReceived(TRACE)
+    s.service.stopService()
+    assert sorted(s.reactor.closed) == [STATUS, LICENSING]
+
+
+@pytest.mark.parametrize("when", ["starting", "port taken"])
+def test_an_instance_whose_licensing_port_never_opened_does_not_drain(started, when):
+    if when == "starting":
+        s = started(server='drain_time = "5s"')
+    else:
+        s = started(trust_cache=_trusted_cache(), busy=(LICENSING,), server='drain_time = "5s"')
+        s.refuse()
+    with capturedLogs() as events:
+        s.service.stopService()
+    assert s.reactor.closed == [STATUS]
+    assert not [e for e in events if "drain" in e.get("log_format", "")], events
