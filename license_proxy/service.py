@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from functools import partial
 from typing import Callable
 
 from twisted.application import strports
@@ -47,6 +48,7 @@ from .status import Status
 from .threads import own_thread
 from .statuspages import status_resource
 from .timeline import EVERY, Timeline
+from .twistedseams import reactor_handles
 from .tls.contexts import listener_options, peer_tls, upstream_tls
 from .tls.reload import CertificateFiles, CertificateReload, ListenerTLS, OnSignal, watching
 from .trustcache import TrustCache
@@ -181,6 +183,8 @@ class _Lifecycle(Service):
         self._loop.clock = timers
         self._starting: Deferred | None = None
         self._looping: Deferred | None = None
+        self._draining: Deferred | None = None
+        self._hurried = False
 
     def startService(self) -> None:
         super().startService()
@@ -228,7 +232,7 @@ class _Lifecycle(Service):
         await self._upstream.close()
 
     async def _drain(self) -> None:
-        if not (self._licensing.listening and self._drain_time):
+        if not (self._licensing.listening and self._drain_time) or self._hurried:
             return
         self.log.info(
             "stopping: licensing requests are still answered for {seconds:g} s"
@@ -236,8 +240,49 @@ class _Lifecycle(Service):
             seconds=self._drain_time,
         )
         self._connections.drain()
-        await deferLater(self._timers, self._drain_time)
-        self.log.info("stopping: the drain is over; the licensing port closes")
+        self._draining = deferLater(self._timers, self._drain_time)
+        try:
+            await self._draining
+        except CancelledError:
+            self.log.info("stopping: a second signal ends the drain; the licensing port closes")
+        else:
+            self.log.info("stopping: the drain is over; the licensing port closes")
+
+    def hurry(self) -> None:
+        """No drain, or no more of it (a second SIGTERM or SIGINT: ``_StopSignals``)."""
+        self._hurried = True
+        if self._draining is not None:
+            self._draining.cancel()
+
+
+class _StopSignals(Service):
+    """
+    SIGTERM or SIGINT once more (an operator's second Ctrl-C) ends the drain at once:
+    ``hurry``.  The reactor's own handler turns the first into the stop; given a second, it
+    would try to stop a stopping reactor, log that traceback, and the drain would go on.
+    """
+
+    def __init__(self, reactor, hurry: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._hurry = hurry
+        self._signalled = False
+
+    def startService(self) -> None:
+        super().startService()
+        # The reactor installs its handlers as it starts running: after twistd starts us.
+        self._reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if reactor_handles(self._reactor, signum):
+                signal.signal(signum, partial(self._received, signal.getsignal(signum)))
+
+    def _received(self, reactors: Callable, signum: int, frame) -> None:
+        if self._signalled:
+            self._reactor.callFromThread(self._hurry)
+        else:
+            self._signalled = True
+            reactors(signum, frame)
 
 
 def make_service(
@@ -323,10 +368,12 @@ def make_service(
     top = MultiService()
     # It starts the licensing listener itself, and stops it after the drain; the status
     # listener closes at once (a load balancer checking it takes the instance out).
-    _Lifecycle(
+    lifecycle = _Lifecycle(
         checkin, relay, cache, upstream, connections,
         listener(config.port, licensing, "licensing"), config, reactor, fatal,
-    ).setServiceParent(top)
+    )
+    lifecycle.setServiceParent(top)
+    _StopSignals(reactor, lifecycle.hurry).setServiceParent(top)
     # New trust roots may change the verdict on a server marked down.
     reload = CertificateReload(
         dates, config, listener_tls, upstream_certificates, certificate_files, health.try_again,

@@ -59,6 +59,11 @@ the connection closed before an answer byte; ``Request`` keeps ``method``, ``hea
 mode; its backend's private ``_fips_enabled`` says it (what ``fips`` refuses to start
 without).  Not Twisted's, but kept here so that private library code has one place.
 
+``reactor_handles(reactor, signum)``: once running, a reactor that installs signal handlers
+(``_WithSignalHandling``, twisted.internet._signals) has made its own bound methods ``sigTerm``
+and ``sigInt`` the handlers of SIGTERM and SIGINT (SIGINT only where Python's default was in
+place), each of which calls ``reactor.stop`` (which raises once the reactor is stopping).
+
 ``replace_clock(reactor, seconds)``: ``ReactorBase`` (twisted.internet.base) reads the time
 through ``self.seconds()`` to schedule (``callLater``), to run (``runUntilCurrent``) and to
 sleep (``timeout``), and each ``DelayedCall`` keeps the ``seconds`` it was created with; so
@@ -67,6 +72,7 @@ an attribute set on the reactor instance is its clock for every call scheduled a
 
 from __future__ import annotations
 
+import signal
 from typing import Callable
 
 from twisted.internet.defer import Deferred
@@ -147,6 +153,11 @@ class ReuseAwarePool(HTTPConnectionPool):
     def _newConnection(self, key, endpoint) -> Deferred:
         self._dialled = True
         return super()._newConnection(key, endpoint)
+
+
+def reactor_handles(reactor, signum: int) -> bool:
+    """Whether ``signum``'s handler is the reactor's own (one that stops it)."""
+    return getattr(signal.getsignal(signum), "__self__", None) is reactor
 
 
 def replace_clock(reactor, seconds: Callable[[], float]) -> None:

@@ -505,3 +505,22 @@ def test_sigterm_drains_answering_check_ins_for_the_default_drain_time(tmp_path,
     assert len(relayed(upstream, "/v1/lic")) == 3
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((proxy.host, proxy.port), timeout=5)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_second_signal_ends_the_drain_at_once_without_a_traceback(tmp_path, pki, upstream,
+                                                                     signum):
+    text = config(tmp_path, pki, upstream.url, server='drain_time = "5m"')
+    with ProxyProcess(tmp_path, text) as proxy:
+        proxy.wait_state("Connected")
+        os.kill(proxy.pid, signum)
+        deadline = time.monotonic() + 15
+        while "still answered for 300 s" not in proxy.log_text():
+            assert time.monotonic() < deadline and proxy.running, proxy.log_text()
+            time.sleep(0.05)
+        assert proxy.request("GET", "/v1/lic")[0] == 200  # draining
+        os.kill(proxy.pid, signum)
+        assert proxy.wait_exit(30) in (0, -signum)  # not the 5 minutes
+    log = proxy.log_text()
+    assert "stopping: a second signal ends the drain; the licensing port closes" in log, log
+    assert "Traceback" not in log and "Can't stop reactor" not in log, log

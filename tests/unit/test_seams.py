@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -36,6 +38,7 @@ from license_proxy.twistedseams import (
     ReuseAwarePool,
     fips_enabled,
     pool_key_host,
+    reactor_handles,
     replace_clock,
 )
 
@@ -429,6 +432,25 @@ def test_the_pool_calls_new_connection_exactly_when_it_connects():
         assert not (own - overrides) & used, (
             f"HTTPConnectionPool now uses {sorted((own - overrides) & used)}, as we do"
         )
+
+
+def test_a_running_reactor_handles_sigterm_and_sigint_itself():
+    script = """
+import signal
+from twisted.internet.selectreactor import SelectReactor
+from license_proxy.twistedseams import reactor_handles
+reactor = SelectReactor()
+def check():
+    print(reactor_handles(reactor, signal.SIGTERM), reactor_handles(reactor, signal.SIGINT))
+    reactor.stop()
+print(reactor_handles(reactor, signal.SIGTERM), end=" ")
+reactor.callWhenRunning(check)
+reactor.run()
+"""
+    with seam("the reactor's sigTerm and sigInt as the signal handlers once running"):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=60)
+        assert done.stdout.split() == ["False", "True", "True"], done.stdout + done.stderr
 
 
 def test_an_attribute_on_the_reactor_is_its_clock():
