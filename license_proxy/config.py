@@ -193,6 +193,18 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+def span(seconds: float) -> str:
+    """``3d4h``, ``2h5m``, ``4m12s``, ``7s``: the two largest units
+    (durations shown to people: the status page, ``license-proxy-status``)."""
+    seconds = max(0, int(seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts[:2])
+
+
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

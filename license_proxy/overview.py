@@ -25,10 +25,10 @@ from typing import Callable, Optional, Sequence
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 
+from .config import span
 from .health import Server
 from .metrics import OUTCOMES, SERVED_FROM_TRUST
 from .status import CONNECTED, FAILED, READY, TRUST_BASED, Status, rfc3339
-from .statuscmd import span
 from .timeline import EVERY, SAMPLES, Sample, Timeline
 from .trustcache import TrustCache
 

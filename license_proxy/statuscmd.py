@@ -20,7 +20,7 @@ import urllib.request
 from datetime import datetime
 from typing import Optional
 
-from .config import parse_duration
+from .config import parse_duration, span
 
 OK, WARNING, CRITICAL = 0, 1, 2
 _EXIT = {"Connected": OK, "TrustBased": WARNING}
@@ -112,17 +112,6 @@ def _seconds(rfc3339: Optional[str]) -> Optional[float]:
     if not rfc3339:
         return None
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
-
-
-def span(seconds: float) -> str:
-    """``3d4h``, ``2h5m``, ``4m12s``, ``7s``: the two largest units."""
-    seconds = max(0, int(seconds))
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(parts[:2])
 
 
 if __name__ == "__main__":
