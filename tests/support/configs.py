@@ -18,7 +18,7 @@ PROBE = re.compile(r'^\{.*"state":"(Connected|TrustBased)".*\}$', re.MULTILINE)
 KEY = "lk-0123456789-secret"
 
 
-def config(tmp_path, pki, upstream_url, *, license="", trust="", server=""):
+def config(tmp_path, pki, upstream_url, *, license="", trust="", server="", startup_timeout="3s"):
     return f"""
 [server]
 host = "127.0.0.1"
@@ -30,7 +30,7 @@ status_port = {free_port()}
 server_url = "{upstream_url}"
 ca_file = "{pki.ca_cert}"
 timeout = "2s"
-startup_timeout = "3s"
+startup_timeout = "{startup_timeout}"
 {license}
 
 [trust]
