@@ -419,10 +419,16 @@ def _spell_duration(seconds: float) -> str:
 
 
 def _duration_or_zero(value: object) -> float:
-    """A duration, or 0 (``0``, ``"0"``, ``"0s"``) for none."""
-    if not isinstance(value, bool) and value in (0, "0", "0s"):
+    """A duration, or 0 for none (``0``, ``"0s"``, ``"0m"``…); ``NotOfKind`` otherwise, so that
+    the message gives the range, 0 included."""
+    if isinstance(value, str) and re.fullmatch(r"0(?:\.0+)?[smhd]?", value):
         return 0.0
-    return parse_duration(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise NotOfKind() from None
 
 
 def _seconds(low: float, high: float) -> Bounded:

@@ -701,7 +701,8 @@ def test_unknown_key(tmp_path):
 
 def test_the_drain_from_the_file_or_the_environment_zero_turns_it_off(tmp_path):
     assert load(None, {}).drain_time == 5.0
-    for value, seconds in (('"0s"', 0.0), ("0", 0.0), ('"30s"', 30.0), ('"5m"', 300.0)):
+    for value, seconds in (('"0s"', 0.0), ('"0m"', 0.0), ("0", 0.0), ("0.0", 0.0),
+                           ('"30s"', 30.0), ('"5m"', 300.0), ("2.5", 2.5)):
         assert load_text(tmp_path, f"[server]\ndrain_time = {value}\n").drain_time == seconds
     for value in ("0s", "0", "12s"):
         assert load(None, {"LICENSE_PROXY_DRAIN_TIME": value}).drain_time == float(value[:-1] or 0)
@@ -709,10 +710,11 @@ def test_the_drain_from_the_file_or_the_environment_zero_turns_it_off(tmp_path):
     assert load_text(
         tmp_path, '[server]\ndrain_time = "1s"\n', {"LICENSE_PROXY_DRAIN_TIME": "9s"}
     ).drain_time == 1.0
-    for value, shown in (('"6m"', "'6m'"), ("-1", "-1"), ("false", "false"), ('"soon"', "'soon'")):
-        message = error(tmp_path, f"[server]\ndrain_time = {value}\n")
-        assert message.startswith("[server] drain_time: expected "), message
-        assert message.endswith(f", got {shown}"), message
+    for value, shown in (('"6m"', "'6m'"), ("-1", "-1"), ("false", "false"), ('"soon"', "'soon'"),
+                         ("nan", "nan"), ('"-0s"', "'-0s'")):
+        assert error(tmp_path, f"[server]\ndrain_time = {value}\n") == (
+            f"[server] drain_time: expected a duration from 0s to 5m, got {shown}"
+        )
     with pytest.raises(ConfigError) as info:
         load(None, {"LICENSE_PROXY_DRAIN_TIME": "10m"})
     assert str(info.value) == (
