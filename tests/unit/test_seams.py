@@ -238,9 +238,7 @@ def test_keeps_alive_is_persistent_after_the_answer():
 
 def test_close_after_answer_in_the_resource_closes_once_answered():
     with seam("HTTPChannel.persistent (set during render)"):
-        held = _Held()
-        channel = _channel(_Seen)
-        channel.site.resource = held
+        channel, held = _holding()
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         channel.closeAfterAnswer()  # while the resource holds the request
         assert not channel.transport.disconnecting, "closed before the answer"
@@ -253,9 +251,7 @@ def test_close_after_answer_in_the_resource_closes_once_answered():
 
 def test_idle_is_no_request_under_way_and_none_begun():
     with seam("HTTPChannel.requests, LineReceiver._buffer"):
-        held = _Held()
-        channel = _channel(_Seen)
-        channel.site.resource = held
+        channel, held = _holding()
         seen = [channel.idle()]
         channel.dataReceived(b"GET / HTTP/1.1\r\nHo")
         seen.append(channel.idle())  # part of a head
@@ -279,6 +275,14 @@ class _Held(Resource):
     def render(self, request):
         self.requests.append(request)
         return NOT_DONE_YET if self.hold else b"ok"
+
+
+def _holding() -> tuple[HookedHTTPChannel, _Held]:
+    """A channel whose resource holds each request until the test answers it."""
+    held = _Held()
+    channel = _channel(HookedHTTPChannel)
+    channel.site.resource = held
+    return channel, held
 
 
 class _HoldsAfterEach(HookedHTTPChannel):
