@@ -71,6 +71,11 @@ TRUST = b"trust"
 STORE = b"store"  # a push of answers just stored (``share``), answered 204
 ENTRIES = b"entries"  # a pull of the answers a peer holds (``pull``), a page at a time
 
+MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError)
+"""What reading a peer's message raises when it is not what it should be: bad JSON, a bad
+number or base64 (``binascii.Error`` is a ValueError), a member missing or of another type
+(text expected, a number found: AttributeError), nesting too deep for the parser."""
+
 PAGE = 200
 """Answers a peer sends per page of a pull: a few hundred kilobytes."""
 PAGE_BYTES = 1024 * 1024
@@ -294,7 +299,7 @@ class Peers:
                 held = (finite(window["last_successful_checkin"]), finite(window["trust_expiration"]))
                 if not 0 <= held[0] <= held[1]:
                     raise ValueError("a check-in before 1970 or after the window's end")
-            except (UpstreamFailure, ValueError, KeyError, TypeError, RecursionError) as e:
+            except (UpstreamFailure, *MALFORMED) as e:
                 self.log.info(
                     "peer {url} holds no trust to start from ({why})", url=server.url, why=e
                 )
@@ -349,7 +354,7 @@ class Peers:
                 for line in lines[1:]:
                     item = json.loads(line)
                     taken += offer(str(item["key"]), Entry.from_json(item))
-            except (UpstreamFailure, ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+            except (UpstreamFailure, *MALFORMED) as e:
                 self.log.info("peer {url}: its answers not taken ({why})", url=url, why=e)
                 break
             self._heard(url, answer)

@@ -20,7 +20,6 @@ licensing request can use are relayed.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 import re
@@ -48,7 +47,17 @@ from .metrics import (
     UPSTREAM_OK,
     RelayMetrics,
 )
-from .peers import ENTRIES, PAGE, PAGE_BYTES, PROBE, STORE, TRUST, Peers, certified_peer
+from .peers import (
+    ENTRIES,
+    MALFORMED,
+    PAGE,
+    PAGE_BYTES,
+    PROBE,
+    STORE,
+    TRUST,
+    Peers,
+    certified_peer,
+)
 from .status import Status
 from .memorycache import finite
 from .trustcache import Entry, TrustCache
@@ -325,7 +334,7 @@ class Relay:
         try:
             pushed = json.loads(request.content.read())
             taken = sum(self._taken(item) for item in pushed)
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error):
+        except MALFORMED:
             return _error(request, 400, "not a push of answers")
         self._peers.took(request.requestHeaders.getRawHeaders(INSTANCE, [None])[0], taken)
         request.setResponseCode(204)

@@ -15,6 +15,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.http_headers import Headers
 
 from license_proxy.checkin import PULL_WITHIN, CheckIn, StartupFailed
+from license_proxy.memorycache import Kept, MemoryCache
 from license_proxy.metrics import PeersCollector
 from license_proxy.peers import BATCH, PAGE, PAGE_BYTES, PUSH_DELAY, Peers
 from tests.support.relayharness import CERTIFIED, T0, TRUST, RelayHarness
@@ -480,6 +481,17 @@ class PullTests(SynchronousTestCase):
         given_up.cancel()
         self.failureResultOf(given_up, CancelledError)
         self.a.peers.use(["https://peer.local/"])
+
+    def test_a_malformed_page_is_no_pull_and_never_fails_the_start(self):
+        for entry in (b'"status":200,"headers":[[1,2]],"body":""',  # a name that is no text
+                      b'"status":200,"headers":[],"body":7',  # a body that is no text
+                      b'"status":"x","headers":[],"body":""',
+                      b'"headers":[],"body":""'):
+            b_gives = [("k", Kept(entry, 1.0, 1.0))]
+            self.patch(MemoryCache, "page", lambda memory, start, size, b_gives=b_gives: b_gives)
+            self.assertIsNone(self.start_a(), entry)
+            self.assertEqual(self.a.status.state, "Connected", entry)
+            self.assertEqual(len(self.a.cache), 0, entry)
 
     def test_entries_without_a_peer_certificate_are_no_pull(self):
         self.b_holds()
