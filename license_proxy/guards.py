@@ -108,9 +108,8 @@ class _GuardedRequest(Request):
     def render(self, resource) -> None:
         # Twisted has just set "Server: TwistedWeb/<version>": a banner for scanners.
         self.responseHeaders.removeHeader(b"server")
-        if self.channel.site.draining:
+        if self.channel.site.draining:  # and the channel closes once it is written
             self.responseHeaders.setRawHeaders(b"connection", [b"close"])
-            self.channel.closeAfterAnswer()
         super().render(resource)
 
 

@@ -124,7 +124,6 @@ class Relay:
 
     def render(self, request: IRequest):
         if self._stopping:
-            request.setHeader(b"connection", b"close")
             return _error(request, 503, "license-proxy is stopping")
         mark = request.requestHeaders.getRawHeaders(PEER)
         from_peer = mark is not None and self._from_peer(request)
@@ -184,8 +183,9 @@ class Relay:
         return _error(request, code, reason)
 
     def stop(self) -> Deferred:
-        """Take no new request (keep-alive clients get 503 and ``Connection:
-        close``); fires once those already in flight have answered."""
+        """Take no new request (503: on a connection opened before, since the listener
+        is closed; its site closes it after, ``service``); fires once those already in
+        flight have answered."""
         self._stopping = True
         for exchange in list(self._background):
             exchange.cancel()  # its client has its answer

@@ -216,6 +216,7 @@ class _Lifecycle(Service):
 
     async def _stop(self) -> None:
         if self._licensing.running:
+            self._connections.drain()  # every answer from now on closes its connection
             await self._drain()
             await self._licensing.stopService()
         await self._relay.stop()
@@ -239,7 +240,6 @@ class _Lifecycle(Service):
             " ([server] drain_time), each connection closed after its answer",
             seconds=self._drain_time,
         )
-        self._connections.drain()
         self._draining = deferLater(self._timers, self._drain_time)
         try:
             await self._draining

@@ -208,10 +208,12 @@ def test_a_stop_answers_on_for_the_drain_time_closing_each_connection_after_its_
 def test_a_drain_time_of_zero_stops_the_licensing_listener_at_once(started):
     s = started(trust_cache=_trusted_cache(), server='tls = false\ndrain_time = "0s"')
     s.refuse()
-    kept = s.connect()
-    kept.protocol.dataReceived(TRACE)
+    opened = s.connect()
     s.service.stopService()
     assert sorted(s.reactor.closed) == [STATUS, LICENSING]
+    opened.protocol.dataReceived(TRACE)  # sent on a connection opened before the stop
+    assert opened.value().startswith(b"HTTP/1.1 503 "), opened.value()
+    assert b"\r\nConnection: close\r\n" in opened.value() and opened.disconnecting
 
 
 @pytest.mark.parametrize("when", ["starting", "port taken"])
